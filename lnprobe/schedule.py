@@ -1,0 +1,78 @@
+"""Which optimizer steps a probe records."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+
+class Schedule:
+    """A set of step indices (0-based optimizer steps), decided without touching tensors.
+
+    Accepted forms (``Schedule.parse``):
+    - ``int`` N ≥ 1: every N-th step (0, N, 2N, ...);
+    - ``"log"`` or ``"log:K"``: about K steps per decade (default 10): 0, 1, 2, ..., then log-spaced;
+    - an iterable of ints: exactly those steps;
+    - a ``Schedule``: itself.
+    """
+
+    def __init__(self, every: int | None = None, steps: Iterable[int] | None = None, per_decade: int | None = None):
+        self.every = every
+        self.steps = frozenset(int(s) for s in steps) if steps is not None else None
+        self.per_decade = per_decade
+        self._log_cache: set[int] = set()
+        self._log_upto = -1
+
+    @classmethod
+    def parse(cls, spec: "int | str | Iterable[int] | Schedule") -> "Schedule":
+        if isinstance(spec, Schedule):
+            return spec
+        if isinstance(spec, bool):
+            raise ValueError(f"probe schedule: expected an int ≥ 1, 'log', 'log:K' or a list of steps; found {spec!r}")
+        if isinstance(spec, int):
+            if spec < 1:
+                raise ValueError(f"probe schedule: every must be ≥ 1, found {spec}; use every=1 to record every step")
+            return cls(every=spec)
+        if isinstance(spec, str):
+            head, _, tail = spec.partition(":")
+            if head == "log":
+                k = int(tail) if tail else 10
+                if k < 1:
+                    raise ValueError(f"probe schedule: 'log:K' needs K ≥ 1, found {spec!r}")
+                return cls(per_decade=k)
+            if spec.isdigit():
+                return cls.parse(int(spec))
+            raise ValueError(f"probe schedule: expected an int ≥ 1, 'log', 'log:K' or a list of steps; found {spec!r}")
+        try:
+            steps = [int(s) for s in spec]
+        except TypeError:
+            raise ValueError(
+                f"probe schedule: expected an int ≥ 1, 'log', 'log:K' or a list of steps; found {type(spec).__name__}"
+            ) from None
+        if any(s < 0 for s in steps):
+            raise ValueError(f"probe schedule: steps must be ≥ 0, found {min(steps)}")
+        return cls(steps=steps)
+
+    def _log_steps_upto(self, step: int) -> None:
+        k = self.per_decade
+        n = max(self._log_upto, 0)
+        while n <= step:
+            self._log_cache.add(n)
+            n = max(n + 1, int(math.floor(n * 10 ** (1.0 / k) + 0.5)))
+        self._log_upto = n
+        self._log_cache.add(n)
+
+    def __call__(self, step: int) -> bool:
+        if self.every is not None:
+            return step % self.every == 0
+        if self.steps is not None:
+            return step in self.steps
+        if step >= self._log_upto:
+            self._log_steps_upto(step)
+        return step in self._log_cache
+
+    def to_meta(self) -> dict:
+        if self.every is not None:
+            return {"every": self.every}
+        if self.steps is not None:
+            return {"steps": sorted(self.steps)}
+        return {"log_per_decade": self.per_decade}
