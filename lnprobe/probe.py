@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -121,6 +122,7 @@ class Probe:
         self._layouts: dict[tuple, _Layout] = {}
         self._failed_points: set = set()
         self._plans: dict[Any, S.StatPlan] = {}
+        self._scalars: list[tuple[int, str, float]] = []
         self._warned_eval = False
         self._notes: list[str] = list(self.map.notes)
 
@@ -402,8 +404,9 @@ class Probe:
     # ----------------------------------------------------------------- output
     def flush(self) -> Path | None:
         """Move buffered steps to the host in one transfer and append one Parquet part."""
+        scalars, self._scalars = self._scalars, []
         if not self._buffer:
-            return None
+            return self.writer.append(_scalar_frame(scalars)) if scalars else None
         buf, self._buffer = self._buffer, []
         sizes = [e.values.numel() for e in buf]
         dev = buf[0].values.device
@@ -422,7 +425,19 @@ class Probe:
             token.append(chunk[k: 2 * k])
             channel.append(chunk[2 * k:])
         frame = records_frame(*(np.concatenate(a) for a in (steps, site, layer, stat, value, token, channel)))
+        if scalars:
+            frame = pd.concat([frame, _scalar_frame(scalars)], ignore_index=True)
         return self.writer.append(frame)
+
+    def log_scalars(self, values: dict[str, float], step: int | None = None) -> None:
+        """Record extra per-step scalars as ``train`` rows (e.g. ``val_loss``), written at the next flush.
+
+        ``step`` defaults to the step currently open (the one the next ``probe.step()`` closes).
+        Values are host floats, so this is for things the caller already has on the host.
+        """
+        at = self.current_step if step is None else int(step)
+        for name, v in values.items():
+            self._scalars.append((at, str(name), float(v)))
 
     def update_meta(self, **fields: Any) -> None:
         """Add or replace keys of meta.json (e.g. the trainer's divergence record)."""
@@ -459,6 +474,15 @@ class Probe:
     @property
     def hook_count(self) -> int:
         return len(self._handles)
+
+
+def _scalar_frame(scalars: list[tuple[int, str, float]]) -> pd.DataFrame:
+    n = len(scalars)
+    return records_frame(
+        np.array([s[0] for s in scalars], dtype=np.int64), np.array(["train"] * n, dtype=object),
+        np.full(n, -1, dtype=np.int64), np.array([s[1] for s in scalars], dtype=object),
+        np.array([s[2] for s in scalars], dtype=np.float64), np.full(n, np.nan), np.full(n, np.nan),
+    )
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ class Schedule:
 
     Accepted forms (``Schedule.parse``):
     - ``int`` N ≥ 1: every N-th step (0, N, 2N, ...);
-    - ``"log"`` or ``"log:K"``: about K steps per decade (default 10): 0, 1, 2, ..., then log-spaced;
+    - ``"log"`` or ``"log:K"``: 0 and round(10^(i/K)), i = 0, 1, ... (K per decade, default 10):
+      0 1 2 3 4 5 6 8 10 13 16 20 25 32 40 50 63 79 100 ...;
     - an iterable of ints: exactly those steps;
     - a ``Schedule``: itself.
     """
@@ -53,13 +54,12 @@ class Schedule:
         return cls(steps=steps)
 
     def _log_steps_upto(self, step: int) -> None:
-        k = self.per_decade
-        n = max(self._log_upto, 0)
-        while n <= step:
-            self._log_cache.add(n)
-            n = max(n + 1, int(math.floor(n * 10 ** (1.0 / k) + 0.5)))
-        self._log_upto = n
-        self._log_cache.add(n)
+        # 0, then round(10 ** (i / K)) for i = 0, 1, 2, ...: 0 1 2 3 4 5 6 8 10 13 16 20 25 ... for K = 10
+        self._log_cache.add(0)
+        while self._log_upto <= step:
+            self._log_i = getattr(self, "_log_i", -1) + 1
+            self._log_upto = int(round(10 ** (self._log_i / self.per_decade)))
+            self._log_cache.add(self._log_upto)
 
     def __call__(self, step: int) -> bool:
         if self.every is not None:
