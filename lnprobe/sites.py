@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import itertools
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,6 +33,8 @@ from torch import nn
 
 __all__ = [
     "BLOCK_SITES",
+    "NORM_ROLES",
+    "PLACEMENTS",
     "DiscoveryError",
     "HookPoint",
     "NormInfo",
@@ -243,7 +245,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _is_linear(m: nn.Module) -> bool:
-    """nn.Linear (and subclasses), HF GPT-2's Conv1D, or any class named like *Linear (LoRA, quantised)."""
+    """nn.Linear (and subclasses), HF GPT-2's Conv1D, or a class named *Linear (LoRA, quantised)."""
     name = type(m).__name__
     return isinstance(m, nn.Linear) or name == "Conv1D" or name.endswith("Linear")
 
@@ -387,8 +389,10 @@ def _run_trace(root: nn.Module, args: tuple, kwargs: dict) -> _Trace:
         return pre, post
 
     flags = {m: m.training for m in root.modules()}
-    buffers = {n: b.detach().clone() for n, b in root.named_buffers()}
-    versions = {n: b._version for n, b in root.named_buffers()}
+    # buffers a forward mutates in place (caches, counters) are put back; inference tensors
+    # have no version counter and cannot be mutated here anyway
+    versions = {n: b._version for n, b in root.named_buffers() if not b.is_inference()}
+    buffers = {n: b.detach().clone() for n, b in root.named_buffers() if n in versions}
     device = _model_device(root)
     # the CPU generator is always forked; an accelerator's only when the model lives on one
     fork = (dict(devices=[]) if device.type in ("cpu", "meta")
@@ -406,7 +410,7 @@ def _run_trace(root: nn.Module, args: tuple, kwargs: dict) -> _Trace:
             h.remove()
         for m, flag in flags.items():
             m.training = flag
-        with torch.no_grad():  # buffers a forward mutated in place (caches, counters) go back
+        with torch.no_grad():
             for n, b in root.named_buffers():
                 if n in buffers and b._version != versions[n] and b.shape == buffers[n].shape:
                     b.copy_(buffers[n])
@@ -427,7 +431,8 @@ def _model_dtype(root: nn.Module) -> torch.dtype:
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
-    return x.to(device) if isinstance(x, torch.Tensor) else x
+    # a copy: an inference-mode tensor cannot enter a forward that records autograd
+    return x.detach().to(device).clone() if isinstance(x, torch.Tensor) else x
 
 
 def _example_inputs(root: nn.Module, example_input: Any) -> tuple[tuple, dict]:
@@ -632,116 +637,196 @@ def _block_io(call: _Call) -> tuple[_Pt, _Pt] | None:
     return None
 
 
+def _shaped(points: list[_Pt], shape: torch.Size) -> list[_Pt]:
+    """The points whose tensor has the residual `shape`, or is a reshape of it with the same last
+    dim (OPT flattens (B, T, D) to (B*T, D) around its MLP), viewed as `shape`."""
+    found = []
+    for p in points:
+        if p.t.shape == shape:
+            found.append(p)
+        elif p.t.dim() >= 2 and p.t.shape[-1] == shape[-1] and p.t.numel() == shape.numel():
+            found.append(replace(p, t=p.t.reshape(shape)))
+    return found
+
+
+def _norm_io(c: _Call, shape: torch.Size) -> tuple[_Pt, _Pt] | None:
+    """(input, output) of a norm call acting on the residual stream (of `shape`), else None."""
+    io = c.io()
+    if io is None:
+        return None
+    io = _shaped(list(io), shape)
+    return (io[0], io[1]) if len(io) == 2 else None
+
+
 def _outermost_linears(calls: list[_Call]) -> list[_Call]:
     lin = [c for c in calls if _is_linear(c.module)]
     return [c for c in lin
             if not any(o is not c and o.start < c.start and c.end < o.end for o in lin)]
 
 
+@dataclass
+class _Block:
+    """What ran inside one block call: X, Y and the candidate points and norms, all viewed with
+    the residual shape; `tol` is relative to the largest magnitude involved."""
+
+    index: int
+    call: _Call
+    x: _Pt
+    y: _Pt
+    inner: list[_Call]
+    outs: list[_Pt]
+    ins: list[_Pt]
+    norms: list[_Call]
+    dnorms: list[tuple[_Call, tuple[_Pt, _Pt]]]
+    tol: float
+
+    def atol(self, *ts: torch.Tensor) -> float:
+        return self.tol * max([_amax(self.x.t), _amax(self.y.t)] + [_amax(t) for t in ts])
+
+
 def _map_block(index: int, name: str, tr: _Trace, notes: list[str]) -> _BlockResult:
+    """Map one block: Post-LN if its output is a norm output, else the residual sum X + T1 + T2."""
     info = BlockInfo(index, name, "none", {}, [], None, None)
     calls = tr.by_name.get(name, [])
     if len(calls) != 1:
         return _BlockResult(info, False, f"block '{name}' ran {len(calls)} times in the traced "
                                          f"forward (expected once)")
-    bcall = calls[0]
-    io = _block_io(bcall)
+    io = _block_io(calls[0])
     if io is None:
         return _BlockResult(info, False, f"block '{name}' has no floating input with an output of "
                                          f"the same shape")
     xp, yp = io
-    X, Y = xp.t, yp.t                                                  # (B, T, D)
     info.points["resid"] = xp.point
     res = _BlockResult(info, False, x=xp, y=yp)
-    inner = tr.within(bcall.start, bcall.end)
+    inner = tr.within(calls[0].start, calls[0].end)
+    if not inner:
+        res.why = (f"block '{name}': no submodule ran inside it (a fused fast path such as "
+                   f"nn.TransformerEncoderLayer's?)")
+        return res
     once = [c for c in inner if tr.count[c.name] == 1]  # a hook on a shared module fires twice
-    outs = [p for c in once for p in c.out_points() if p.t.shape == X.shape]
-    ins = [p for c in once for p in c.in_points() if p.t.shape == X.shape]
+    shape = xp.t.shape
     norms = [c for c in inner if _is_norm(c.module)]
-    dnorms = [(c, c.io()) for c in norms if tr.count[c.name] == 1]
-    dnorms = [(c, io) for c, io in dnorms if io is not None and io[0].t.shape == X.shape]
-    tol = _tol(bcall.dtype)
-    atol = tol * max(_amax(X), _amax(Y))
+    dnorms = [(c, _norm_io(c, shape)) for c in norms if tr.count[c.name] == 1]
+    blk = _Block(index, calls[0], xp, yp, inner,
+                 outs=_shaped([p for c in once for p in c.out_points()], shape),
+                 ins=_shaped([p for c in once for p in c.in_points()], shape),
+                 norms=norms, dnorms=[(c, io) for c, io in dnorms if io is not None],
+                 tol=_tol(calls[0].dtype))
 
-    found = _match_post(X, Y, outs, dnorms, tol)
+    found = _match_post(blk)
     if found is not None:
         n1, nl, t1, t2 = found
         info.placement = "post"
         res.norm_calls = {"norm.post_attn": n1, "norm.post_mlp": nl}
-        mid = n1.io()[1]
-        attn_range, mlp_range = (bcall.start, t1.seq), (n1.end, t2.seq)
+        mid = next(io for c, io in blk.dnorms if c is n1)[1]
+        ranges = (blk.call.start, t1.seq), (n1.end, t2.seq)
         info.points.update(resid_mid=mid.point, attn_out=t1.point, attn_raw=t1.point,
                            mlp_out=t2.point, mlp_raw=t2.point)
     else:
-        pair = _match_sum(X, Y, outs, tol)
+        pair = _match_sum(blk)
         if pair is None:
-            return _BlockResult(
-                info, False,
-                f"block '{name}': its output is neither a norm output (Post-LN) nor X + T1 + T2 for "
-                f"two module outputs T1, T2 inside it (norms in block: "
-                f"{', '.join(c.name for c in norms) or 'none'})", x=xp, y=yp)
+            res.why = (f"block '{name}': its output is neither a norm output (Post-LN) nor X + T1 + T2 "
+                       f"for two module outputs T1, T2 inside it (norms in block: "
+                       f"{', '.join(c.name for c in norms) or 'none'})")
+            return res
         t1, t2 = pair
-        attn_range, mlp_range = (bcall.start, t1.seq), (t1.seq, t2.seq)
-        xt1 = X + t1.t                                                 # (B, T, D)
-        atol1 = tol * max(_amax(X), _amax(t1.t), _amax(xt1))
-        roles: dict[str, tuple[_Call, tuple[_Pt, _Pt]]] = {}
-        for c, (ni, no) in dnorms:
-            in_attn = _in_range(c, attn_range)
-            in_mlp = _in_range(c, mlp_range)
-            if in_attn and _close(no.t, t1.t, atol1):
-                roles["norm.post_attn"] = (c, (ni, no))   # the last one wins: outermost
-            elif in_mlp and _close(no.t, t2.t, tol * max(_amax(t2.t), 1e-30)):
-                roles["norm.post_mlp"] = (c, (ni, no))
-        for c, (ni, no) in dnorms:
-            if any(c is r[0] for r in roles.values()):
-                continue
-            if _in_range(c, attn_range) and _close(ni.t, X, atol) and "norm.pre_attn" not in roles:
-                roles["norm.pre_attn"] = (c, (ni, no))
-            elif _in_range(c, mlp_range) and _close(ni.t, xt1, atol1) and "norm.pre_mlp" not in roles:
-                roles["norm.pre_mlp"] = (c, (ni, no))
-            elif _close(ni.t, X, atol) and "norm.pre_mlp" not in roles and "norm.pre_attn" in roles:
-                roles["norm.pre_mlp"] = (c, (ni, no))
-                notes.append(f"block {index}: the pre-MLP norm '{c.name}' reads the block input "
-                             f"(parallel attention/MLP block); resid_mid does not exist")
-        res.norm_calls = {r: v[0] for r, v in roles.items()}
-        info.placement = _placement(set(roles))
-        info.points.update(attn_out=t1.point, mlp_out=t2.point)
-        info.points["attn_raw"] = roles["norm.post_attn"][1][0].point if "norm.post_attn" in roles else t1.point
-        info.points["mlp_raw"] = roles["norm.post_mlp"][1][0].point if "norm.post_mlp" in roles else t2.point
-        pre_mlp = roles.get("norm.pre_mlp")
-        if pre_mlp is not None and _close(pre_mlp[1][0].t, xt1, atol1):
-            info.points["resid_mid"] = pre_mlp[1][0].point
-        else:
-            mid = next((p for p in sorted(ins, key=lambda p: p.seq)
-                        if p.seq > t1.seq and _close(p.t, xt1, atol1)), None)
-            if mid is not None:
-                info.points["resid_mid"] = mid.point
-            else:
-                notes.append(f"block {index}: no hook point carries X + attn_out (resid_mid not found)")
+        ranges = (blk.call.start, t1.seq), (t1.seq, t2.seq)
+        _label_sum_block(blk, t1, t2, ranges, res, notes)
+    _label_sublayers(blk, ranges, res, tr, notes)
+    if len(once) < len(inner):
+        shared = sorted({c.name for c in inner if tr.count[c.name] > 1})
+        notes.append(f"block {index}: modules that ran more than once were not used as hook "
+                     f"points: {', '.join(shared)}")
+    res.mapped = True
+    return res
 
-    # projections, parameter roles and sublayer checks, from what ran inside each sublayer
-    attn_calls = [c for c in inner if _in_range(c, attn_range)]
-    mlp_calls = [c for c in inner if _in_range(c, mlp_range)]
-    for calls_, kind in ((attn_calls, "attn"), (mlp_calls, "mlp")):
-        lins = sorted(_outermost_linears(calls_), key=lambda c: c.end)
+
+def _label_sum_block(blk: _Block, t1: _Pt, t2: _Pt, ranges, res: _BlockResult,
+                     notes: list[str]) -> None:
+    """Norm roles, placement and the remaining points of a block with Y = X + T1 + T2: output norms
+    produce T1 / T2 (their inputs are *_raw), a pre-attention norm reads X, a pre-MLP norm reads
+    X + T1 (= resid_mid), or X in a parallel block."""
+    info, index = res.info, blk.index
+    attn_range, mlp_range = ranges
+    X = blk.x.t
+    xt1 = X + t1.t                                                     # (B, T, D)
+    atol, atol1 = blk.atol(), blk.atol(t1.t, xt1)
+    roles: dict[str, tuple[_Call, tuple[_Pt, _Pt]]] = {}
+    for c, (ni, no) in blk.dnorms:  # later matches win: the outermost norm
+        if _in_range(c, attn_range) and _close(no.t, t1.t, atol1):
+            roles["norm.post_attn"] = (c, (ni, no))
+        elif _in_range(c, mlp_range) and _close(no.t, t2.t, blk.tol * max(_amax(t2.t), 1e-30)):
+            roles["norm.post_mlp"] = (c, (ni, no))
+    for c, (ni, no) in blk.dnorms:
+        if any(c is r[0] for r in roles.values()):
+            continue
+        if _in_range(c, attn_range) and _close(ni.t, X, atol) and "norm.pre_attn" not in roles:
+            roles["norm.pre_attn"] = (c, (ni, no))
+        elif _in_range(c, mlp_range) and _close(ni.t, xt1, atol1) and "norm.pre_mlp" not in roles:
+            roles["norm.pre_mlp"] = (c, (ni, no))
+        elif _close(ni.t, X, atol) and "norm.pre_mlp" not in roles and "norm.pre_attn" in roles:
+            roles["norm.pre_mlp"] = (c, (ni, no))
+            notes.append(f"block {index}: parallel attention/MLP block; the pre-MLP norm "
+                         f"'{c.name}' reads the block input; resid_mid does not exist")
+    res.norm_calls = {r: v[0] for r, v in roles.items()}
+
+    present = set(roles)
+    mlp_ins = [p for p in blk.ins if mlp_range[0] < p.seq <= mlp_range[1]]
+    if ("norm.pre_attn" in roles and "norm.pre_mlp" not in roles
+            and not any(_close(p.t, xt1, atol1) for p in mlp_ins)
+            and any(_close(p.t, roles["norm.pre_attn"][1][1].t, atol) for p in mlp_ins)):
+        present.add("norm.pre_mlp")  # parallel block: the one pre-norm feeds both sublayers
+        notes.append(f"block {index}: parallel attention/MLP block; the pre-attention norm "
+                     f"'{roles['norm.pre_attn'][0].name}' also feeds the MLP; resid_mid does not exist")
+    info.placement = _placement(present)
+    info.points.update(attn_out=t1.point, mlp_out=t2.point)
+    # *_raw: the output norm's input; without an output norm the branch output itself
+    out_attn, out_mlp = roles.get("norm.post_attn"), roles.get("norm.post_mlp")
+    info.points["attn_raw"] = t1.point if out_attn is None else out_attn[1][0].point
+    info.points["mlp_raw"] = t2.point if out_mlp is None else out_mlp[1][0].point
+
+    pre_mlp = roles.get("norm.pre_mlp")
+    if pre_mlp is not None and _close(pre_mlp[1][0].t, xt1, atol1):
+        info.points["resid_mid"] = pre_mlp[1][0].point
+        return
+    # no pre-MLP norm (Output-LN): the first module input after the attention that carries X + T1
+    mid = next((p for p in sorted(blk.ins, key=lambda p: p.seq)
+                if p.seq > t1.seq and _close(p.t, xt1, atol1)), None)
+    if mid is not None:
+        info.points["resid_mid"] = mid.point
+    elif not any(n.startswith(f"block {index}: parallel") for n in notes):
+        notes.append(f"block {index}: no hook point carries X + attn_out (resid_mid not found)")
+
+
+def _label_sublayers(blk: _Block, ranges, res: _BlockResult, tr: _Trace, notes: list[str]) -> None:
+    """Projections, mlp_act and parameter roles from the modules that ran inside each sublayer:
+    the last Linear-like module writing back to width D is the out projection, the others are
+    qkv / in; norms in the attention sublayer without a residual role are QK-norms."""
+    info, index, width = res.info, blk.index, blk.x.t.shape[-1]
+    attn_range, mlp_range = ranges
+    for rng, kind in ((attn_range, "attn"), (mlp_range, "mlp")):
+        calls = [c for c in blk.inner if _in_range(c, rng)]
+        lins = sorted(_outermost_linears(calls), key=lambda c: c.end)
+        # the last projection writes back to the residual width (a MoE router does not)
+        last = next((c for c in reversed(lins) if c.outs and c.outs[0][1].shape[-1] == width), None)
         for c in lins:
-            res.module_roles[c.name] = f"{kind}.{'out' if c is lins[-1] else ('qkv' if kind == 'attn' else 'in')}"
-        last = lins[-1] if lins else None
+            other = "qkv" if kind == "attn" else "in"
+            res.module_roles[c.name] = f"{kind}.{'out' if c is last else other}"
         if kind == "attn":
             info.attn_out_proj = None if last is None else last.name
-            res.mha = [c.name for c in calls_ if isinstance(c.module, nn.MultiheadAttention)]
-            if not any(_is_attention(c.module) for c in calls_):
+            res.mha = [c.name for c in calls if isinstance(c.module, nn.MultiheadAttention)]
+            if not any(_is_attention(c.module) for c in calls):
                 notes.append(f"block {index}: no attention module (class named *Attention*/*attn* "
                              f"or nn.MultiheadAttention) ran in the first sublayer")
+            continue
+        info.mlp_out_proj = None if last is None else last.name
+        if last is not None and tr.count[last.name] == 1 and last.in_points():
+            info.points["mlp_act"] = last.in_points()[0].point
         else:
-            info.mlp_out_proj = None if last is None else last.name
-            if last is not None and tr.count[last.name] == 1 and last.in_points():
-                info.points["mlp_act"] = last.in_points()[0].point
-            else:
-                notes.append(f"block {index}: no Linear-like last projection ran in the MLP "
-                             f"sublayer (mlp_act not found)")
+            notes.append(f"block {index}: mlp_act not found: no Linear-like projection back to "
+                         f"width {width} ran (once) in the MLP sublayer")
     assigned = {c.name for c in res.norm_calls.values()}
-    for c in norms:
+    for c in blk.norms:
         if c.name in assigned:
             continue
         if _in_range(c, attn_range):
@@ -751,12 +836,6 @@ def _map_block(index: int, name: str, tr: _Trace, notes: list[str]) -> _BlockRes
     if info.placement == "none":
         notes.append(f"block {index}: no norm module on the residual path (functional norms such as "
                      f"F.layer_norm are invisible to hooks); pass placement= if this is wrong")
-    if len(once) < len(inner):
-        shared = sorted({c.name for c in inner if tr.count[c.name] > 1})
-        notes.append(f"block {index}: modules that ran more than once were not used as hook "
-                     f"points: {', '.join(shared)}")
-    res.mapped = True
-    return res
 
 
 def _in_range(c: _Call, rng: tuple[int, int]) -> bool:
@@ -777,41 +856,38 @@ def _placement(roles: set[str]) -> str:
     return "mixed"
 
 
-def _match_sum(X: torch.Tensor, Y: torch.Tensor, outs: list[_Pt], tol: float
-               ) -> tuple[_Pt, _Pt] | None:
+def _match_sum(blk: _Block) -> tuple[_Pt, _Pt] | None:
     """(T1, T2) with X + T1 + T2 == Y, T1's module finished before T2's started. Among equal-valued
     candidates the one that finishes LAST wins: the outermost module, after dropout, which is the
     tensor actually added to the stream in training mode."""
-    base = max(_amax(X), _amax(Y))
-    for t2 in sorted(outs, key=lambda p: p.seq, reverse=True):
+    X, Y = blk.x.t, blk.y.t                                            # (B, T, D)
+    for t2 in sorted(blk.outs, key=lambda p: p.seq, reverse=True):
         rest = Y - X - t2.t                                            # (B, T, D)
-        atol = tol * max(base, _amax(t2.t))
-        for t1 in sorted((p for p in outs if p.seq < t2.call.start), key=lambda p: p.seq,
+        atol = blk.atol(t2.t)
+        for t1 in sorted((p for p in blk.outs if p.seq < t2.call.start), key=lambda p: p.seq,
                          reverse=True):
             if _close(t1.t, rest, atol):
                 return t1, t2
     return None
 
 
-def _match_post(X: torch.Tensor, Y: torch.Tensor, outs: list[_Pt],
-                dnorms: list[tuple[_Call, tuple[_Pt, _Pt]]], tol: float):
+def _match_post(blk: _Block) -> tuple[_Call, _Call, _Pt, _Pt] | None:
     """(norm1, norm_last, T1, T2) of a Post-LN block: Y = norm_last(norm1(X + T1) + T2)."""
-    atol_y = tol * max(_amax(Y), 1e-30)
-    last = [(c, io) for c, io in dnorms if _close(io[1].t, Y, atol_y)]
+    X, Y = blk.x.t, blk.y.t                                            # (B, T, D)
+    last = [(c, io) for c, io in blk.dnorms if _close(io[1].t, Y, blk.tol * max(_amax(Y), 1e-30))]
     if not last:
         return None
     nl, (nl_in, _) = max(last, key=lambda v: v[0].end)
-    for n1, (n1_in, n1_out) in sorted(dnorms, key=lambda v: v[0].start):
+    for n1, (n1_in, n1_out) in sorted(blk.dnorms, key=lambda v: v[0].start):
         if n1.end >= nl.start:
             break
-        for t1 in sorted((p for p in outs if p.seq < n1.start), key=lambda p: p.seq, reverse=True):
-            atol = tol * max(_amax(X), _amax(t1.t), _amax(n1_in.t))
-            if not _close(n1_in.t, X + t1.t, atol):
+        for t1 in sorted((p for p in blk.outs if p.seq < n1.start), key=lambda p: p.seq,
+                         reverse=True):
+            if not _close(n1_in.t, X + t1.t, blk.atol(t1.t, n1_in.t)):
                 continue
-            for t2 in sorted((p for p in outs if n1.end < p.seq < nl.start),
+            for t2 in sorted((p for p in blk.outs if n1.end < p.seq < nl.start),
                              key=lambda p: p.seq, reverse=True):
-                atol2 = tol * max(_amax(n1_out.t), _amax(t2.t), _amax(nl_in.t))
-                if _close(nl_in.t, n1_out.t + t2.t, atol2):
+                if _close(nl_in.t, n1_out.t + t2.t, blk.atol(n1_out.t, t2.t, nl_in.t)):
                     return n1, nl, t1, t2
     return None
 
@@ -833,8 +909,19 @@ def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None 
         raise DiscoveryError(f"placement='{placement}' is not one of {', '.join(PLACEMENTS)}")
     root = unwrap(model)
     blocks_path, block_list = _find_blocks(root, blocks)
-    args, kwargs = _example_inputs(root, example_input)
-    tr = _run_trace(root, args, kwargs)
+    # the trace needs a forward that records autograd like training does: leave inference mode
+    with torch.inference_mode(False):
+        args, kwargs = _example_inputs(root, example_input)
+        try:
+            tr = _run_trace(root, args, kwargs)
+        except Exception as err:
+            if example_input is not None:
+                raise
+            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            raise DiscoveryError(
+                f"the traced forward of {type(root).__name__} failed on the automatic example input "
+                f"{shapes} {sorted(kwargs)}: {type(err).__name__}: {err}. Pass example_input= (a "
+                f"tensor, a tuple of args or a dict of kwargs that its forward accepts).") from err
 
     notes: list[str] = []
     results = [_map_block(i, n, tr, notes) for i, (n, _) in enumerate(block_list)]
@@ -854,46 +941,11 @@ def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None 
                              f"{type(root).__name__}; pass example_input= matching its forward")
     d_model = x0.t.shape[-1]
 
-    # norms outside the blocks: embedding norm (output == block-0 input), final norm
     first_call, last_call = tr.by_name[block_list[0][0]][0], tr.by_name[block_list[-1][0]][0]
-    before = [c for c in tr.calls if c.end < first_call.start and tr.count[c.name] == 1]
     after = [c for c in tr.calls if c.start > last_call.end and tr.count[c.name] == 1]
-    tol = _tol(first_call.dtype)
-    outside: dict[str, tuple[_Call, _Pt]] = {}
-    for c in before:
-        io = c.io() if _is_norm(c.module) else None
-        if io and _close(io[1].t, x0.t, tol * max(_amax(x0.t), 1e-30)):
-            outside["norm.embed"] = (c, io[1])
-    for c in after:
-        io = c.io() if _is_norm(c.module) else None
-        if io and _close(io[0].t, y_last.t, tol * max(_amax(y_last.t), 1e-30)):
-            outside["norm.final"] = (c, io[1])
-            break
-
-    # norm infos, kinds fitted numerically
-    low = first_call.dtype in (torch.float16, torch.bfloat16)
-    pname = {id(p): n for n, p in root.named_parameters()}
-    norm_infos: list[NormInfo] = []
-    role_calls = [(-1, "norm.embed", outside["norm.embed"][0])] if "norm.embed" in outside else []
-    for r in results:
-        role_calls += sorted(((r.info.index, role, c) for role, c in r.norm_calls.items()),
-                             key=lambda v: v[2].start)
-    if "norm.final" in outside:
-        role_calls.append((-1, "norm.final", outside["norm.final"][0]))
-    for layer, role, c in role_calls:
-        ni, no = c.io()
-        kind, offset = _fit_norm(ni.t, no.t, c.module, low)
-        weight, bias = _norm_params(c.module)
-        info = NormInfo(c.name, role, layer, kind, offset,
-                        None if weight is None else pname.get(id(weight)),
-                        None if bias is None else pname.get(id(bias)))
-        norm_infos.append(info)
-        if 0 <= layer < len(results):
-            results[layer].info.norms.append(info)
-        if kind == "unknown":
-            notes.append(f"norm '{c.name}': output fits neither LayerNorm nor RMSNorm of its input")
-
-    embed, head = _embed_and_head(root, block_list, after, outside.get("norm.final"), notes)
+    outside = _outside_norms(tr, first_call, last_call, x0, y_last)
+    norm_infos = _norm_infos(root, results, outside, first_call.dtype, notes)
+    embed, head = _embed_and_head(root, block_list, after, outside.get("norm.final"))
     param_roles = _param_roles(root, block_list, results, norm_infos, embed, head)
 
     block_infos = [r.info for r in results]
@@ -914,8 +966,58 @@ def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None 
     )
 
 
-def _embed_and_head(root: nn.Module, block_list, after: list[_Call], final,
-                    notes: list[str]) -> tuple[list[str], list[str]]:
+def _outside_norms(tr: _Trace, first_call: _Call, last_call: _Call, x0: _Pt, y_last: _Pt
+                   ) -> dict[str, tuple[_Call, _Pt]]:
+    """{"norm.embed": (call, output), "norm.final": (call, output)} for those found: the last norm
+    before block 0 whose output is block 0's input; the first norm after the last block whose
+    input is its output."""
+    tol = _tol(first_call.dtype)
+    found: dict[str, tuple[_Call, _Pt]] = {}
+    for c in tr.calls:
+        if tr.count[c.name] != 1 or not _is_norm(c.module):
+            continue
+        if c.end < first_call.start:
+            io = _norm_io(c, x0.t.shape)
+            if io and _close(io[1].t, x0.t, tol * max(_amax(x0.t), 1e-30)):
+                found["norm.embed"] = (c, io[1])
+        elif c.start > last_call.end and "norm.final" not in found:
+            io = _norm_io(c, y_last.t.shape)
+            if io and _close(io[0].t, y_last.t, tol * max(_amax(y_last.t), 1e-30)):
+                found["norm.final"] = (c, io[1])
+    return found
+
+
+def _norm_infos(root: nn.Module, results: list[_BlockResult], outside: dict,
+                dtype: torch.dtype | None, notes: list[str]) -> list[NormInfo]:
+    """NormInfo of every residual norm in execution order (embed, blocks, final), with kind and
+    gain offset fitted from its traced input/output; block norms also go to their BlockInfo."""
+    low = dtype in (torch.float16, torch.bfloat16)
+    pname = {id(p): n for n, p in root.named_parameters()}
+    role_calls = [(-1, "norm.embed", outside["norm.embed"][0])] if "norm.embed" in outside else []
+    for r in results:
+        role_calls += sorted(((r.info.index, role, c) for role, c in r.norm_calls.items()),
+                             key=lambda v: v[2].start)
+    if "norm.final" in outside:
+        role_calls.append((-1, "norm.final", outside["norm.final"][0]))
+    infos = []
+    for layer, role, c in role_calls:
+        ni, no = c.io()
+        kind, offset = _fit_norm(ni.t, no.t, c.module, low)
+        weight, bias = _norm_params(c.module)
+        assert role in NORM_ROLES, role
+        info = NormInfo(c.name, role, layer, kind, offset,
+                        None if weight is None else pname.get(id(weight)),
+                        None if bias is None else pname.get(id(bias)))
+        infos.append(info)
+        if layer >= 0:
+            results[layer].info.norms.append(info)
+        if kind == "unknown":
+            notes.append(f"norm '{c.name}': output fits neither LayerNorm nor RMSNorm of its input")
+    return infos
+
+
+def _embed_and_head(root: nn.Module, block_list, after: list[_Call], final
+                    ) -> tuple[list[str], list[str]]:
     """(embedding modules outside the blocks, token embedding first; lm-head modules)."""
     prefixes = tuple(n + "." for n, _ in block_list)
     embs = [(n, m) for n, m in root.named_modules()
