@@ -1,0 +1,287 @@
+"""Report builder: run directories -> figures (PNG + SVG), report.md and a self-contained report.html.
+
+``build_report(run_dirs, out_dir)`` loads every run (analysis.io.load, no torch), makes every figure
+of analysis.plots that the recorded statistics allow, computes the verdict table
+(analysis.verdicts) and a summary in words with the measured numbers. A figure that cannot be made
+is listed with the reason instead of failing the report. ``python -m analysis.report RUN... -o OUT``
+does the same from a shell; ``run_report`` is the entry the lnprobe CLI calls.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib import rc_context
+from matplotlib.figure import Figure
+
+from . import fits, massive, plots, verdicts
+from .io import Run, load
+
+HONESTY = (
+    "What a small run can and cannot show. The Peri-LN paper trains 400M–3.2B models on 30B tokens; "
+    "runs analysed here are usually far smaller and shorter, so the init checks ([derived] laws that "
+    "hold in expectation) are the sharp tests, while claims about training (Pre-LN super-linear growth, "
+    "massive activations, FP16 overflow, loss spikes, gradient orderings marked 'paper, unconfirmed') "
+    "may simply not be reached: a 'fail' there says the effect did not appear at this scale, not that "
+    "the paper is wrong, and a 'pass' is one observation, not a confirmation. One weight draw on "
+    "correlated text tokens scatters an init profile by about ±10 % (theory.md §2); compare averages "
+    "over seeds before reading much into a near-miss. Gradient-scale predictions from Xiong et al. are "
+    "orders of magnitude only."
+)
+
+
+@dataclass
+class ReportResult:
+    """What :func:`build_report` wrote. ``figures``: name -> {"png": path, "svg": path};
+    ``missing``: figure name -> why it could not be made; ``partial``: notes of figures drawn
+    without some runs; ``verdicts``: the verdict table; ``summary``: one paragraph per run."""
+
+    out_dir: Path
+    report_md: Path
+    report_html: Path
+    figures: dict[str, dict[str, Path]] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    partial: dict[str, list[str]] = field(default_factory=dict)
+    verdicts: pd.DataFrame = field(default_factory=pd.DataFrame)
+    summary: list[str] = field(default_factory=list)
+    runs: list[str] = field(default_factory=list)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+
+
+def _unique_names(runs: list[Run]) -> None:
+    """Give runs with the same name distinct names (suffix #2, #3) so figures and tables tell them apart."""
+    seen: dict[str, int] = {}
+    for r in runs:
+        n = seen.get(r.name, 0)
+        seen[r.name] = n + 1
+        if n:
+            r.name = f"{r.name}#{n + 1}"
+
+
+def _figure_specs(runs: list[Run]) -> list[tuple[str, str, Callable[[list[str]], Figure]]]:
+    """(file name, caption, maker(notes) -> Figure) for every figure of the report."""
+    specs = [
+        ("variance_m2_by_layer", "(a) Mean x² of the residual stream against layer, one curve per step; "
+         "theory at init as a grey band (paper Figure 1).",
+         lambda n: plots.plot_variance_by_layer(runs, "m2", notes=n)),
+        ("variance_var_by_layer", "(a') Per-token variance of the residual stream against layer.",
+         lambda n: plots.plot_variance_by_layer(runs, "var", notes=n)),
+        ("absmax_over_steps", "(c) Largest |x| of the residual stream over training, with the FP16 maximum.",
+         lambda n: plots.plot_absmax_over_steps(runs, notes=n)),
+        ("grad_norms_by_role", "(d) Weight-gradient norm per layer by parameter role, first and last step.",
+         lambda n: plots.plot_grad_norms_by_role(runs, notes=n)),
+        ("hidden_grad_rms", "(e) RMS of the hidden-state gradient against layer.",
+         lambda n: plots.plot_hidden_grad_rms(runs, notes=n)),
+        ("loss", "(g) Training and validation loss; red crosses mark loss spikes (7σ over the previous "
+         "1000 steps).", lambda n: plots.plot_loss(runs, notes=n)),
+        ("prop31", "(h) Proposition 3.1: mlp.out gradient norm against rms(h) and rms(h)/rms(a).",
+         lambda n: plots.plot_prop31(runs, notes=n)),
+    ]
+    for r in runs:
+        s = _slug(r.name)
+        specs += [
+            (f"top_activations_{s}", f"(b) {r.name}: top-1/2/3 and median |x| against layer at the last step "
+             "(Sun et al.).", lambda n, r=r: plots.plot_top_activations(r)),
+            (f"heatmaps_{s}", f"(f) {r.name}: layer × step heatmaps of mean x² and of the block gradient norm.",
+             lambda n, r=r: plots.plot_heatmaps(r)),
+            (f"topk_locations_{s}", f"(i) {r.name}: recorded top-3 (token, channel) locations at the step of "
+             "the largest activation (a full surface needs a tensor dump).",
+             lambda n, r=r: plots.plot_topk_locations(r)),
+        ]
+    return specs
+
+
+def _run_summary(run: Run) -> str:
+    """One paragraph of measured numbers for a run."""
+    parts = [f"**{run.name}** (placement {run.placement}, status {run.status}, L = {run.n_layers}, "
+             f"D = {run.d_model if run.d_model is not None else '?'})"]
+    m2 = run.pivot("resid", "m2")
+    if not m2.empty:
+        L = m2.columns.max()
+        first, last = m2.index[0], m2.index[-1]
+        parts.append(f"recorded steps {int(first)}–{int(last)} ({len(m2.index)} steps); last-layer mean x² "
+                     f"{m2.loc[first, L]:.4g} at step {int(first)} and {m2.loc[last, L]:.4g} at step {int(last)}")
+        g = fits.growth_over_steps(m2.loc[[last]]).iloc[0]
+        parts.append(f"growth over layers 1..L at the last step: {g['best']} (best fit {g['fit_best']}, "
+                     f"exponential rate {g['rate']:.3g}/layer)")
+        att = fits.attribution(run.records[run.records["step"] == last])
+        if len(att) and att["rho"].notna().any():
+            parts.append(f"growth attribution at the last step: mean κ = v/m2(x) {att['kappa'].mean():.3g}, "
+                         f"mean ρ (stream–branch cosine) {att['rho'].mean():.3g}")
+    else:
+        parts.append("no residual-stream m2 recorded")
+    fp = massive.fp16_margin(run)
+    if np.isfinite(fp["max_absmax"]):
+        parts.append(f"max |x| {fp['max_absmax']:.4g} ({fp['site']}, layer {fp['layer']}, step {fp['step']}), "
+                     f"{fp['log10_ratio']:+.2f} decades from the FP16 maximum")
+    cand = massive.massive_candidates(run)
+    tracked = massive.track_massive(cand, ("channel",)) if len(cand) else pd.DataFrame()
+    if len(tracked):
+        t0 = tracked.iloc[0]
+        parts.append(f"{len(tracked)} channel(s) with massive activations (first: channel {int(t0['channel'])} "
+                     f"at step {int(t0['first_step'])}, layer {int(t0['first_layer'])}, layer persistence "
+                     f"{t0['persistence_layers']:.2f})")
+    elif len(cand):
+        parts.append("no massive activations (|x| > 100 and ≥ 1000× median) among the recorded top-3")
+    loss = run.series("loss")
+    if len(loss):
+        sp = massive.spike_score(loss)
+        parts.append(f"final train loss {loss.iloc[-1]:.4g} (step {int(loss.index[-1])}), "
+                     f"{len(sp.spikes)} loss spike(s)")
+    val = run.series("val_loss")
+    if len(val):
+        parts.append(f"final val loss {val.iloc[-1]:.4g} (step {int(val.index[-1])})")
+    div = run.meta.get("divergence")
+    if isinstance(div, dict) and div:
+        parts.append(f"diverged at step {div.get('step')} ({div.get('reason')})")
+    return "; ".join(parts) + "."
+
+
+def _md_cell(x: object) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(result: ReportResult, runs: list[Run], load_notes: list[str], captions: dict[str, str]) -> str:
+    lines = ["# lnprobe report", "", "Runs: " + ", ".join(f"`{r.name}` ({r.placement}, {r.path})" for r in runs), ""]
+    lines += ["## Verdicts", ""]
+    cols = ["run", "check", "source", "measured", "predicted", "tolerance", "status", "note"]
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "---|" * len(cols))
+    for _, v in result.verdicts.iterrows():
+        cells = [_md_cell(v[c]) for c in cols]
+        cells[6] = f"**{cells[6].upper()}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    counts = result.verdicts["status"].value_counts().to_dict() if len(result.verdicts) else {}
+    lines += ["", f"{counts.get('pass', 0)} pass, {counts.get('fail', 0)} fail, {counts.get('n/a', 0)} not applicable.", ""]
+    lines += ["## Summary", ""] + [f"- {s}" for s in result.summary] + [""]
+    lines += ["## Honest limits", "", HONESTY, ""]
+    lines += ["## Figures", ""]
+    for name, paths in result.figures.items():
+        lines += [f"### {name}", "", captions.get(name, ""), "", f"![{name}]({paths['png'].name}) "
+                  f"([SVG]({paths['svg'].name}))" if "svg" in paths else f"![{name}]({paths['png'].name})", ""]
+        if name in result.partial:
+            lines += [f"Not shown in this figure: {'; '.join(result.partial[name])}.", ""]
+    if result.missing:
+        lines += ["## Figures that could not be made", ""]
+        lines += [f"- `{k}`: {v}" for k, v in result.missing.items()] + [""]
+    if load_notes:
+        lines += ["## Loading notes", ""] + [f"- {n}" for n in load_notes] + [""]
+    return "\n".join(lines)
+
+
+def _html(result: ReportResult, runs: list[Run], load_notes: list[str], captions: dict[str, str]) -> str:
+    e = html.escape
+    colour = {"pass": "#c8f7c5", "fail": "#f7c5c5", "n/a": "#e8e8e8"}
+    out = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>lnprobe report</title><style>",
+           "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+           "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #aaa;padding:3px 6px;"
+           "vertical-align:top}th{background:#eee}img{max-width:100%}",
+           "</style></head><body><h1>lnprobe report</h1>",
+           "<p>Runs: " + ", ".join(f"<code>{e(r.name)}</code> ({e(r.placement)}, {e(str(r.path))})" for r in runs) + "</p>",
+           "<h2>Verdicts</h2><table><tr>"]
+    cols = ["run", "check", "source", "measured", "predicted", "tolerance", "status", "note"]
+    out.append("".join(f"<th>{c}</th>" for c in cols) + "</tr>")
+    for _, v in result.verdicts.iterrows():
+        st = str(v["status"])
+        out.append("<tr>" + "".join(
+            f"<td style='background:{colour.get(st, '#fff')}'><b>{e(st)}</b></td>" if c == "status"
+            else f"<td>{e(str(v[c]))}</td>" for c in cols) + "</tr>")
+    out.append("</table><h2>Summary</h2><ul>")
+    out += [f"<li>{e(s).replace('**', '')}</li>" for s in result.summary]
+    out += ["</ul>", "<h2>Honest limits</h2>", f"<p>{e(HONESTY)}</p>", "<h2>Figures</h2>"]
+    for name, paths in result.figures.items():
+        data = base64.b64encode(paths["png"].read_bytes()).decode("ascii")
+        out.append(f"<h3>{e(name)}</h3><p>{e(captions.get(name, ''))}</p>"
+                   f"<img alt='{e(name)}' src='data:image/png;base64,{data}'>")
+        if name in result.partial:
+            out.append(f"<p><i>Not shown in this figure: {e('; '.join(result.partial[name]))}.</i></p>")
+    if result.missing:
+        out.append("<h2>Figures that could not be made</h2><ul>")
+        out += [f"<li><code>{e(k)}</code>: {e(v)}</li>" for k, v in result.missing.items()]
+        out.append("</ul>")
+    if load_notes:
+        out.append("<h2>Loading notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in load_notes) + "</ul>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, formats: Sequence[str] = ("png", "svg"),
+                 dpi: int = 110) -> ReportResult:
+    """Analyse ``run_dirs`` together and write the report into ``out_dir`` (created if needed).
+
+    Writes ``<figure>.png`` and ``<figure>.svg`` for every figure that can be made, ``report.md``
+    (figures linked) and ``report.html`` (PNGs embedded as base64, no external files). Raises
+    ValueError for an empty ``run_dirs``; FileNotFoundError for a path that is not a directory.
+    """
+    if not run_dirs:
+        raise ValueError("build_report needs at least one run directory")
+    if "png" not in formats:
+        raise ValueError(f"formats must include 'png' (report.html embeds it), got {list(formats)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [load(p) for p in run_dirs]
+    _unique_names(runs)
+    load_notes = [f"{r.name}: {w}" for r in runs for w in r.warnings]
+    result = ReportResult(out_dir=out, report_md=out / "report.md", report_html=out / "report.html",
+                          runs=[r.name for r in runs])
+    captions = {}
+    for name, caption, make in _figure_specs(runs):
+        notes: list[str] = []
+        try:
+            fig = make(notes)
+        except plots.MissingData as exc:
+            result.missing[name] = str(exc)
+            continue
+        except Exception as exc:  # a figure must not take the whole report down; say what broke
+            result.missing[name] = f"error while plotting: {type(exc).__name__}: {exc}"
+            warnings.warn(f"report figure {name} failed: {type(exc).__name__}: {exc}", stacklevel=2)
+            continue
+        paths = {}
+        # SVG text as <text> elements, not glyph paths: several times faster and smaller files
+        with rc_context({"svg.fonttype": "none"}):
+            for fmt in formats:
+                paths[fmt] = out / f"{name}.{fmt}"
+                fig.savefig(paths[fmt], dpi=dpi, format=fmt)
+        result.figures[name] = paths
+        captions[name] = caption
+        if notes:
+            result.partial[name] = notes
+    result.verdicts = verdicts.all_verdicts(runs)
+    result.summary = [_run_summary(r) for r in runs]
+    result.report_md.write_text(_markdown(result, runs, load_notes, captions), encoding="utf-8")
+    result.report_html.write_text(_html(result, runs, load_notes, captions), encoding="utf-8")
+    return result
+
+
+def run_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Build the report (see :func:`build_report`) and return the path of report.md."""
+    return build_report(run_dirs, out_dir).report_md
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m analysis.report RUN [RUN ...] -o OUT``: write the report, print where it is."""
+    ap = argparse.ArgumentParser(prog="python -m analysis.report",
+                                 description="Analyse lnprobe run directories against the Peri-LN theory.")
+    ap.add_argument("runs", nargs="+", help="run directories (each holding meta.json and records/)")
+    ap.add_argument("-o", "--out", default="report", help="output folder (default: ./report)")
+    args = ap.parse_args(argv)
+    res = build_report(args.runs, args.out)
+    counts = res.verdicts["status"].value_counts().to_dict() if len(res.verdicts) else {}
+    print(f"wrote {res.report_md} and {res.report_html}: {len(res.figures)} figures, "
+          f"{len(res.missing)} not made; verdicts {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

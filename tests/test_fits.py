@@ -1,0 +1,119 @@
+"""analysis.fits: growth classification on synthetic profiles with noise, κ/ρ attribution against
+values computed by hand from a simulated stream, growth over steps."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.fits import attribution, classify_growth, growth_over_steps
+
+LAYERS = np.arange(13)
+
+
+def _noisy(v, seed, rel=0.02):
+    rng = np.random.default_rng(seed)
+    return v * (1 + rel * rng.standard_normal(v.shape))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_classifies_linear_quadratic_exponential_and_flat(seed):
+    cases = {
+        "linear": 1 + 2 * LAYERS,                      # Peri-LN at init
+        "quadratic": 1 + 0.5 * LAYERS ** 2.0,
+        "exponential": 0.5 * 1.6 ** LAYERS,            # Pre-LN after training
+        "flat": np.ones(13),                           # Post-LN
+    }
+    for want, v in cases.items():
+        fit = classify_growth(LAYERS, _noisy(v, seed))
+        assert fit.best == want, (want, fit.best, fit.aic)
+
+
+def test_fit_parameters_and_ratios():
+    v = 0.5 * 1.6 ** LAYERS
+    fit = classify_growth(LAYERS, v)
+    assert fit.params["exponential"] == pytest.approx((0.5, 1.6))
+    assert fit.growth_rate == pytest.approx(1.6)
+    np.testing.assert_allclose(fit.ratios, 1.6)
+    assert fit.super_linear
+    lin = classify_growth(LAYERS, 1 + 2 * LAYERS)
+    assert lin.params["linear"] == pytest.approx((1.0, 2.0))
+    assert lin.slope == pytest.approx(2.0)
+    np.testing.assert_allclose(lin.ratios, (3 + 2 * LAYERS[:-1]) / (1 + 2 * LAYERS[:-1]))
+    assert not lin.super_linear
+    # AIC uses residuals in the ORIGINAL space: exact exponential data gives exponential the
+    # smallest residual, and the log-linear fit is not rewarded on linear data
+    assert lin.aic["linear"] < lin.aic["exponential"]
+
+
+def test_flat_when_relative_change_is_small_and_insufficient_points():
+    fit = classify_growth(LAYERS, 100 + 0.2 * LAYERS)        # 2.4 % change over 12 layers
+    assert fit.best == "flat" and fit.fit_best == "linear"
+    assert classify_growth([0, 1], [1, 2]).best == "insufficient"
+    # non-finite values are dropped, non-positive ones disable only the exponential model
+    v = 1 + 2 * LAYERS.astype(float)
+    v[3] = np.nan
+    assert classify_growth(LAYERS, v).best == "linear"
+    neg = classify_growth(LAYERS, -1 + 2 * LAYERS)
+    assert neg.aic["exponential"] == np.inf and neg.best == "linear"
+    with pytest.raises(ValueError, match="same length"):
+        classify_growth([0, 1, 2], [1, 2])
+
+
+def _records(step, resid, mid, attn, mlp):
+    rows = []
+    for site, vals in (("resid", resid), ("resid_mid", mid), ("attn_out", attn), ("mlp_out", mlp)):
+        rows += [(step, site, l, "m2", float(v)) for l, v in enumerate(vals)]
+    return pd.DataFrame(rows, columns=["step", "site", "layer", "stat", "value"])
+
+
+def test_attribution_matches_hand_computed_kappa_and_rho():
+    # a stream where each branch output a = c·x + noise, so ρ is known by construction
+    rng = np.random.default_rng(0)
+    N, D, L = 512, 64, 3
+    x = rng.standard_normal((N, D))
+    resid, mid, attn, mlp, rho_true = [np.mean(x ** 2)], [], [], [], []
+    for l in range(L):
+        for name in ("attn", "mlp"):
+            a = (0.3 + 0.1 * l) * x + 0.5 * rng.standard_normal((N, D))
+            rho_true.append(np.mean(x * a) / np.sqrt(np.mean(x ** 2) * np.mean(a ** 2)))
+            (attn if name == "attn" else mlp).append(np.mean(a ** 2))
+            kappa_in = np.mean(x ** 2)
+            x = x + a
+            (mid if name == "attn" else resid).append(np.mean(x ** 2))
+    att = attribution(_records(7, resid, mid, attn, mlp))
+    assert list(att["sublayer"][:2]) == ["attn", "mlp"] and (att["step"] == 7).all()
+    np.testing.assert_allclose(att["rho"], rho_true, rtol=1e-10)
+    np.testing.assert_allclose(att["v"], np.ravel(np.column_stack([attn, mlp])))
+    np.testing.assert_allclose(att["kappa"], att["v"] / att["m2_in"])
+    # the mlp sublayer of block 0 starts from resid_mid 0
+    assert att.loc[1, "m2_in"] == pytest.approx(mid[0])
+    assert kappa_in > 0
+    # missing sites -> empty frame with the documented columns
+    empty = attribution(_records(0, resid, mid, attn, mlp).query("site != 'resid_mid'"))
+    assert empty.empty and "rho" in empty.columns
+
+
+def test_growth_over_steps_tracks_a_change_of_class():
+    table = pd.DataFrame([1 + 2 * LAYERS, 1 + 0.5 * LAYERS ** 2.0, 0.5 * 1.6 ** LAYERS],
+                         index=[0, 100, 200], columns=LAYERS)
+    g = growth_over_steps(table)
+    assert list(g["step"]) == [0, 100, 200]
+    assert list(g["best"]) == ["linear", "quadratic", "exponential"]
+    assert g["rate"].iloc[-1] == pytest.approx(1.6)
+    assert g["ratio_deep"].iloc[-1] == pytest.approx(1.6)
+    assert g["last"].tolist() == pytest.approx([25.0, 73.0, 0.5 * 1.6 ** 12])
+
+
+def test_aic_is_computed_from_original_space_residuals():
+    rng = np.random.default_rng(3)
+    v = (1 + 2 * LAYERS) * (1 + 0.05 * rng.standard_normal(13))
+    fit = classify_growth(LAYERS, v)
+    n = len(v)
+    a, r = fit.params["exponential"]
+    logfit = np.polyfit(LAYERS, np.log(v), 1)                       # independent log-linear fit
+    assert (a, r) == pytest.approx((np.exp(logfit[1]), np.exp(logfit[0])))
+    rss = np.sum((v - a * r ** LAYERS) ** 2)
+    assert fit.aic["exponential"] == pytest.approx(n * np.log(rss / n) + 6)
+    b1, a1 = np.polyfit(LAYERS, v, 1)
+    assert fit.aic["linear"] == pytest.approx(n * np.log(np.sum((v - a1 - b1 * LAYERS) ** 2) / n) + 6)

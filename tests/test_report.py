@@ -1,0 +1,283 @@
+"""analysis.report end to end on run directories written here (parquet + meta.json) with planted
+physics: files exist, the verdict table says pass/fail/n-a where it should, a run without theory or
+with missing statistics does not break the report, and analysis works with torch unimportable."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.integrate import quad
+from scipy.special import erf
+
+import analysis
+from analysis.report import build_report, run_report
+
+REPO = Path(__file__).resolve().parents[1]
+L, D, DFF, SIGMA, T, B = 4, 64, 256, 0.02, 32, 4
+STEPS = (0, 50, 100)
+
+
+def _v_mlp_gelu() -> float:
+    """d_ff σ² E[GELU(z)²], z ~ N(0, D σ²): independent numerical reference (adaptive quadrature)."""
+    s2 = D * SIGMA ** 2
+    q = quad(lambda z: (0.5 * z * (1 + erf(z / math.sqrt(2)))) ** 2 * math.exp(-z * z / (2 * s2))
+             / math.sqrt(2 * math.pi * s2), -np.inf, np.inf)[0]
+    return DFF * SIGMA ** 2 * q
+
+
+def _meta(name, placement, norms=True):
+    post = placement in ("peri", "post")
+    roles = ([("norm_attn_in", "norm.pre_attn"), ("norm_mlp_in", "norm.pre_mlp")] if placement in ("pre", "peri") else [])
+    roles += [("norm_attn_out", "norm.post_attn"), ("norm_mlp_out", "norm.post_mlp")] if post else []
+    norm_list = [{"name": f"blocks.{l}.{m}", "role": r, "layer": l, "kind": "layernorm", "gain_offset": 0.0,
+                  "weight": f"blocks.{l}.{m}.weight", "bias": None} for l in range(L) for m, r in roles]
+    param_roles = {f"blocks.{l}.{p}.weight": {"role": r, "layer": l} for l in range(L)
+                   for p, r in (("attn.qkv", "attn.qkv"), ("attn.out", "attn.out"), ("mlp.fc_in", "mlp.in"),
+                                ("mlp.fc_out", "mlp.out"))}
+    param_roles.update({n["weight"]: {"role": n["role"], "layer": n["layer"]} for n in norm_list})
+    meta = {"run_name": name, "status": "finished", "placement": placement, "n_layers": L, "d_model": D,
+            "norm_type": "layernorm", "param_roles": param_roles,
+            "config": {"model": {"d_model": D, "n_layers": L, "placement": placement, "mlp": "gelu", "d_ff": DFF,
+                                 "init_std": SIGMA, "seq_len": T, "scaled_init": False, "embed_norm": placement == "peri"},
+                       "train": {"batch_size": B, "seq_len": T, "steps": STEPS[-1] + 1}}}
+    if norms:
+        meta["norms"] = norm_list
+    return meta
+
+
+def _write(path: Path, meta: dict, rows: list, parts: int = 2) -> Path:
+    df = pd.DataFrame(rows, columns=["step", "site", "layer", "stat", "value", "token", "channel"])
+    df["token"] = df["token"].astype("Int64")
+    df["channel"] = df["channel"].astype("Int64")
+    (path / "records").mkdir(parents=True)
+    for i, chunk in enumerate(np.array_split(np.arange(len(df)), parts)):
+        df.iloc[chunk].to_parquet(path / "records" / f"part-{i:06d}.parquet", index=False)
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def _rows(placement, m2_profile, *, grad_scale, grad_shape, gains, top1, full=True, prop31_factor=0.5):
+    """Records of one synthetic run. m2_profile(step) -> (L+1,) resid m2; gains(step) -> (gain_ms,
+    gain_absmax) of every norm; top1(step, layer) -> (value, token, channel); grad_shape: (L,)
+    relative per-layer gradient profile."""
+    rows = []
+    for s in STEPS:
+        m2 = m2_profile(s)
+        for l in range(L + 1):
+            rms = math.sqrt(m2[l])
+            rows += [(s, "resid", l, "m2", m2[l], None, None), (s, "resid", l, "rms", rms, None, None)]
+            if not full:
+                continue
+            v, tok, ch = top1(s, l)
+            rows += [(s, "resid", l, "var", 0.99 * m2[l], None, None),
+                     (s, "resid", l, "absmax", v, tok, ch), (s, "resid", l, "top1", v, tok, ch),
+                     (s, "resid", l, "top2", 3.5 * rms, 5, 3), (s, "resid", l, "top3", 3.2 * rms, 6, 4),
+                     (s, "resid", l, "median_abs", 0.67 * rms, None, None),
+                     (s, "resid", l, "over_fp16", float(v > 65504), None, None),
+                     (s, "resid", l, "grad_rms", 1e-4 / rms, None, None)]
+        if full:
+            for l in range(L):
+                rms_h = 0.2 * (1 + s / 100)
+                g_a = 1e-4
+                bound = B * T * math.sqrt(DFF * D) * rms_h * g_a
+                rows += [(s, "mlp_act", l, "rms", rms_h, None, None), (s, "mlp_raw", l, "rms", 0.1, None, None),
+                         (s, "mlp_raw", l, "grad_rms", g_a, None, None),
+                         (s, "mlp_out", l, "grad_rms", g_a, None, None)]
+                for p, scale in (("attn.qkv", 1.0), ("attn.out", 0.7), ("mlp.fc_in", 1.2), ("mlp.fc_out", 0.9)):
+                    gn = grad_scale * scale * grad_shape[l]
+                    if p == "mlp.fc_out":
+                        gn = prop31_factor * bound * grad_scale * grad_shape[l]
+                    rows += [(s, f"param:blocks.{l}.{p}.weight", l, "grad_norm", gn, None, None),
+                             (s, f"param:blocks.{l}.{p}.weight", l, "param_norm", 3.0, None, None)]
+                g_ms, g_max = gains(s)
+                for n in ("norm_attn_in", "norm_mlp_in", "norm_attn_out", "norm_mlp_out"):
+                    rows += [(s, f"param:blocks.{l}.{n}.weight", l, "gain_ms", g_ms, None, None),
+                             (s, f"param:blocks.{l}.{n}.weight", l, "gain_absmax", g_max, None, None)]
+        loss = 5.0 - 2.0 * s / 100
+        rows.append((s, "train", -1, "loss", loss, None, None))
+        if s:
+            rows.append((s, "train", -1, "val_loss", loss + 0.1, None, None))
+    return rows
+
+
+def _quiet_top1(s, l):
+    return 4.0, 1, 2
+
+
+def make_runs(root: Path) -> dict[str, Path]:
+    lo_attn = (D * SIGMA ** 2) ** 2 * np.mean(1 / np.arange(1, T + 1))
+    hi_attn = (D * SIGMA ** 2) ** 2
+    inc = _v_mlp_gelu() + 0.5 * (lo_attn + hi_attn)
+    lay = np.arange(L + 1)
+    m2_0 = 2 * SIGMA ** 2
+    runs = {}
+    runs["peri"] = _write(root / "peri", _meta("peri", "peri"), _rows(
+        "peri", lambda s: (1 + 2 * lay) * (1 + 0.004 * s / 100) if s == 0 else 1 + 2.4 * lay,
+        grad_scale=0.01, grad_shape=np.ones(L), gains=lambda s: (1.0 + s / 500, 1.0 + s / 200),
+        top1=lambda s, l: (4 * math.sqrt(1 + 2.4 * l), 2, 7)))
+    runs["pre"] = _write(root / "pre", _meta("pre", "pre"), _rows(
+        "pre", lambda s: m2_0 + inc * lay if s == 0 else 0.05 * 2.2 ** lay,
+        grad_scale=0.1, grad_shape=np.array([1.0, 0.6, 0.4, 0.3]), gains=lambda s: (1.0, 1.0),
+        top1=lambda s, l: (3000.0, 0, 11) if s == 100 and l >= 2 else (1.0, 1, 2)))
+    runs["post"] = _write(root / "post", _meta("post", "post"), _rows(
+        "post", lambda s: np.r_[m2_0, np.ones(L) * (1.0 if s == 0 else 1.21)],
+        grad_scale=1.0, grad_shape=np.array([0.5, 0.7, 0.9, 1.0]), gains=lambda s: (1.0 if s == 0 else 1.2, 1.5),
+        top1=_quiet_top1))
+    runs["none"] = _write(root / "none", _meta("plain", "none"), _rows(
+        "none", lambda s: 0.1 * (1 + lay), grad_scale=0.5, grad_shape=np.ones(L), gains=lambda s: (1.0, 1.0),
+        top1=_quiet_top1))
+    runs["sparse"] = _write(root / "sparse", _meta("sparse", "peri", norms=False), _rows(
+        "peri", lambda s: 1 + 2 * lay, grad_scale=0, grad_shape=np.ones(L), gains=None, top1=None, full=False))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    runs = make_runs(root)
+    out = root / "report"
+    res = build_report([runs[k] for k in ("peri", "pre", "post", "none", "sparse")], out)
+    return res, runs
+
+
+def _status(res, run, prefix):
+    v = res.verdicts
+    hit = v[(v["run"] == run) & v["check"].str.startswith(prefix)]
+    assert len(hit) == 1, (run, prefix, v[["run", "check"]])
+    return hit["status"].iloc[0]
+
+
+def test_report_files_exist(report):
+    res, _ = report
+    assert res.report_md.exists() and res.report_html.exists()
+    for name, paths in res.figures.items():
+        assert paths["png"].stat().st_size > 1000 and paths["svg"].stat().st_size > 1000, name
+        assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    expected = {"variance_m2_by_layer", "variance_var_by_layer", "absmax_over_steps", "grad_norms_by_role",
+                "hidden_grad_rms", "loss", "prop31", "top_activations_pre", "heatmaps_pre", "topk_locations_pre",
+                "heatmaps_sparse"}
+    assert expected <= set(res.figures), set(res.figures)
+    html = res.report_html.read_text()
+    assert html.count("data:image/png;base64,") == len(res.figures)
+    assert "src='http" not in html and "<img src=\"" not in html              # self-contained
+    md = res.report_md.read_text()
+    assert "| run | check |" in md and "## Summary" in md
+    for name in res.figures:
+        assert f"({name}.png)" in md
+
+
+def test_verdicts_per_placement(report):
+    res, _ = report
+    expect = {
+        ("peri", "Peri-LN init m2"): "pass", ("peri", "Peri-LN hard bound"): "pass",
+        ("peri", "growth class"): "pass", ("peri", "no FP16 overflow"): "pass", ("peri", "Prop. 3.1 batched"): "pass",
+        ("pre", "Pre-LN init increment"): "pass", ("pre", "growth class"): "pass", ("pre", "Prop. 3.1 batched"): "pass",
+        ("post", "Post-LN init m2 flat"): "pass", ("post", "Post-LN trained level"): "pass", ("post", "growth class"): "pass",
+        ("plain", "theory checks"): "n/a",
+        ("sparse", "Peri-LN init m2"): "pass", ("sparse", "Peri-LN hard bound"): "n/a",
+        ("sparse", "no FP16 overflow"): "n/a", ("sparse", "Prop. 3.1 batched"): "n/a",
+        ("sparse", "growth class"): "pass",
+    }
+    for (run, prefix), want in expect.items():
+        assert _status(res, run, prefix) == want, (run, prefix, res.verdicts.query("run == @run").to_string())
+    label = "peri, pre, post, plain, sparse"
+    assert _status(res, label, "gradient ordering Post > Pre > Peri (init)") == "pass"
+    assert _status(res, label, "gradient ordering Post > Pre > Peri (end)") == "pass"
+    assert _status(res, label, "Peri-LN gradient profile flattest") == "pass"
+    assert _status(res, label, "Prop. 3.1 ordering") == "pass"
+    assert set(res.verdicts["status"]) <= {"pass", "fail", "n/a"}
+
+
+def test_missing_stats_listed_not_fatal(report):
+    res, _ = report
+    assert "top_activations_sparse" in res.missing and "topk_locations_sparse" in res.missing
+    assert "top1" in res.missing["top_activations_sparse"]
+    assert any("sparse" in n for n in res.partial.get("grad_norms_by_role", []))
+    md = res.report_md.read_text()
+    assert "## Figures that could not be made" in md and "top_activations_sparse" in md
+    assert "not made" not in res.missing                                  # only real figure names
+
+
+def test_summary_has_measured_numbers(report):
+    res, _ = report
+    pre = next(s for s in res.summary if s.startswith("**pre**"))
+    assert "max |x| 3000" in pre and "channel 11" in pre and "final train loss 3" in pre
+    assert "exponential" in pre
+    peri = next(s for s in res.summary if s.startswith("**peri**"))
+    assert "final val loss 3.1" in peri
+
+
+def test_failures_are_reported_as_fail(tmp_path):
+    lay = np.arange(L + 1)
+    bad = _write(tmp_path / "bad", _meta("bad", "peri"), _rows(
+        "peri", lambda s: 1 + lay if s == 0 else 0.5 * 3.0 ** lay,     # 1 + l at init, exponential later
+        grad_scale=1.0, grad_shape=np.ones(L), gains=lambda s: (1.0, 1.0),
+        top1=lambda s, l: (1e5, 0, 3) if s == 100 and l == L else (5.0, 1, 1), prop31_factor=2.0))
+    res = build_report([bad], tmp_path / "out")
+    for prefix in ("Peri-LN init m2", "Peri-LN hard bound", "growth class", "no FP16 overflow", "Prop. 3.1 batched"):
+        assert _status(res, "bad", prefix) == "fail", prefix
+    assert "| **FAIL** |" in res.report_md.read_text()
+
+
+def test_unreadable_part_is_skipped_with_warning(tmp_path):
+    runs = make_runs(tmp_path)
+    (runs["post"] / "records" / "part-000009.parquet").write_bytes(b"not parquet")
+    with pytest.warns(UserWarning, match="part-000009.parquet"):
+        run = analysis.load(runs["post"])
+    assert len(run.records) and any("part-000009" in w for w in run.warnings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        md = run_report([runs["post"]], tmp_path / "out")
+    assert md.name == "report.md" and "part-000009" in md.read_text()
+    with pytest.raises(ValueError, match="at least one"):
+        build_report([], tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="run directory"):
+        build_report([tmp_path / "missing"], tmp_path / "none")
+
+
+def test_analysis_works_with_torch_unimportable(tmp_path):
+    runs = make_runs(tmp_path)
+    code = (
+        "import sys\n"
+        "import analysis, analysis.report, analysis.plots, analysis.verdicts\n"
+        "assert 'torch' not in sys.modules, 'importing analysis pulled in torch'\n"
+        "sys.modules['torch'] = None  # any later 'import torch' raises ImportError\n"
+        f"res = analysis.build_report([{str(runs['pre'])!r}], {str(tmp_path / 'out')!r})\n"
+        "assert sys.modules['torch'] is None\n"
+        "print(len(res.figures), res.report_html.exists(), len(res.verdicts))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    n, ok, nv = p.stdout.split()
+    assert int(n) >= 8 and ok == "True" and int(nv) >= 3
+
+
+def test_load_keeps_the_later_duplicate_and_survives_missing_meta(tmp_path):
+    rows0 = [(0, "resid", l, "m2", 1.0 + l, None, None) for l in range(3)] + [(0, "train", -1, "loss", 5.0, None, None)]
+    rows1 = [(0, "resid", 2, "m2", 9.0, None, None), (1, "resid", 0, "m2", 2.0, None, None),
+             (1, "resid", 1, "top1", 7.0, 3, 4)]
+    d = tmp_path / "r"
+    (d / "records").mkdir(parents=True)
+    for i, rows in enumerate((rows0, rows1)):
+        df = pd.DataFrame(rows, columns=["step", "site", "layer", "stat", "value", "token", "channel"])
+        df.astype({"token": "Int64", "channel": "Int64"}).to_parquet(d / "records" / f"part-{i:06d}.parquet")
+    with pytest.warns(UserWarning, match="meta.json"):
+        run = analysis.load(d)
+    assert run.meta == {} and run.name == "r" and run.placement == "unknown"
+    assert run.pivot("resid", "m2").loc[0].tolist() == [1.0, 2.0, 9.0]   # part 1 replaced part 0's value
+    assert run.n_layers == 2
+    top = run.frame("resid", "top1").iloc[0]
+    assert (top["token"], top["channel"]) == (3, 4)
+    assert run.records["token"].dtype == "Int64" and run.series("loss").to_dict() == {0: 5.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = build_report([d], tmp_path / "out")
+    assert res.verdicts["status"].tolist() == ["n/a"]
+    assert "variance_m2_by_layer" in res.figures and "loss" in res.figures
