@@ -11,7 +11,12 @@ Hot-path rules (design page section 6):
 - forwards re-run inside backward by activation checkpointing are not recorded twice (the autograd
   engine's current graph task tells a recompute apart from a forward);
 - all forwards between two ``probe.step()`` calls (gradient accumulation) merge into one record;
-- hidden-state gradients are divided by the AMP loss scale of that backward.
+- hidden-state gradients are divided by the AMP loss scale of that backward;
+- under torch.distributed (DDP, FSDP2) statistics are reduced across ranks once per flush and only
+  rank 0 writes (``lnprobe.distributed``); ``flush()`` and ``close()`` are then collective calls;
+- under ``torch.compile`` the hook bodies are ``torch.compiler.disable``d: the schedule flag is read
+  outside the traced code, so it never enters Dynamo's guards and flipping it never recompiles. The
+  price is a graph break at every hooked module call (see ``_no_compile``).
 
 A probe observes only: every hook returns ``None`` and never touches the tensors it reads. If a hook
 raises, the probe warns once, stops using that hook point and training goes on.
@@ -22,7 +27,9 @@ import atexit
 import platform
 import warnings
 import weakref
+import zlib
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -32,6 +39,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from . import distributed as D
 from . import stats as S
 from .schedule import Schedule
 from .store import RunWriter, records_frame
@@ -57,11 +65,16 @@ class _SiteAccumulator:
     parts: list = field(default_factory=list)
     grads: list = field(default_factory=list)
     pending_grad: int = 0  # forwards seen without grad (reentrant checkpointing): hook on recompute
+    # Element and token counts of this step (host ints): the weights of a cross-rank mean.
+    n_elem: int = 0
+    n_tok: int = 0
+    g_elem: int = 0
 
     def clear(self) -> None:
         self.parts.clear()
         self.grads.clear()
         self.pending_grad = 0
+        self.n_elem = self.n_tok = self.g_elem = 0
 
 
 @dataclass
@@ -70,6 +83,8 @@ class _StepEntry:
     values: torch.Tensor  # (K,) float64
     loc: torch.Tensor  # (2, K) float64: token, channel (NaN when not located)
     layout: "_Layout"
+    weights: np.ndarray | None = None  # (K,) host: cross-rank weights (distributed runs only)
+    kinds: np.ndarray | None = None  # (K,) host int8: cross-rank reduction of each row (D.MEAN, ...)
 
 
 @dataclass
@@ -77,6 +92,7 @@ class _Layout:
     site: np.ndarray
     layer: np.ndarray
     stat: np.ndarray
+    crc: int = 0  # stable checksum of the keys: ranks compare layouts without sending them
 
 
 class Probe:
@@ -101,6 +117,8 @@ class Probe:
         run_name: str | None = None,
         start_step: int = 0,
         append: bool = False,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ):
         from .sites import discover, unwrap
 
@@ -110,7 +128,13 @@ class Probe:
             raise ValueError(f"flush_every must be ≥ 1, found {flush_every}")
         self.schedule = Schedule.parse(every)
         self.model = unwrap(model)
-        self.map = discover(self.model, example_input, blocks=blocks, placement=placement)
+        with _full_norm_params_for_discovery():
+            self.map = discover(self.model, example_input, blocks=blocks, placement=placement)
+        # FSDP2 swaps parameter objects between sharded and unsharded states: reshard what the discovery
+        # forward left unsharded, and read the parameters afresh at every step (see _current_params).
+        self._fsdp = [m for m in self.model.modules() if _is_fsdp2(m)]
+        for m in self._fsdp:
+            m.reshard()
         self.record_all = record == "all"
         self.flush_every = flush_every
         self.scaler = scaler
@@ -125,6 +149,12 @@ class Probe:
         self._scalars: list[tuple[int, str, float]] = []
         self._warned_eval = False
         self._notes: list[str] = list(self.map.notes)
+        self._pending_steps = 0  # recorded steps since the last flush (the same count on every rank)
+        self._captured: tuple[list[str], torch.Tensor] | None = None  # see capture_param_grads
+        self._dist = D.context(process_group) if distributed in (None, True) else None
+        if distributed and self._dist is None:
+            raise RuntimeError("lnprobe.attach(distributed=True): torch.distributed is not initialised with more "
+                               "than one rank; call torch.distributed.init_process_group first (e.g. under torchrun)")
 
         sites_wanted = self._parse_sites(sites)
         grad_wanted = set(self._parse_sites(grad_sites)) if grad_sites else set()
@@ -162,8 +192,11 @@ class Probe:
             notes=self._notes,
             versions={"lnprobe": _version(), "torch": torch.__version__, "python": platform.python_version()},
         )
-        self.writer = RunWriter(out, meta, overwrite=not append)
-        self.path = self.writer.path
+        if self._dist is not None:
+            meta["distributed"] = self._dist.to_meta()
+        # Only rank 0 writes; the other ranks keep no writer but take part in every reduction.
+        self.writer = RunWriter(out, meta, overwrite=not append) if self._dist is None or self._dist.rank == 0 else None
+        self.path = Path(out)
         self._atexit = _register_atexit(self)
 
     # ----------------------------------------------------------------- configuration
@@ -220,6 +253,7 @@ class Probe:
         return self._active and not self._closed and (self.record_all or self.model.training)
 
     def _make_pre_hook(self, entries):
+        @_no_compile
         def pre_hook(module, args, kwargs):
             if self._recording():
                 for point, keys in entries:
@@ -229,6 +263,7 @@ class Probe:
         return pre_hook
 
     def _make_fwd_hook(self, entries):
+        @_no_compile
         def fwd_hook(module, args, kwargs, output):
             if self._recording():
                 for point, keys in entries:
@@ -247,8 +282,12 @@ class Probe:
                 if plan is None:
                     plan = self._plans[point] = S.StatPlan(tuple(sorted({s for k in keys for s in self._acc[k].stats})))
                 part = S.reduce_activation(x, plan)
+                n_tok = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
                 for k in keys:
-                    self._acc[k].parts.append(part)
+                    acc = self._acc[k]
+                    acc.parts.append(part)
+                    acc.n_elem += x.numel()
+                    acc.n_tok += n_tok
             grad_keys = [k for k in keys if k in self._grad_keys]
             if not grad_keys:
                 return
@@ -274,6 +313,7 @@ class Probe:
                 part = S.reduce_gradient(g)
                 for k in keys:
                     self._acc[k].grads.append(part)
+                    self._acc[k].g_elem += g.numel()
             except Exception as exc:
                 self._fail(point, exc)
             return None
@@ -293,6 +333,8 @@ class Probe:
         Call once per optimizer step, after backward (and ``scaler.unscale_(opt)`` under AMP) and
         before gradient clipping, ``opt.step()`` and ``zero_grad()``. ``step`` relabels the step that
         is being closed (e.g. the trainer's global step); ``loss`` may be a tensor or a float.
+        Under torch.distributed every rank must call it the same number of times (it may flush,
+        and a flush is a collective call).
         """
         if self._closed:
             raise RuntimeError("probe.step() after probe.close(): attach a new probe to keep recording")
@@ -300,6 +342,7 @@ class Probe:
             self.current_step = int(step)
             self._active = self.schedule(self.current_step)
         if self._active:
+            self._pending_steps += 1
             try:
                 self._finalize_step(loss, lr, scaler if scaler is not None else self.scaler)
             except Exception as exc:
@@ -307,15 +350,47 @@ class Probe:
                 warnings.warn(f"lnprobe: step {self.current_step} not recorded: {exc}", RuntimeWarning, stacklevel=2)
         for acc in self._acc.values():
             acc.clear()
+        self._captured = None
         self.current_step += 1
         self._active = self.schedule(self.current_step)
-        if len(self._buffer) >= self.flush_every:
+        # Counted in steps, not buffer entries: a step dropped on one rank must not shift that rank's
+        # flushes (and so its collectives) against the other ranks'.
+        if self._pending_steps >= self.flush_every:
             self.flush()
+
+    def set_step(self, step: int) -> None:
+        """Number the step now open (before its forwards), e.g. from a trainer's global step after a
+        resume. Forwards already seen for the open step are kept."""
+        self.current_step = int(step)
+        self._active = self.schedule(self.current_step)
+
+    def capture_param_grads(self, loss_scale: "torch.Tensor | float | None" = None) -> None:
+        """Read the parameter gradient norms now, for the step that the next ``step()`` closes.
+
+        For training loops that cannot call ``step()`` between backward and clipping (the Hugging Face
+        Trainer): call this where the gradients are complete but not yet clipped; ``step()`` then uses
+        these norms instead of reading ``.grad`` again. ``loss_scale`` divides the norms when the
+        gradients are still multiplied by an AMP loss scale. A later call replaces an earlier one.
+        No host synchronisation. Does nothing on steps that are not recorded.
+        """
+        if not self._active or self._closed:
+            return
+        with_grad = [(n, p) for n, p in self._current_params() if p.grad is not None]
+        if not with_grad:
+            self._captured = ([], torch.zeros(0, dtype=torch.float64))
+            return
+        gn = S.norms_of([_local(p.grad) for _, p in with_grad])  # (P,) float64
+        if loss_scale is not None:
+            gn = gn / (loss_scale.to(gn.device, torch.float64) if torch.is_tensor(loss_scale) else float(loss_scale))
+        self._captured = ([n for n, _ in with_grad], gn)
 
     def _finalize_step(self, loss: Any, lr: float | None, scaler: Any) -> None:
         values: list[torch.Tensor] = []
         locs: list[torch.Tensor] = []
         keys: list[tuple[str, int, str]] = []
+        dist_on = self._dist is not None
+        weights: list[float] = []  # distributed runs only: one weight and one kind per key
+        kinds: list[int] = []
         device = None
         scale = _loss_scale(scaler)
         n_recorded = 0
@@ -325,6 +400,10 @@ class Probe:
                 values.append(v)
                 locs.append(loc)
                 keys.extend((site, layer, s) for s in acc.stats)
+                if dist_on:
+                    for s in acc.stats:
+                        kinds.append(D.ACTIVATION_KIND[s])
+                        weights.append(acc.n_tok if s in D.PER_TOKEN_STATS else acc.n_elem)
                 device = device or v.device
                 n_recorded += 1
             if acc.grads:
@@ -332,30 +411,51 @@ class Probe:
                 values.append(g)
                 locs.append(torch.full((2, 2), float("nan"), dtype=torch.float64, device=g.device))
                 keys.extend((site, layer, s) for s in S.GRADIENT_STATS)
+                if dist_on:
+                    kinds.extend(D.GRADIENT_KIND[s] for s in S.GRADIENT_STATS)
+                    weights.extend(acc.g_elem for _ in S.GRADIENT_STATS)
         if n_recorded == 0 and self._acc and not self.model.training and not self.record_all and not self._warned_eval:
             self._warned_eval = True
             warnings.warn("lnprobe: no forward recorded at this step because the model is in eval mode; "
                           "pass record='all' to lnprobe.attach to record eval-mode forwards", RuntimeWarning, stacklevel=3)
 
         # Parameters: gradient and value norms, one fused reduction each.
-        with_grad = [(n, p) for n, p in self._params if p.grad is not None]
+        params = self._current_params()
+        named = dict(params)
+        if self._captured is not None:
+            names, gn = self._captured
+            with_grad = [(n, named[n]) for n in names]
+        else:
+            with_grad = [(n, p) for n, p in params if p.grad is not None]
+            gn = S.norms_of([_local(p.grad) for _, p in with_grad]) if with_grad else None
         if with_grad:
-            gn = S.norms_of([_local(p.grad) for _, p in with_grad])
             pn = S.norms_of([_local(p) for _, p in with_grad])
             device = device or gn.device
             values.append(torch.stack([gn, pn.to(gn.device)], 1).reshape(-1))  # (2P,) interleaved
             keys.extend((f"param:{n}", self._param_layer(n), s) for n, _ in with_grad for s in S.PARAM_STATS)
+            if dist_on:
+                for _, p in with_grad:
+                    kind, w = D.param_norm_reduction(p)
+                    kinds += [kind, kind]
+                    weights += [w, w]
         else:
             gn = None
-        named = dict(self._params)
         for _, w, b, off in self._gain_entries:
-            gs = S.gain_stats(_local(named[w]) if w else None, off, _local(named[b]) if b else None)
+            wl = _local(named[w]) if w else None
+            bl = _local(named[b]) if b else None
+            gs = _gain_values(wl, off, bl)
             if w is not None:
                 values.append(gs[:2])
                 keys.extend([(f"param:{w}", self._param_layer(w), "gain_ms"), (f"param:{w}", self._param_layer(w), "gain_absmax")])
+                if dist_on:
+                    kinds += [D.MEAN, D.MAX]
+                    weights += [wl.numel(), 1]
             if b is not None:
                 values.append(gs[2:])
                 keys.append((f"param:{b}", self._param_layer(b), "bias_ms"))
+                if dist_on:
+                    kinds.append(D.MEAN)
+                    weights.append(bl.numel())
             device = device or gs.device
 
         train_vals, train_keys = [], []
@@ -378,6 +478,9 @@ class Probe:
         if train_vals:
             values.append(torch.stack([t.to(device) for t in train_vals]))
             keys.extend(("train", -1, s) for s in train_keys)
+            if dist_on:
+                kinds.extend(D.TRAIN_KIND[s] for s in train_keys)
+                weights.extend(1.0 for _ in train_keys)
         if not values:
             return
         values = [v.to(device) for v in values]
@@ -386,7 +489,14 @@ class Probe:
         if locs:
             act = torch.cat([l.to(device) for l in locs], 1)  # (2, K_act), activation rows come first
             loc[:, : act.shape[1]] = act
-        self._buffer.append(_StepEntry(self.current_step, flat, loc, self._layout(tuple(keys))))
+        entry = _StepEntry(self.current_step, flat, loc, self._layout(tuple(keys)))
+        if dist_on:
+            entry.weights = np.asarray(weights, dtype=np.float64)
+            entry.kinds = np.asarray(kinds, dtype=np.int8)
+        self._buffer.append(entry)
+
+    def _current_params(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.model.named_parameters()) if self._fsdp else self._params
 
     def _param_layer(self, name: str) -> int:
         info = self.map.param_roles.get(name)
@@ -397,13 +507,21 @@ class Probe:
         if lay is None:
             lay = _Layout(np.array([k[0] for k in keys], dtype=object),
                           np.array([k[1] for k in keys], dtype=np.int64),
-                          np.array([k[2] for k in keys], dtype=object))
+                          np.array([k[2] for k in keys], dtype=object),
+                          zlib.crc32("\x1f".join(f"{a}\x1e{b}\x1e{c}" for a, b, c in keys).encode()))
             self._layouts[keys] = lay
         return lay
 
     # ----------------------------------------------------------------- output
     def flush(self) -> Path | None:
-        """Move buffered steps to the host in one transfer and append one Parquet part."""
+        """Move buffered steps to the host in one transfer and append one Parquet part.
+
+        Under torch.distributed this is a collective call (every rank must make it): the steps are
+        reduced across ranks (``lnprobe.distributed.reduce_rows``) and rank 0 writes the part.
+        """
+        self._pending_steps = 0
+        if self._dist is not None:
+            return self._flush_distributed()
         scalars, self._scalars = self._scalars, []
         if not self._buffer:
             return self.writer.append(_scalar_frame(scalars)) if scalars else None
@@ -429,6 +547,38 @@ class Probe:
             frame = pd.concat([frame, _scalar_frame(scalars)], ignore_index=True)
         return self.writer.append(frame)
 
+    def _local_rows(self, buf: list[_StepEntry]) -> D.LocalRows:
+        """This rank's buffered steps as one flat set of rows (device values, host keys)."""
+        return D.LocalRows.from_entries(
+            [(e.step, e.layout) for e in buf], [e.values for e in buf], [e.loc for e in buf],
+            [e.weights for e in buf], [e.kinds for e in buf])
+
+    def _flush_distributed(self) -> Path | None:
+        # Everything that can fail on one rank alone runs before the first collective; the failure is
+        # then agreed on by all ranks (one tiny all_gather) and raised everywhere, naming the rank.
+        scalars, self._scalars = self._scalars, []
+        buf, self._buffer = self._buffer, []
+        rows, error = None, None
+        try:
+            rows = self._local_rows(buf)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        reduced = D.reduce_rows(self._dist, rows, error)
+        path, write_error = None, None
+        if self._dist.rank == 0:
+            try:
+                frames = [reduced.frame()] if reduced is not None else []
+                if scalars:
+                    frames.append(_scalar_frame(scalars))
+                frames = [f for f in frames if not f.empty]
+                if frames:
+                    path = self.writer.append(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0])
+            except Exception as exc:
+                write_error = f"{type(exc).__name__}: {exc}"
+        # Rank 0 alone writes: if that fails the other ranks must fail too, not run on into a hang.
+        D.agree(self._dist, write_error, "write the run directory")
+        return path
+
     def log_scalars(self, values: dict[str, float], step: int | None = None) -> None:
         """Record extra per-step scalars as ``train`` rows (e.g. ``val_loss``), written at the next flush.
 
@@ -440,8 +590,9 @@ class Probe:
             self._scalars.append((at, str(name), float(v)))
 
     def update_meta(self, **fields: Any) -> None:
-        """Add or replace keys of meta.json (e.g. the trainer's divergence record)."""
-        self.writer.update_meta(**fields)
+        """Add or replace keys of meta.json (e.g. the trainer's divergence record); rank 0 only writes."""
+        if self.writer is not None:
+            self.writer.update_meta(**fields)
 
     def close(self, status: str = "finished", error: str | None = None) -> None:
         """Flush, write the final status to meta.json and remove every hook. Safe to call twice."""
@@ -452,12 +603,25 @@ class Probe:
             h.remove()
         self._handles.clear()
         try:
-            self.flush()
+            if self._dist is not None and status != "finished":
+                # Ending on an error: the other ranks may be anywhere (in a DDP all-reduce, or dead), so a
+                # reduction could hang. Drop the unflushed steps instead.
+                if self._buffer:
+                    self._notes.append(f"{len(self._buffer)} recorded step(s) after the last flush dropped: the "
+                                       f"distributed run ended with status {status!r}")
+                self._buffer.clear()
+                self._scalars.clear()
+            else:
+                self.flush()
+        except BaseException as exc:  # the last flush failed (e.g. on another rank): say so in meta.json
+            status, error = "crashed", error or f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             fields: dict[str, Any] = {"status": status, "notes": self._notes, "last_step": self.current_step - 1}
             if error:
                 fields["error"] = error
-            self.writer.update_meta(**fields)
+            if self.writer is not None:
+                self.writer.update_meta(**fields)
             if self._atexit is not None:
                 atexit.unregister(self._atexit)
                 self._atexit = None
@@ -490,6 +654,73 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _gain_values(weight: torch.Tensor | None, offset: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """``S.gain_stats``, also for an empty local shard (FSDP2 with fewer rows than ranks): there the
+    means are NaN and the max is -inf; they carry weight 0 in the cross-rank reduction."""
+    if (weight is None or weight.numel()) and (bias is None or bias.numel()):
+        return S.gain_stats(weight, offset, bias)
+    dev = (weight if weight is not None else bias).device
+    nan = torch.full((), float("nan"), dtype=torch.float64, device=dev)
+    w = S.gain_stats(weight, offset, None)[:2] if weight is not None and weight.numel() else \
+        torch.stack([nan, torch.full_like(nan, float("-inf"))])
+    b = S.gain_stats(None, offset, bias)[2:] if bias is not None and bias.numel() else nan.reshape(1)
+    return torch.cat([w.to(dev), b.to(dev)])  # (3,)
+
+
+def _is_fsdp2(m: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(m, FSDPModule)
+
+
+@contextmanager
+def _full_norm_params_for_discovery():
+    """During discovery, let ``sites._fit_norm`` see FSDP2-sharded norm parameters as whole tensors.
+
+    Discovery fits each norm's formula from its traced input and output with its gain and bias; under
+    FSDP2 those are DTensor shards, which cannot be mixed with plain tensors. For each fit the norm's own
+    parameters (D elements each) are all-gathered (``full_tensor``: every rank runs the same discovery,
+    so the collectives match) and swapped in, then restored at once. Nothing else is gathered.
+    TODO(lead): this belongs in ``sites._fit_norm`` (read ``p.full_tensor()`` for a DTensor there).
+    """
+    from . import sites
+
+    orig = sites._fit_norm
+
+    def fit(x, y, m, low):
+        saved = {k: p for k, p in m.named_parameters(recurse=False) if hasattr(p, "full_tensor")}
+        if not saved:
+            return orig(x, y, m, low)
+        try:
+            for k, p in saved.items():
+                m._parameters[k] = nn.Parameter(p.detach().full_tensor(), requires_grad=False)
+            return orig(x, y, m, low)
+        finally:
+            for k, p in saved.items():
+                m._parameters[k] = p
+
+    sites._fit_norm = fit
+    try:
+        yield
+    finally:
+        sites._fit_norm = orig
+
+
+def _no_compile(fn):
+    """Keep ``fn`` (a hook body) out of torch.compile's tracing.
+
+    Why: a hook traced by Dynamo puts the schedule flag into the guards (flipping it recompiles), and
+    its tensor hooks / autograd-engine queries cannot be traced anyway. Disabled, the hook runs eagerly
+    on every call, reads the flag itself, and the compiled code around it never changes. Dynamo breaks
+    the graph at each hooked module call; when the model calls its blocks in a Python loop, Dynamo runs
+    that loop eagerly and compiles each block's forward as its own graph.
+    """
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
 def _loss_scale(scaler: Any) -> torch.Tensor | None:
     if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
         return None
@@ -503,7 +734,7 @@ def _register_atexit(probe: Probe):
     def _close_at_exit() -> None:
         p = ref()
         if p is not None and not p._closed:
-            p.close(status="interrupted")
+            p.close(status="interrupted")  # distributed: no collective at exit (see close)
 
     atexit.register(_close_at_exit)
     return _close_at_exit
@@ -527,6 +758,9 @@ def attach(model: nn.Module, out: str | Path, every: "int | str | Iterable[int] 
     site → list), ``grad_sites`` (default ``("resid",)``), ``blocks``/``placement`` overrides,
     ``example_input`` for the discovery trace, ``record`` ("train": forwards in training mode; "all"),
     ``flush_every`` (recorded steps per Parquet part), ``scaler`` (a ``torch.amp.GradScaler``),
-    ``config`` (stored in meta.json), ``run_name``, ``start_step``, ``append`` (resume into ``out``).
+    ``config`` (stored in meta.json), ``run_name``, ``start_step``, ``append`` (resume into ``out``),
+    ``distributed`` (default: on when torch.distributed is initialised with more than one rank; then
+    statistics are reduced across the ranks of ``process_group`` once per flush and only rank 0
+    writes ``out``; False: every rank records and writes alone, so give each its own ``out``).
     """
     return Probe(model, out, every, **kwargs)

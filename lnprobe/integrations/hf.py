@@ -1,0 +1,192 @@
+"""Hugging Face ``transformers.Trainer`` integration: ``ProbeCallback``.
+
+    from lnprobe.integrations.hf import ProbeCallback
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[ProbeCallback(every=10)])
+
+Where the measurements come from (transformers 5.x ``Trainer._inner_training_loop``): per optimizer
+step, ``on_step_begin`` fires before the first micro-batch, ``on_substep_end`` after every micro-batch
+but the last, then — after the last micro-batch's backward — the Trainer clips
+(``_clip_grad_norm``, which also unscales fp16 gradients), then fires ``on_pre_optimizer_step``,
+steps the optimizer and zeroes the gradients. No callback fires between the last backward and the
+clipping, so:
+
+- activation and hidden-state-gradient statistics come from the probe's hooks during every
+  micro-batch of the step (gradient accumulation merged, as in ``lnprobe.attach``);
+- parameter gradient norms (and the global ``train/grad_norm``) are read BEFORE clipping, at the end
+  of every backward of a recorded step: a tensor hook on the model's loss queues a callback on the
+  autograd engine, which re-queues itself once so that it runs after every other end-of-backward
+  callback queued during that backward (DDP's gradient all-reduce finaliser, FSDP2's post-backward).
+  The last micro-batch's capture is the one used, i.e. the accumulated, averaged, not yet clipped
+  gradients, divided by the fp16 loss scale when the Trainer's optimizer carries a GradScaler;
+- the step is closed at ``on_pre_optimizer_step`` (one record per optimizer step) with the step's
+  loss from the model outputs' ``loss``: the sum of the micro-batches' losses when the Trainer passed
+  ``num_items_in_batch`` (each is then a share of the step loss), else their mean; and the
+  learning rate of this step.
+
+The Trainer itself is not patched. The run directory defaults to ``args.output_dir/lnprobe``; it is
+closed at ``on_train_end``. Callbacks see no exceptions: if ``train()`` raises, the probe is closed
+as "crashed" by the next ``on_train_begin`` of this callback, else as "interrupted" at interpreter
+exit (either way the steps flushed so far are kept).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("lnprobe.integrations.hf needs transformers: pip install transformers") from exc
+
+from ..probe import Probe, _no_compile, attach
+
+
+class ProbeCallback(TrainerCallback):
+    """Attach an lnprobe probe to the Trainer's model and record once per optimizer step.
+
+    ``every``: the probe schedule (int, "log", "log:K" or a list of optimizer steps). ``out``: the run
+    directory (default ``args.output_dir/lnprobe``). Other keyword arguments go to
+    ``lnprobe.attach`` (``sites``, ``stats``, ``grad_sites``, ``flush_every``, ...). The probe is
+    available as ``callback.probe`` while training runs.
+    """
+
+    def __init__(self, every: Any = 1, out: str | Path | None = None, **attach_kwargs: Any):
+        self.every = every
+        self.out = out
+        self.attach_kwargs = attach_kwargs
+        self.probe: Probe | None = None
+        self._handles: list[Any] = []
+        self._scaler: Any = None
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_n = 0
+        self._warned_fallback = False
+        self._loss_is_share = False  # the model normalised by the step's token count (num_items_in_batch)
+
+    # ----------------------------------------------------------------- Trainer events
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.probe is not None:  # a previous train() raised before on_train_end
+            self._close(status="crashed", error="Trainer.train() ended without on_train_end")
+        if model is None:
+            raise ValueError("ProbeCallback.on_train_begin: the Trainer passed no model; expected the model being "
+                             "trained (use this callback with transformers.Trainer)")
+        out = Path(self.out) if self.out is not None else Path(args.output_dir) / "lnprobe"
+        self._scaler = getattr(optimizer, "scaler", None)
+        kw = dict(self.attach_kwargs)
+        kw.setdefault("scaler", self._scaler)
+        kw.setdefault("start_step", state.global_step)
+        kw.setdefault("append", state.global_step > 0)  # resumed from a checkpoint: keep the earlier parts
+        kw.setdefault("config", {"trainer": {
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "learning_rate": args.learning_rate, "max_grad_norm": args.max_grad_norm,
+            "max_steps": state.max_steps, "fp16": args.fp16, "bf16": args.bf16,
+            "grad_norms_measured": "before clipping (end of each backward)",
+        }})
+        self.probe = attach(model, out, self.every, **kw)
+        self._handles.append(self.probe.model.register_forward_hook(self._make_root_hook(), with_kwargs=True))
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.probe is not None and self.probe.current_step != state.global_step:
+            self.probe.set_step(state.global_step)
+        self._loss_sum, self._loss_n = None, 0
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if self.probe is None:
+            return control
+        if self.probe._active and self.probe._captured is None and not self._warned_fallback:
+            # The model's output never got a gradient (e.g. a custom compute_loss that ignores it).
+            self._warned_fallback = True
+            self.probe._notes.append("ProbeCallback: no end-of-backward capture; parameter gradient norms read at "
+                                     "on_pre_optimizer_step, i.e. AFTER gradient clipping")
+        loss = None
+        if self._loss_n:
+            loss = self._loss_sum if self._loss_is_share else self._loss_sum / self._loss_n
+        self.probe.step(loss=loss, lr=_current_lr(optimizer, lr_scheduler))
+        self._loss_sum, self._loss_n = None, 0
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._close()
+        return control
+
+    # ----------------------------------------------------------------- internals
+    def _close(self, status: str = "finished", error: str | None = None) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.probe is not None:
+            probe, self.probe = self.probe, None
+            probe.close(status=status, error=error)
+
+    def _make_root_hook(self):
+        engine = torch.autograd.Variable._execution_engine
+
+        def capture() -> None:
+            probe = self.probe
+            if probe is not None:
+                scale = _enabled_scale(self._scaler)
+                probe.capture_param_grads(loss_scale=scale)
+
+        def after_everything_queued_so_far() -> None:
+            # Final callbacks run in queue order and may queue more: this runs after DDP's / FSDP's.
+            engine.queue_callback(capture)
+
+        def on_loss_grad(grad):
+            engine.queue_callback(after_everything_queued_so_far)
+            return None
+
+        @_no_compile
+        def root_hook(module, args, kwargs, output):
+            probe = self.probe
+            if probe is None or not probe._active or not module.training or not torch.is_grad_enabled():
+                return None
+            loss = _loss_of(output)
+            anchor = loss
+            if loss is not None:
+                # Given num_items_in_batch (tokens of the whole accumulated step), the model returns
+                # its micro-batch's share of the step loss: the step loss is the sum, else the mean.
+                self._loss_is_share = kwargs.get("num_items_in_batch") is not None
+                d = loss.detach().float()
+                self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
+                self._loss_n += 1
+            else:
+                anchor = _first_tensor(output)
+            if anchor is not None and anchor.requires_grad:
+                anchor.register_hook(on_loss_grad)
+            return None
+
+        return root_hook
+
+
+def _loss_of(output: Any) -> torch.Tensor | None:
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    return loss if torch.is_tensor(loss) and loss.numel() == 1 else None
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if torch.is_tensor(output):
+        return output
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return next((v for v in values if torch.is_tensor(v) and v.is_floating_point()), None)
+
+
+def _enabled_scale(scaler: Any) -> torch.Tensor | None:
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    return scale if torch.is_tensor(scale) else None
+
+
+def _current_lr(optimizer: Any, lr_scheduler: Any) -> float | None:
+    try:
+        if lr_scheduler is not None and hasattr(lr_scheduler, "get_last_lr"):
+            return float(lr_scheduler.get_last_lr()[0])
+        return float(optimizer.param_groups[0]["lr"])
+    except Exception:  # an exotic scheduler or optimizer: the lr is optional
+        return None
