@@ -1,0 +1,380 @@
+"""Command line: ``lnprobe train | demo | report | compare | inspect`` (also ``python -m lnprobe``).
+
+Bad input (unknown placement or preset, missing or short corpus, unavailable device, a directory that
+is not a run directory, a bad option) ends with ONE line on stderr, ``lnprobe: error: ...``, saying
+what to do, and exit code 2. Errors raised while training runs are real bugs and keep their traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "build_parser", "summarize_run", "DEMO_PLACEMENTS", "DEMO_STEPS", "DEMO_EVERY"]
+
+DEMO_PLACEMENTS = ("pre", "peri", "post")
+# Demo defaults: the tiny preset (CPU) at lr 1e-2 for 400 steps is theory.md's quick check (Pre-LN's
+# last-layer variance in the hundreds against tens for Peri-LN). Measured on the 2-core machine, the three
+# runs side by side plus the report: 106 s wall with other jobs running (load 2.4-4), about 127 CPU-seconds.
+DEMO_STEPS = 400
+DEMO_EVERY = 20
+HF_TYPES = ("gpt2", "llama", "gemma2", "olmo2", "bert")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse's default prints the whole usage first)."""
+
+    def error(self, message: str):  # noqa: D401 (argparse API)
+        _die(f"{message} (see '{self.prog} --help')")
+
+
+def _die(message: str) -> None:
+    line = " ".join(str(message).split())  # one line, whatever the message held
+    print(f"lnprobe: error: {line}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------- parser
+def _add_model_options(p: argparse.ArgumentParser, preset_default: str | None, placement: bool = True) -> None:
+    g = p.add_argument_group("model (override the preset)")
+    g.add_argument("--preset", default=preset_default,
+                   help="model shape preset: tiny, small, gpu, paper-400m, ... (default: %(default)s)")
+    if placement:
+        g.add_argument("--placement", default="pre", help="pre, peri, post, output or lns (default: %(default)s)")
+    g.add_argument("--d-model", type=int, help="width")
+    g.add_argument("--layers", type=int, help="number of blocks")
+    g.add_argument("--heads", type=int, help="attention heads (must divide the width)")
+    g.add_argument("--seq-len", type=int, help="context length (model and training)")
+    g.add_argument("--norm", help="layernorm or rmsnorm")
+    g.add_argument("--mlp", help="gelu or swiglu")
+
+
+def _add_train_options(p: argparse.ArgumentParser, steps_default: int | None, every_default: str | None) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=steps_default, help="optimizer steps (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="model init and data order (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    g.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (default: %(default)s)")
+    g.add_argument("--every", default=every_default,
+                   help="probe schedule: N, 'log' or 'log:K' (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=50, help="validation period in steps, 0: only at the end")
+    g.add_argument("--data", default="stdlib", help="'stdlib', a text file or a .bin token file")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lnprobe", description="Probe normalisation placement in Transformer training.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,report,compare,inspect}")
+
+    p = sub.add_parser("train", help="train a reference GPT with a probe attached")
+    _add_model_options(p, "tiny")
+    _add_train_options(p, 400, "10")
+    p.add_argument("--out", help="run directory (default: runs/<placement>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("demo", help="train pre, peri and post with the same seed and data, then build a report")
+    _add_model_options(p, None, placement=False)
+    _add_train_options(p, DEMO_STEPS, str(DEMO_EVERY))
+    p.add_argument("--out", default="runs/demo", help="demo directory (default: %(default)s)")
+    p.add_argument("--figures", default="figures",
+                   help="where to copy the report's PNG figures (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs trained at once (default: all three in parallel, one CPU thread each, on CPU; "
+                        "one at a time with every core on CUDA/MPS or with --jobs 1)")
+    p.set_defaults(func=_cmd_demo)
+
+    for name, help_ in (("report", "report on one or more run directories"),
+                        ("compare", "compare two or more run directories")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+        p.add_argument("--out", default=name, help="report directory (default: %(default)s)")
+        p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("inspect", help="print blocks, norms, detected placement and sites of a model")
+    _add_model_options(p, "tiny")
+    p.add_argument("--hf", metavar="MODEL_TYPE", help=f"a tiny Hugging Face model instead: {', '.join(HF_TYPES)}")
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+# ----------------------------------------------------------------------------- configs
+def _model_config(args: argparse.Namespace, placement: str, preset: str):
+    from .models import config_from_preset
+
+    overrides = {"placement": placement, "d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads,
+                 "seq_len": args.seq_len, "norm": args.norm, "mlp": args.mlp}
+    try:
+        return config_from_preset(preset, **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        _die(exc)
+
+
+def _every(text: str):
+    return int(text) if text.isdigit() else text
+
+
+def _train_config(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    try:
+        return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                           device=args.device, dtype=args.dtype, every=_every(args.every),
+                           eval_every=args.eval_every, data=args.data, progress=not args.no_progress)
+    except (TypeError, ValueError) as exc:
+        _die(exc)
+
+
+def _run_training(model_cfg, train_cfg, out: Path, resume: bool = False):
+    from .train import ConfigError, train
+
+    try:
+        return train(model_cfg, train_cfg, out, resume=resume)
+    except ConfigError as exc:
+        _die(exc)
+
+
+# ----------------------------------------------------------------------------- summaries
+def _fmt(v: float | None, spec: str = ".4g") -> str:
+    return "n/a" if v is None else format(v, spec)  # NaN/Inf print as such (a diverged run)
+
+
+def summarize_run(run_dir: str | Path) -> list[str]:
+    """Three lines read back from a run directory with ``lnprobe.load_run``.
+
+    1. final training loss (last recorded step) and final validation loss;
+    2. per-token variance of the residual stream leaving the last block (site ``resid``, layer L)
+       at the last recorded step;
+    3. max |x| over the residual stream (all layers) at that step, with its layer, token and channel.
+    """
+    import lnprobe
+
+    run = lnprobe.load_run(run_dir)
+    r = run.records
+    status = run.meta.get("status", "?")
+    train_rows = r[r["site"] == "train"]
+    loss = train_rows[train_rows["stat"] == "loss"].sort_values("step")
+    val = train_rows[train_rows["stat"] == "val_loss"].sort_values("step")
+    if len(loss):
+        line1 = f"final loss {_fmt(float(loss['value'].iloc[-1]))} at step {int(loss['step'].iloc[-1])}"
+    else:
+        line1 = "final loss n/a (no step recorded)"
+    if len(val):
+        line1 += f", val loss {_fmt(float(val['value'].iloc[-1]))} at step {int(val['step'].iloc[-1])}"
+    line1 += f" [{status}]"
+    resid = r[r["site"] == "resid"]
+    if not len(resid):
+        return [line1, "last-layer resid variance n/a (site resid not recorded)", "max |x| n/a"]
+    last = int(resid["step"].max())
+    at = resid[resid["step"] == last]
+    top = int(at["layer"].max())
+    var = at[(at["stat"] == "var") & (at["layer"] == top)]["value"]
+    line2 = f"last-layer resid variance {_fmt(float(var.iloc[0]) if len(var) else None)} (layer {top}, step {last})"
+    absmax = at[at["stat"] == "absmax"]
+    if len(absmax):
+        row = absmax.loc[absmax["value"].idxmax()]
+        line3 = (f"max |x| {_fmt(float(row['value']))} (resid layer {int(row['layer'])}, token {row['token']}, "
+                 f"channel {row['channel']}, step {last})")
+    else:
+        line3 = "max |x| n/a (absmax not recorded)"
+    return [line1, line2, line3]
+
+
+def _print_summary(name: str, run_dir: Path) -> None:
+    print(f"{name} ({run_dir}):")
+    for line in summarize_run(run_dir):
+        print(f"  {line}")
+
+
+# ----------------------------------------------------------------------------- commands
+def _cmd_train(args: argparse.Namespace) -> int:
+    model_cfg = _model_config(args, args.placement, args.preset)
+    train_cfg = _train_config(args)
+    out = Path(args.out or f"runs/{model_cfg.placement}")
+    result = _run_training(model_cfg, train_cfg, out, resume=args.resume)
+    print(f"run {out}: {result.status} after {result.steps} steps on {result.device} ({result.dtype}), "
+          f"{result.tokens_per_s:.0f} tokens/s")
+    _print_summary(model_cfg.placement, out)
+    return 0 if result.status != "diverged" else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .train import ConfigError, resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as exc:
+        _die(exc)
+    preset = args.preset or ("gpu" if device.type == "cuda" else "tiny")
+    configs = [_model_config(args, p, preset) for p in DEMO_PLACEMENTS]
+    train_cfg = _train_config(args)
+    if args.jobs is not None and args.jobs < 1:
+        _die(f"--jobs must be ≥ 1, got {args.jobs}")
+    jobs = args.jobs or (len(configs) if device.type == "cpu" else 1)
+    out = Path(args.out)
+    shape = f"{preset}: d_model {configs[0].d_model}, {configs[0].n_layers} layers, {train_cfg.steps} steps"
+    if jobs > 1 and device.type == "cpu":
+        runs = _train_parallel(configs, train_cfg, out, jobs, shape)
+    else:
+        runs = []
+        for cfg in configs:
+            run_dir = out / cfg.placement
+            print(f"training {cfg.placement} ({shape}) -> {run_dir}", flush=True)
+            result = _run_training(cfg, train_cfg, run_dir)
+            print(f"  {result.status}, {result.tokens_per_s:.0f} tokens/s, {result.elapsed_s:.1f} s", flush=True)
+            runs.append(run_dir)
+    report_dir = out / "report"
+    report = _build_report(runs, report_dir)
+    figures = Path(args.figures)
+    copied = _copy_figures(report, report_dir, figures)
+    print(f"report: {_report_file(report_dir)}")
+    print(f"figures: {len(copied)} PNG file(s) copied to {figures}")
+    for run_dir in runs:
+        _print_summary(run_dir.name, run_dir)
+    return 0
+
+
+def _train_job(model_cfg, train_cfg, run_dir: str):
+    """Worker-process entry of the parallel demo (module level so that it pickles)."""
+    from .train import train
+
+    return train(model_cfg, train_cfg, run_dir)
+
+
+def _train_parallel(configs: list, train_cfg, out: Path, jobs: int, shape: str) -> list[Path]:
+    """Train the demo runs in ``jobs`` worker processes with one CPU thread each.
+
+    A model this small does not speed up with a second intra-op thread (measured: 70 ms/step with 1
+    thread, 75 ms with 2, and about 10 times slower with 2 when other processes compete for the
+    cores), so the cores are better used by training the runs side by side. Each run is the same as
+    a sequential one with ``threads=1`` (its own seed, data order and thread count). Workers are
+    spawned, not forked: forking a process whose OpenMP pool has started can hang the child.
+    """
+    import dataclasses
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from .train import ConfigError
+
+    cfg1 = dataclasses.replace(train_cfg, threads=1, progress=False)
+    names = ", ".join(c.placement for c in configs)
+    print(f"training {names} ({shape}) in {min(jobs, len(configs))} processes, 1 CPU thread each -> {out}",
+          flush=True)
+    with ProcessPoolExecutor(max_workers=min(jobs, len(configs)), mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_job, c, cfg1, str(out / c.placement)): c for c in configs}
+        for fut in as_completed(futures):  # report each run as it ends
+            try:
+                result = fut.result()
+            except ConfigError as exc:
+                _die(exc)
+            print(f"  {futures[fut].placement}: {result.status}, {result.tokens_per_s:.0f} tokens/s, "
+                  f"{result.elapsed_s:.1f} s", flush=True)
+    return [out / c.placement for c in configs]
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    runs = [Path(r) for r in args.runs]
+    if args.command == "compare" and len(runs) < 2:
+        _die(f"compare needs at least two run directories, got {len(runs)}; use 'lnprobe report RUN' for one")
+    for r in runs:
+        if not (r / "meta.json").is_file():
+            what = "does not exist" if not r.exists() else "has no meta.json"
+            _die(f"{r} is not an lnprobe run directory ({what}); pass directories written by "
+                 f"'lnprobe train --out DIR' or lnprobe.attach(model, DIR)")
+    out = Path(args.out)
+    _build_report(runs, out)
+    print(f"report: {_report_file(out)}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import lnprobe
+
+    if args.hf:
+        model = _tiny_hf_model(args.hf)
+    else:
+        from .models import GPT
+
+        model = GPT(_model_config(args, args.placement, args.preset))
+    print(lnprobe.inspect(model))
+    return 0
+
+
+def _tiny_hf_model(model_type: str):
+    """A randomly initialised Hugging Face model of ``model_type`` at toy size (no download)."""
+    if model_type not in HF_TYPES:
+        _die(f"unknown --hf model type {model_type!r}; use one of {', '.join(HF_TYPES)}")
+    try:
+        import transformers
+    except ImportError:
+        _die("--hf needs the transformers package; pip install transformers")
+    import torch
+
+    kw = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # ids inside the toy vocab
+    if model_type != "gpt2":
+        kw["intermediate_size"] = 128
+    if model_type in ("llama", "gemma2", "olmo2"):
+        kw["num_key_value_heads"] = 4
+    if model_type == "gemma2":
+        kw["head_dim"] = 16
+    config = transformers.AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(0)
+    if model_type == "bert":
+        return transformers.AutoModel.from_config(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+# ----------------------------------------------------------------------------- report helpers
+def _build_report(runs: list[Path], out: Path):
+    try:
+        from analysis.report import build_report
+    except ImportError as exc:
+        _die(f"the report builder is not available ({exc}); the runs are in "
+             f"{', '.join(str(r) for r in runs)}: inspect them with lnprobe.load_run")
+    try:
+        return build_report([str(r) for r in runs], str(out))
+    except (ValueError, FileNotFoundError) as exc:
+        _die(exc)
+
+
+def _report_file(report_dir: Path) -> Path:
+    for name in ("report.html", "report.md"):
+        if (report_dir / name).exists():
+            return report_dir / name
+    return report_dir
+
+
+def _copy_figures(report, report_dir: Path, figures: Path) -> list[Path]:
+    """Copy the PNGs of this report (not stale files of an older one) into ``figures``."""
+    figures.mkdir(parents=True, exist_ok=True)
+    made = getattr(report, "figures", None)
+    pngs = [Path(f["png"]) for f in made.values() if "png" in f] if made else sorted(report_dir.rglob("*.png"))
+    copied = []
+    for png in pngs:
+        dest = figures / png.name
+        shutil.copyfile(png, dest)
+        copied.append(dest)
+    return copied
+
+
+# ----------------------------------------------------------------------------- entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (bad input raises ``SystemExit(2)``)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("lnprobe: interrupted; the run directory keeps what was flushed (status 'interrupted')",
+              file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `lnprobe inspect | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
