@@ -1,4 +1,7 @@
-"""Command line: ``lnprobe train | demo | report | compare | inspect`` (also ``python -m lnprobe``).
+"""Command line: ``lnprobe train | demo | report | compare | inspect | export`` (also ``python -m lnprobe``).
+
+Distributed training: ``torchrun --nproc-per-node N -m lnprobe train [--fsdp] ...`` (DDP by default,
+FSDP2 with ``--fsdp``; ``--batch-size`` is the global batch). Only rank 0 prints.
 
 Bad input (unknown placement or preset, missing or short corpus, unavailable device, a directory that
 is not a run directory, a bad option) ends with ONE line on stderr, ``lnprobe: error: ...``, saying
@@ -68,14 +71,16 @@ def _add_train_options(p: argparse.ArgumentParser, steps_default: int | None, ev
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lnprobe", description="Probe normalisation placement in Transformer training.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,report,compare,inspect}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,report,compare,inspect,export}")
 
     p = sub.add_parser("train", help="train a reference GPT with a probe attached")
     _add_model_options(p, "tiny")
     _add_train_options(p, 400, "10")
     p.add_argument("--out", help="run directory (default: runs/<placement>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.set_defaults(func=_cmd_train)
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 instead of DDP (no --resume)")
+    p.set_defaults(func=_cmd_train, fsdp=False)
 
     p = sub.add_parser("demo", help="train pre, peri and post with the same seed and data, then build a report")
     _add_model_options(p, None, placement=False)
@@ -99,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p, "tiny")
     p.add_argument("--hf", metavar="MODEL_TYPE", help=f"a tiny Hugging Face model instead: {', '.join(HF_TYPES)}")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("export", help="export a run directory (TensorBoard event files)")
+    p.add_argument("--tensorboard", metavar="RUN", required=True, help="run directory to export as TensorBoard events")
+    p.add_argument("--out", metavar="DIR", required=True, help="directory for the event files (tensorboard --logdir DIR)")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -124,7 +134,8 @@ def _train_config(args: argparse.Namespace):
     try:
         return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                            device=args.device, dtype=args.dtype, every=_every(args.every),
-                           eval_every=args.eval_every, data=args.data, progress=not args.no_progress)
+                           eval_every=args.eval_every, data=args.data, progress=not args.no_progress,
+                           fsdp=getattr(args, "fsdp", False))
     except (TypeError, ValueError) as exc:
         _die(exc)
 
@@ -196,6 +207,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train_cfg = _train_config(args)
     out = Path(args.out or f"runs/{model_cfg.placement}")
     result = _run_training(model_cfg, train_cfg, out, resume=args.resume)
+    if result.rank != 0:  # under torchrun only rank 0 prints (and only it wrote the run directory)
+        return 0 if result.status != "diverged" else 1
+    if result.world_size > 1:
+        print(f"trained on {result.world_size} processes ({'FSDP2' if train_cfg.fsdp else 'DDP'}), "
+              f"global batch {train_cfg.batch_size}")
     print(f"run {out}: {result.status} after {result.steps} steps on {result.device} ({result.dtype}), "
           f"{result.tokens_per_s:.0f} tokens/s")
     _print_summary(model_cfg.placement, out)
@@ -276,18 +292,43 @@ def _train_parallel(configs: list, train_cfg, out: Path, jobs: int, shape: str) 
     return [out / c.placement for c in configs]
 
 
+def _check_run_dir(r: Path) -> None:
+    if not (r / "meta.json").is_file():
+        what = "does not exist" if not r.exists() else "has no meta.json"
+        _die(f"{r} is not an lnprobe run directory ({what}); pass directories written by "
+             f"'lnprobe train --out DIR' or lnprobe.attach(model, DIR)")
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     runs = [Path(r) for r in args.runs]
     if args.command == "compare" and len(runs) < 2:
         _die(f"compare needs at least two run directories, got {len(runs)}; use 'lnprobe report RUN' for one")
     for r in runs:
-        if not (r / "meta.json").is_file():
-            what = "does not exist" if not r.exists() else "has no meta.json"
-            _die(f"{r} is not an lnprobe run directory ({what}); pass directories written by "
-                 f"'lnprobe train --out DIR' or lnprobe.attach(model, DIR)")
+        _check_run_dir(r)
     out = Path(args.out)
     _build_report(runs, out)
     print(f"report: {_report_file(out)}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """``lnprobe export --tensorboard RUN --out DIR``: ``lnprobe.export.main`` with the CLI's one-line errors."""
+    import contextlib
+    import io
+
+    from . import export
+
+    _check_run_dir(Path(args.tensorboard))
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):
+            code = export.main(["--tensorboard", args.tensorboard, "--out", args.out])
+    except (ValueError, OSError) as exc:  # e.g. unreadable records, an --out that is a file
+        _die(f"cannot export {args.tensorboard}: {exc}")
+    text = said.getvalue().strip()
+    if code != 0:
+        _die(text.removeprefix("lnprobe export: ") or f"export of {args.tensorboard} failed (exit code {code})")
+    print(text)
     return 0
 
 

@@ -23,6 +23,22 @@ Checkpoints (``OUT/checkpoint.pt``, written atomically) hold the model, optimize
 data-generator state and torch RNG states; ``resume=True`` continues from one and gives the same
 losses as an uninterrupted run (bitwise on CPU). A non-finite loss stops the run cleanly: the step is
 recorded, ``meta.json`` gets ``status="diverged"`` and a ``divergence`` entry, and the result says so.
+
+Distributed (``torchrun --nproc-per-node N``, i.e. ``WORLD_SIZE > 1`` in the environment): the
+process group is initialised here (nccl on CUDA with device ``cuda:LOCAL_RANK``, gloo on CPU) unless
+the caller did so, and destroyed at the end (also on errors) when it was initialised here. The model
+is wrapped in DDP, or with ``fsdp=True`` sharded with FSDP2 (``fully_shard`` on each block, then on
+the model); the probe is attached after wrapping and reduces its statistics across ranks.
+``batch_size`` is the GLOBAL batch: every rank draws the same global batch from the shared-seed
+generator and keeps its own ``batch_size / N`` rows, so N ranks together see exactly the batches of
+one process. The loss that is logged and checked for divergence is the mean of the ranks' losses
+(one all-reduce per step, so every rank takes the same decision); validation batches are split the
+same way and their losses averaged across ranks. Only rank 0 shows progress and writes files.
+Checkpoints under DDP hold the unwrapped model and resume like a single process. Under FSDP2 the
+checkpoint holds the full (gathered) model weights only and ``--resume`` is refused: resuming a
+sharded optimizer would need ``torch.distributed.checkpoint``, which this trainer does not use.
+Dropout masks are drawn per rank, so with ``dropout > 0`` a distributed run is not bitwise the
+single-process run (with dropout 0 it equals it up to float rounding of the gradient all-reduce).
 """
 from __future__ import annotations
 
@@ -71,6 +87,7 @@ class TrainConfig:
     checkpoint period in steps (0: only at the end). ``data``: "stdlib", a text file or a ``.bin``.
     ``threads``: torch CPU threads (None: every core this process may use; never more than that).
     A resumed run reproduces the uninterrupted one bitwise on CPU when the thread count is the same.
+    ``fsdp``: under torchrun, shard the model with FSDP2 instead of wrapping it in DDP.
     """
 
     steps: int = 400
@@ -92,6 +109,7 @@ class TrainConfig:
     data: str = "stdlib"
     progress: bool = True
     threads: int | None = None
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -147,6 +165,7 @@ class TrainResult:
     computed (None when none was); ``tokens_per_s``: training tokens per wall-clock second of this
     call's loop (evaluation and checkpoint time included); ``status``: "finished", "stopped" (by
     ``stop_after``) or "diverged"; ``diverged_step``: the step whose loss was not finite.
+    ``rank``/``world_size``: this process in a distributed run (0 and 1 otherwise); only rank 0 wrote.
     """
 
     run_dir: Path
@@ -160,6 +179,8 @@ class TrainResult:
     device: str = "cpu"
     dtype: str = "fp32"
     val_history: list[tuple[int, float]] = field(default_factory=list)
+    rank: int = 0
+    world_size: int = 1
 
 
 # ----------------------------------------------------------------------------- devices and dtypes
@@ -297,8 +318,15 @@ def _optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.opti
 
 
 @torch.no_grad()
-def evaluate(model: GPT, data: TokenData, cfg: TrainConfig, seq_len: int, device: torch.device, dtype: str) -> float:
-    """Mean validation loss over ``cfg.eval_batches`` fixed batches, in eval mode (not recorded by the probe)."""
+def evaluate(model: GPT, data: TokenData, cfg: TrainConfig, seq_len: int, device: torch.device, dtype: str,
+             shard: tuple[int, int] = (0, 1)) -> float:
+    """Mean validation loss over ``cfg.eval_batches`` fixed batches, in eval mode (not recorded by the probe).
+
+    ``shard=(rank, world)``: evaluate only this rank's ``batch_size / world`` rows of each batch (the
+    batches themselves are the same on every rank); the mean over ranks is then the global mean.
+    """
+    rank, world = shard
+    per = cfg.batch_size // world
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed + _VAL_SEED_OFFSET)
@@ -306,6 +334,7 @@ def evaluate(model: GPT, data: TokenData, cfg: TrainConfig, seq_len: int, device
     try:
         for _ in range(cfg.eval_batches):
             x, y = data.batch("val", cfg.batch_size, seq_len, gen, device)  # (B, T) each
+            x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]  # (B / world, T) each
             with _autocast(device, dtype):
                 _, loss = model(x, y)
             total += loss.double()
@@ -329,11 +358,24 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _save_checkpoint(path: Path, *, step: int, model: GPT, opt, scaler, gen: torch.Generator,
-                     model_cfg: GPTConfig, cfg: TrainConfig, val_history: list) -> None:
+                     model_cfg: GPTConfig, cfg: TrainConfig, val_history: list, rank: int = 0) -> None:
+    """Write the checkpoint on rank 0. ``model`` is the unwrapped GPT (never the DDP wrapper).
+
+    Under FSDP2 this is a collective call: every rank gathers the full weights (one all-gather per
+    sharded tensor, in the same order everywhere) and rank 0 writes them, without the optimizer state
+    (such a checkpoint holds the final weights; it cannot be resumed, see :func:`train`).
+    """
+    fsdp = cfg.fsdp and any(hasattr(v, "full_tensor") for v in model.state_dict().values())
+    if fsdp:
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+                 for k, v in model.state_dict().items()}
+    if rank != 0:
+        return
     ckpt = {
         "step": step,  # optimizer steps done; the next step to run
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
+        "model": state if fsdp else model.state_dict(),
+        "optimizer": None if fsdp else opt.state_dict(),
+        "fsdp": fsdp,
         "scaler": scaler.state_dict(),
         "data_generator": gen.get_state(),
         "rng": _rng_state(),
@@ -350,6 +392,9 @@ def _load_checkpoint(path: Path, model_cfg: GPTConfig, cfg: TrainConfig) -> dict
     if not path.exists():
         raise ConfigError(f"cannot resume: no checkpoint at {path}; run without --resume to start a new run there")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("fsdp"):
+        raise ConfigError(f"cannot resume from {path}: it was written by an --fsdp run and holds the model weights "
+                          f"only (no optimizer state); start a new run, or train with DDP (without --fsdp) to resume")
     if ckpt["model_config"] != model_cfg.to_dict():
         diff = sorted(k for k in set(ckpt["model_config"]) | set(model_cfg.to_dict())
                       if ckpt["model_config"].get(k) != model_cfg.to_dict().get(k))
@@ -389,6 +434,101 @@ def _trim_records(run_dir: Path, from_step: int) -> int:
     return dropped
 
 
+# ----------------------------------------------------------------------------- distributed
+@dataclass
+class _Dist:
+    """This process in a ``torchrun`` launch (``rank=0, world=1`` for a single process)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    owns_group: bool = False  # initialised here, so destroyed here
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+
+def _dist_from_env() -> _Dist:
+    """Rank and world size from torchrun's environment (or an already initialised process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return _Dist(rank, world, local_rank, max(1, local_world))
+
+
+def _check_distributed(ctx: _Dist, cfg: TrainConfig, device: torch.device, resume: bool) -> torch.device:
+    """The device of this rank; ConfigError for a distributed setup this trainer does not support."""
+    if cfg.fsdp and not ctx.on:
+        raise ConfigError("--fsdp shards the model over processes but this is a single process (WORLD_SIZE is "
+                          "not > 1); launch with 'torchrun --nproc-per-node N -m lnprobe train ...' (N ≥ 2) or "
+                          "drop --fsdp")
+    if not ctx.on:
+        return device
+    if cfg.batch_size % ctx.world:
+        raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must be divisible by the "
+                          f"{ctx.world} processes; pass a multiple of {ctx.world}")
+    if cfg.fsdp and resume:
+        raise ConfigError("--resume with --fsdp is not supported: FSDP2 checkpoints hold the model weights only, "
+                          "not the sharded optimizer state; start a new run, or use DDP (drop --fsdp) to resume")
+    if cfg.fsdp and resolve_dtype(cfg.dtype, device) == "fp16":
+        raise ConfigError("--fsdp with --dtype fp16 is not supported (the GradScaler does not handle sharded "
+                          "gradients); use --dtype bf16 or fp32")
+    if device.type == "cuda":
+        if ctx.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {ctx.local_rank} has no GPU: only {torch.cuda.device_count()} CUDA "
+                              f"device(s); pass --nproc-per-node ≤ {torch.cuda.device_count()}")
+        return torch.device("cuda", ctx.local_rank)  # each rank its own GPU, whatever index was asked
+    if device.type != "cpu":
+        raise ConfigError(f"distributed training runs on CUDA (nccl) or CPU (gloo), not on {device.type}; "
+                          f"pass --device cuda or --device cpu")
+    return device
+
+
+def _init_process_group(ctx: _Dist, device: torch.device) -> None:
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        ctx.owns_group = True
+
+
+def _wrap(model: GPT, ctx: _Dist, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """DDP (default) or FSDP2 (``fully_shard`` on each block, then on the model); the model itself alone."""
+    if not ctx.on:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)  # in place: the embeddings, final norm and head form the root group
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _mean_across_ranks(value: torch.Tensor, ctx: _Dist) -> torch.Tensor:
+    """Mean of a scalar over the ranks (float64; itself for one process). A NaN/Inf on any rank survives."""
+    v = value.detach().double().reshape(1)  # (1,)
+    if not ctx.on:
+        return v
+    import torch.distributed as dist
+
+    v = v.clone()
+    dist.all_reduce(v)  # SUM: gloo has no AVG
+    return v / ctx.world
+
+
 # ----------------------------------------------------------------------------- training
 def train(model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
           stop_after: int | None = None) -> TrainResult:
@@ -397,33 +537,55 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path, res
     ``resume``: continue from ``out_dir/checkpoint.pt`` (same model config, seed, batch size, data),
     appending to the run's records. ``stop_after``: stop once that many optimizer steps are done in
     total (checkpoint written, status "stopped"), e.g. to test resuming. Raises :class:`ConfigError`
-    before training when the configuration, corpus or device is unusable.
+    before training when the configuration, corpus or device is unusable. Under ``torchrun``
+    (``WORLD_SIZE > 1``) every rank calls this; see the module docstring for what differs.
     """
     out_dir = Path(out_dir)
     cfg = train_cfg
+    ctx = _dist_from_env()
     setup = _prepare(model_cfg, cfg)
-    device, dtype, seq_len, data = setup.device, setup.dtype, setup.seq_len, setup.data
+    setup.device = _check_distributed(ctx, cfg, setup.device, resume)
     if stop_after is not None and stop_after < 0:
         raise ConfigError(f"stop_after must be ≥ 0, got {stop_after}")
     ckpt_path = out_dir / CHECKPOINT_NAME
     ckpt = _load_checkpoint(ckpt_path, model_cfg, cfg) if resume else None
     if resume and not (out_dir / "meta.json").exists():
         raise ConfigError(f"cannot resume: {out_dir} has a checkpoint but no meta.json; start a new run instead")
-    if not resume and ckpt_path.exists():
+    if ctx.on:
+        _init_process_group(ctx, setup.device)
+    try:
+        return _train(model_cfg, cfg, out_dir, setup, ctx, ckpt, stop_after)
+    finally:
+        if ctx.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup, ctx: _Dist, ckpt: dict | None,
+           stop_after: int | None) -> TrainResult:
+    device, dtype, seq_len, data = setup.device, setup.dtype, setup.seq_len, setup.data
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    main = ctx.rank == 0
+    if ckpt is None and main and ckpt_path.exists():
         ckpt_path.unlink()  # a new run in an old directory: never resume later from the old run's state
     if device.type == "cpu":
-        cores = _cpu_threads()
+        # Ranks on one machine share its cores (torchrun's OMP_NUM_THREADS=1 would be overridden here).
+        cores = max(1, _cpu_threads() // ctx.local_world)
         torch.set_num_threads(cores if cfg.threads is None else min(cfg.threads, cores))
 
     torch.manual_seed(cfg.seed)  # model initialisation (on the CPU, so identical on every device)
-    model = GPT(model_cfg)
+    base = GPT(model_cfg)
     gen = torch.Generator().manual_seed(cfg.seed)  # the one source of the training data order
     start = 0
     val_history: list[tuple[int, float]] = []
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    model.to(device)
-    model.train()
+        base.load_state_dict(ckpt["model"])
+    base.to(device)
+    base.train()
+    model = _wrap(base, ctx, cfg, device)  # DDP wrapper, FSDP2-sharded `base` itself, or `base`
+    # DDP's forward is for training (it prepares the gradient all-reduce); evaluate the module under it.
+    eval_model = model if cfg.fsdp else base
     opt = _optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     resumed_from: list[int] = []
@@ -434,41 +596,54 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path, res
         _set_rng_state(ckpt["rng"])
         start = int(ckpt["step"])
         val_history = [(int(s), float(v)) for s, v in ckpt["val_history"]]
-        _trim_records(out_dir, start)
+        if main:
+            _trim_records(out_dir, start)
         old_meta = read_meta(out_dir)
         resumed_from = list(old_meta.get("resumed_from", [])) + [start]
 
-    probe = attach(
+    probe = attach(  # after wrapping: under DDP/FSDP2 it reduces across ranks and only rank 0 writes
         model, out_dir, every=probe_schedule(cfg), scaler=scaler if dtype == "fp16" else None,
         config={"model": model_cfg.to_dict(), "train": cfg.to_dict(), "data": data.description,
-                "device": str(device), "dtype": dtype},
+                "device": str(device), "dtype": dtype, "world_size": ctx.world,
+                "parallel": ("fsdp2" if cfg.fsdp else "ddp") if ctx.on else "none"},
         run_name=out_dir.name, start_step=start, append=ckpt is not None, flush_every=20,
     )
     if resumed_from:
         probe.update_meta(resumed_from=resumed_from)
 
+    def save(step: int) -> None:
+        _save_checkpoint(ckpt_path, step=step, model=base, opt=opt, scaler=scaler, gen=gen, model_cfg=model_cfg,
+                         cfg=cfg, val_history=val_history, rank=ctx.rank)
+
+    def validate(step: int) -> None:
+        local = evaluate(eval_model, data, cfg, seq_len, device, dtype, shard=(ctx.rank, ctx.world))
+        v = float(_mean_across_ranks(torch.tensor(local, device=device), ctx).item())
+        val_history.append((step, v))
+        probe.log_scalars({"val_loss": v}, step=step)
+
+    per = cfg.batch_size // ctx.world  # this rank's rows of the global batch
     tokens_per_step = cfg.batch_size * seq_len
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     status, diverged_step, last_loss = "finished", None, None
     t0 = time.perf_counter()
-    bar = _progress(cfg, start, end)
+    bar = _progress(cfg, start, end) if main else None
     step = start
     try:
         for step in range(start, end):
             if cfg.eval_every and step % cfg.eval_every == 0:
-                v = evaluate(model, data, cfg, seq_len, device, dtype)
-                val_history.append((step, v))
-                probe.log_scalars({"val_loss": v}, step=step)
+                validate(step)
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            x, y = data.batch("train", cfg.batch_size, seq_len, gen, device)  # (B, T) each
+            x, y = data.batch("train", cfg.batch_size, seq_len, gen, device)  # (B, T) each: the global batch
+            x, y = x[ctx.rank * per:(ctx.rank + 1) * per], y[ctx.rank * per:(ctx.rank + 1) * per]  # (B / N, T)
             with _autocast(device, dtype):
                 _, loss = model(x, y)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)  # a no-op when the scaler is disabled
             probe.step(loss=loss, lr=lr)  # records step `step` (if scheduled), before clipping and the update
-            last_loss = float(loss.item())
+            # The ranks' losses differ (their rows differ): decide on their mean, the same on every rank.
+            last_loss = float(_mean_across_ranks(loss, ctx).item())
             if not math.isfinite(last_loss):
                 status, diverged_step = "diverged", step
                 if not probe.schedule(step):  # the probe skipped this step: write the loss row ourselves
@@ -483,8 +658,7 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path, res
             opt.zero_grad(set_to_none=True)
             done = step + 1
             if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < end:
-                _save_checkpoint(ckpt_path, step=done, model=model, opt=opt, scaler=scaler, gen=gen,
-                                 model_cfg=model_cfg, cfg=cfg, val_history=val_history)
+                save(done)
             if bar is not None:
                 bar.update(1)
                 if step % 5 == 0 or done == end:
@@ -494,11 +668,8 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path, res
             if end < cfg.steps:
                 status = "stopped"
             else:
-                v = evaluate(model, data, cfg, seq_len, device, dtype)
-                val_history.append((end, v))
-                probe.log_scalars({"val_loss": v}, step=end)
-            _save_checkpoint(ckpt_path, step=end, model=model, opt=opt, scaler=scaler, gen=gen,
-                             model_cfg=model_cfg, cfg=cfg, val_history=val_history)
+                validate(end)
+            save(end)
     except BaseException as exc:
         kind = "interrupted" if isinstance(exc, KeyboardInterrupt) else "crashed"
         probe.close(status=kind, error=f"{type(exc).__name__}: {exc}")
@@ -513,7 +684,7 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path, res
         final_loss=last_loss, val_loss=val_history[-1][1] if val_history else None,
         tokens_per_s=steps_run * tokens_per_step / elapsed if elapsed > 0 else float("nan"),
         elapsed_s=elapsed, diverged_step=diverged_step, device=str(device), dtype=dtype,
-        val_history=list(val_history),
+        val_history=list(val_history), rank=ctx.rank, world_size=ctx.world,
     )
     probe.update_meta(result={"status": status, "steps": result.steps, "final_loss": _json_float(last_loss),
                               "val_loss": result.val_loss, "tokens_per_s": result.tokens_per_s,

@@ -1,4 +1,4 @@
-"""lnprobe.cli: train, demo, report/compare, inspect, and one-line errors (exit code 2) for bad input."""
+"""lnprobe.cli: train, demo, report/compare, inspect, export, and one-line errors (exit code 2) for bad input."""
 from __future__ import annotations
 
 import subprocess
@@ -133,6 +133,42 @@ def test_other_bad_options(capsys, tmp_path, trained):
     one_line_error(capsys, ["demo", "--jobs", "0", "--out", str(tmp_path / "d")], "--jobs")
     one_line_error(capsys, ["frobnicate"], "invalid choice")
     one_line_error(capsys, [], "required")
+
+
+def test_fsdp_needs_torchrun(capsys, tmp_path, corpus):
+    one_line_error(capsys, ["train", "--fsdp", "--data", corpus, "--out", str(tmp_path / "x"), *SMALL], "torchrun")
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- export
+def test_export_tensorboard(trained, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    assert main(["export", "--tensorboard", str(trained), "--out", str(out)]) == 0
+    assert f"wrote TensorBoard events to {out}" in capsys.readouterr().out
+    acc = EventAccumulator(str(out), size_guidance={"scalars": 0})
+    acc.Reload()
+    r = lnprobe.load_run(trained).records
+    loss = r[(r["site"] == "train") & (r["stat"] == "loss")].sort_values("step")
+    ev = acc.Scalars("train/loss")
+    assert [e.step for e in ev] == loss["step"].tolist() == [0, 2, 4]
+    np.testing.assert_allclose([e.value for e in ev], loss["value"], rtol=1e-6)  # events hold float32
+
+
+def test_export_bad_input(capsys, tmp_path, trained, monkeypatch):
+    one_line_error(capsys, ["export", "--tensorboard", str(tmp_path / "missing"), "--out", str(tmp_path / "tb")],
+                   "does not exist")
+    (tmp_path / "empty").mkdir()
+    one_line_error(capsys, ["export", "--tensorboard", str(tmp_path / "empty"), "--out", str(tmp_path / "tb")],
+                   "not an lnprobe run directory")
+    one_line_error(capsys, ["export", "--out", str(tmp_path / "tb")], "--tensorboard")
+    one_line_error(capsys, ["export", "--tensorboard", str(trained)], "--out")
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
+    line = one_line_error(capsys, ["export", "--tensorboard", str(trained), "--out", str(tmp_path / "tb")],
+                          "pip install")
+    assert "lnprobe export:" not in line
 
 
 # ----------------------------------------------------------------------------- report, demo, inspect
