@@ -1,37 +1,58 @@
 """Statistic registry: pure tensor reductions of one activation, one gradient or one parameter.
 
 Everything here runs on the tensor's own device and returns small device tensors: no host
-synchronisation (no ``.item()``, ``.cpu()``, ``bool(tensor)``), so these functions can run inside
-forward hooks during GPU training. Reductions are done in float32 whatever the input dtype.
+synchronisation (no ``.item()``, ``.cpu()``, ``bool(tensor)``, no tensors built from Python lists,
+which would be a host-to-device copy), so these functions can run inside forward hooks during GPU
+training. Reductions accumulate in float32 (per token) and float64 (over tokens) whatever the
+input dtype.
 
 Two stages:
 
 1. ``reduce_activation(x)`` / ``reduce_gradient(g)`` turn one forward call's tensor into a *partial*:
-   additive moments, top-k candidates, counts and a subsample for the median. Partials of several
-   micro-batches (gradient accumulation) merge exactly: sums add, maxima take the max of maxima.
-2. ``finalize_activation(partials)`` / ``finalize_gradient(partials)`` merge the partials of one
-   optimizer step and return the recorded statistics.
+   additive per-token sums, top-k candidates, counts and a subsample for the median. Partials of
+   several micro-batches (gradient accumulation) merge exactly: sums add, maxima take the max of
+   maxima.
+2. ``finalize_activations(groups)`` / ``finalize_gradients(groups)`` merge the partials of one
+   optimizer step for MANY sites at once (a fixed, small number of kernels whatever the number of
+   sites: tiny kernel launches dominate on a GPU). ``finalize_activation`` / ``finalize_gradient``
+   are the one-site forms.
 
 Definitions (x flattened to ``(N, D)`` tokens × channels; ``token`` is the sequence position, the
 second-to-last dimension of x, so batch rows are folded together):
 
 - ``m2``: mean of x² over all elements; ``rms`` = sqrt(m2).
 - ``var``: per-token variance over channels (divide by D), averaged over tokens — what LayerNorm sees.
+  Computed as E[x²] − E[x]² per token (float32), or from the centred tensor when kurtosis is asked for.
 - ``kurtosis``: per-token non-excess kurtosis over channels (3 for a Gaussian), averaged over tokens;
   a token with zero variance contributes 0.
 - ``absmax``/``top1..top3``: the three largest |x| with their token and channel (exact, see below).
-- ``median_abs``: median of |x|, ESTIMATED from a strided subsample of about ``MEDIAN_SAMPLE``
+- ``median_abs``: median of |x|, ESTIMATED from a strided subsample of at most ``MEDIAN_SAMPLE``
   elements (stride coprime with D, so every channel and every token is visited evenly). For n samples
   the standard error of a sample median is about 1.25·σ_|x|/sqrt(n), i.e. ≈1.2 % of the median of
-  |x| for Gaussian data at n = 8192; exact when the tensor has at most ``MEDIAN_SAMPLE`` elements.
-- ``nonfinite``: count of NaN/Inf; ``over_fp16``: count of |x| > 65504.
+  |x| for Gaussian data at n = 8192. n = ceil(numel / stride) with the stride the smallest integer
+  ≥ numel / 8192 coprime with D: n ≈ 8192 for large tensors, fewer when raising the stride to the
+  next coprime matters (tensors only a few times larger than 8192 elements). Exact (the lower
+  median) when the tensor has at most ``MEDIAN_SAMPLE`` elements. NaN when the sample holds a NaN.
+- ``nonfinite``: count of NaN/Inf; ``over_fp16``: count of |x| > 65504 (Inf included, NaN not).
 - ``massive``: count of elements with |x| > 100 and |x| ≥ 1000 × median_abs (Sun et al. 2024), the
-  median being the estimate of the same forward call.
+  median being the estimate of the same forward call (0 when that median is NaN).
+
+Cost (design page section 6): moments come from per-token Σx² (``vector_norm``: no temporary) and
+Σx, top-k from per-token max and min, the median from a strided subsample. The counts are almost
+always 0 and every counted element sits in a token whose max |x| is large or NaN: on CPU tensors
+only those tokens are read again (``CPU_ROW_SKIPPING``: data-dependent shapes are free where host
+and device are one); on accelerators, where that would be a sync, each count is a fixed-shape
+float pass ``2^17·|x| − 2^17·t``, a clamp and a sum (no bool tensors; |x| is computed once).
+Temporaries of the activation's size: none on CPU for float32 input (a float32 copy for other
+dtypes), at most two on accelerators (|x| and a scratch buffer), one more for kurtosis; all are
+freed before the hook returns. ``finalize_activations`` merges all sites of a step in a fixed
+number of kernels.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -52,9 +73,20 @@ LOCATED_STATS = frozenset({"absmax", "top1", "top2", "top3"})
 # The default set leaves out only per-token kurtosis (it needs a centred copy of the tensor).
 DEFAULT_ACTIVATION_STATS: tuple[str, ...] = tuple(s for s in ACTIVATION_STATS if s != "kurtosis")
 
-# Index of each field in a partial's value vector.
-_SUMSQ, _SUMVAR, _SUMKURT, _NONFINITE, _OVER16, _MASSIVE = range(6)
-_N_SCALARS = 6
+# Index of each field in a partial's scalar vector (float64); every field adds over micro-batches.
+_SUMSQ, _SUMVAR, _SUMKURT, _NONFINITE, _OVER16, _MASSIVE, _NELEM, _NTOK = range(8)
+_N_SCALARS = 8
+
+# Counting |x| > t with float arithmetic: for float32 a = |x| and a threshold t ≥ 64, a > t implies
+# a − t ≥ ulp(t) ≥ 2^-17, so clamp(2^17·a − 2^17·t, 0, 1) is exactly 1 where a > t and 0 elsewhere
+# (NaN stays NaN and is skipped by nansum; Inf gives 1). Scaling by a power of two is exact.
+_COUNT_SCALE = 2.0 ** 17
+# v · (1 − 2^-24) rounds to the float32 just below v for every normal positive float32 v, so that
+# "a ≥ v" becomes "a > v·_BELOW" and every count is one strict comparison.
+_BELOW = 1.0 - 2.0 ** -24
+# On CPU tensors the counts look only at the tokens that can contain a counted element (see
+# reduce_activation). Tests set this to False to run the accelerator path on CPU.
+CPU_ROW_SKIPPING = True
 
 
 def check_stats(stats: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -72,20 +104,21 @@ def check_stats(stats: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 class ActivationPartial:
     """Mergeable reduction of one forward call. All tensors live on the activation's device."""
 
-    scalars: torch.Tensor  # (6,) float32: sum x², Σ_tok var, Σ_tok kurt, #nonfinite, #>fp16, #massive
-    top_vals: torch.Tensor  # (k,) float32, k ≤ 3: largest |x|
-    top_tok: torch.Tensor  # (k,) int64: sequence position of each
-    top_ch: torch.Tensor  # (k,) int64: channel of each
-    sample: torch.Tensor | None  # (n,) float32 subsample of |x| for the median
+    scalars: torch.Tensor  # (8,) float64: Σx², Σ_tok D·var, Σ_tok kurt, #nonfinite, #>fp16, #massive, n_elem, n_tok
+    top_vals: torch.Tensor | None  # (3,) float32: largest |x|; -inf pads tensors of < 3 elements
+    top_tok: torch.Tensor | None  # (3,) int64: sequence position of each (-1 for padding)
+    top_ch: torch.Tensor | None  # (3,) int64: channel of each (-1 for padding)
+    sample: torch.Tensor | None  # (n,) float32, n ≤ MEDIAN_SAMPLE: subsample of |x| for the median
     n_elem: int
     n_tok: int
 
 
 @dataclass
 class GradientPartial:
-    sumsq: torch.Tensor  # () float32
-    absmax: torch.Tensor  # () float32
+    sumsq: torch.Tensor  # () float64
+    absmax: torch.Tensor  # () float64
     n_elem: int
+    packed: torch.Tensor | None = None  # (3,) float64: sumsq, absmax, n_elem (sumsq, absmax are views of it)
 
 
 @dataclass
@@ -99,6 +132,9 @@ class StatPlan:
     topk: bool = field(init=False)
     median: bool = field(init=False)
     counts: bool = field(init=False)
+    nonfinite: bool = field(init=False)
+    over_fp16: bool = field(init=False)
+    massive: bool = field(init=False)
 
     def __post_init__(self) -> None:
         s = set(self.stats)
@@ -108,69 +144,222 @@ class StatPlan:
         self.topk = bool(s & LOCATED_STATS)
         self.median = bool(s & {"median_abs", "massive"})
         self.counts = bool(s & {"nonfinite", "over_fp16", "massive"})
+        self.nonfinite = "nonfinite" in s
+        self.over_fp16 = "over_fp16" in s
+        self.massive = "massive" in s
 
 
 def _median_stride(numel: int, d: int) -> int:
     """Smallest stride ≥ numel / MEDIAN_SAMPLE that is coprime with d (visits all channels)."""
-    stride = max(1, numel // MEDIAN_SAMPLE)
+    stride = max(1, -(-numel // MEDIAN_SAMPLE))
     while math.gcd(stride, d) != 1:
         stride += 1
     return stride
 
 
+def _count_above(a: torch.Tensor, threshold: torch.Tensor, buf: torch.Tensor, out: torch.Tensor) -> None:
+    """Per-token count of a > threshold into ``out (N,)``; ``threshold`` is a 0-d float32 tensor ≥ 64.
+
+    ``buf`` is scratch of a's shape. Three passes and no bool tensor (see ``_COUNT_SCALE``).
+    """
+    torch.add(threshold * -_COUNT_SCALE, a, alpha=_COUNT_SCALE, out=buf)  # (N, D) 2^17·(a − t)
+    buf.clamp_(0.0, 1.0)  # 1 where a > t, 0 where a ≤ t, NaN where a is NaN
+    torch.nansum(buf, -1, out=out)
+
+
+def _count_rows(xf: torch.Tensor, tok_max: torch.Tensor, sample: torch.Tensor | None, plan: StatPlan,
+                rows: torch.Tensor) -> None:
+    """CPU only: the counts, reading only the tokens that can hold a counted element.
+
+    Every counted element has |x| > 100 (massive), > 65504 (over_fp16) or is not finite, so it lies
+    in a token whose max |x| exceeds the smallest of the thresholds asked for, or is NaN. Usually
+    there is no such token and the counts cost one comparison of the (N,) token maxima.
+    """
+    floor = MASSIVE_ABS if plan.massive else FP16_MAX if plan.over_fp16 else torch.finfo(torch.float32).max
+    idx = (~(tok_max <= floor)).nonzero().squeeze(1)  # (B,) NaN compares False: NaN tokens are kept
+    if not idx.numel():  # a data-dependent size: free on CPU, a host sync on an accelerator
+        return
+    sub = xf.index_select(0, idx)  # (B, D)
+    a = sub.abs()
+    if plan.nonfinite:
+        rows[_NONFINITE].index_copy_(0, idx, (~torch.isfinite(sub)).sum(-1, dtype=rows.dtype))
+    if plan.over_fp16:
+        rows[_OVER16].index_copy_(0, idx, (a > FP16_MAX).sum(-1, dtype=rows.dtype))
+    if plan.massive:
+        thr = sample.median() * MASSIVE_RATIO
+        rows[_MASSIVE].index_copy_(0, idx, ((a > MASSIVE_ABS) & (a >= thr)).sum(-1, dtype=rows.dtype))
+
+
 def reduce_activation(x: torch.Tensor, plan: StatPlan) -> ActivationPartial:
     """Reduce one activation tensor ``(..., T, D)`` to a mergeable partial without host syncs."""
-    d = x.shape[-1]
+    d = x.shape[-1] if x.dim() else 1
     t = x.shape[-2] if x.dim() >= 2 else 1
-    xf = x.detach().reshape(-1, d).float()  # (N, D), N = tokens of all batch rows
-    n_tok, n_elem = xf.shape[0], xf.numel()
-    zero = xf.new_zeros(())
-    sumsq = sumvar = sumkurt = nonfinite = over16 = massive = zero
+    xd = x.detach().reshape(-1, d)  # (N, D), N = tokens of all batch rows
+    n_tok, n_elem = xd.shape[0], xd.numel()
+    own = xd.dtype != torch.float32
+    xf = xd.float() if own else xd  # (N, D) float32; a copy (ours to overwrite) only for other dtypes
+    # Per-token contribution of every additive field; one float64 sum over tokens at the end.
+    rows = xf.new_zeros((_NELEM, n_tok))  # (6, N)
+    top_vals = top_tok = top_ch = sample = None
+    if n_elem == 0:
+        return ActivationPartial(_scalars(rows, 0, n_tok), None, None, None, None, 0, n_tok)
 
     if plan.moments or plan.var:
-        x2 = xf * xf  # (N, D)
-        ms_tok = x2.mean(-1)  # (N,)
-        sumsq = ms_tok.sum() * d
+        torch.linalg.vector_norm(xf, dim=-1, out=rows[_SUMSQ])  # (N,) sqrt Σx², no temporary
+        rows[_SUMSQ].square_()
         if plan.var and not plan.kurtosis:
-            mu = xf.mean(-1)  # (N,)
-            sumvar = (ms_tok - mu * mu).clamp_min(0).sum()
+            s1 = xf.sum(-1)  # (N,)
+            # Σx² − (Σx)²/D = D · per-token variance (divided by n_elem at the end); the clamp guards
+            # rounding below zero
+            torch.addcmul(rows[_SUMSQ], s1, s1, value=-1.0 / d, out=rows[_SUMVAR]).clamp_min_(0.0)
     if plan.kurtosis:
         c = xf - xf.mean(-1, keepdim=True)  # (N, D) centred per token
-        c2 = c * c
-        var_tok = c2.mean(-1)  # (N,)
-        m4_tok = (c2 * c2).mean(-1)  # (N,)
-        kurt = torch.where(var_tok > 0, m4_tok / var_tok.square().clamp_min(1e-30), torch.zeros_like(var_tok))
-        sumvar = var_tok.sum()
-        sumkurt = kurt.sum()
+        c.square_()
+        c2 = torch.sum(c, -1, out=rows[_SUMVAR])  # (N,) D · per-token variance
+        m4 = torch.linalg.vector_norm(c, dim=-1).square_().div_(d)  # (N,) mean of the 4th power
+        del c
+        # a token with zero variance also has m4 = 0, so it contributes 0 / 1e-30 = 0
+        torch.div(m4, (c2 / d).square_().clamp_min_(1e-30), out=rows[_SUMKURT])
 
-    a = xf.abs()  # (N, D)
-    k = min(TOPK, n_elem)
-    if plan.topk and k > 0:
-        # Exact top-k in one pass over the tensor: the k largest elements lie in the k tokens with the
-        # largest per-token maximum, so only those k rows need a second look.
-        tok_max = a.amax(-1)  # (N,)
-        kt = min(k, n_tok)
+    # Counts are almost always 0, and every counted element lies in a token whose max |x| (or NaN)
+    # says so. On CPU, host and device are one, so the counts look only at those tokens
+    # (data-dependent shapes cost nothing there). Elsewhere that would be a host sync: every count
+    # is then a fixed-shape float pass over |x| (computed once, shared with top-k and the median).
+    skip_rows = CPU_ROW_SKIPPING and xd.device.type == "cpu"
+    a = None
+    if not skip_rows and (plan.over_fp16 or plan.massive):
+        a = xf.abs_() if own else xf.abs()  # (N, D); x's sign is no longer needed below
+    tok_max = None
+    if plan.topk or (skip_rows and plan.counts):
+        if a is not None:
+            tok_max = a.amax(-1)  # (N,)
+        else:
+            tok_max = torch.maximum(xf.amax(-1), xf.amin(-1).neg_())  # (N,) max |x|, NaN-propagating
+
+    if plan.topk:
+        # Exact top-k from one pass: the k largest elements lie in the k tokens with the largest
+        # per-token maximum, so only those k rows get a second look.
+        kt, k = min(TOPK, n_tok), min(TOPK, n_elem)
         _, tok_idx = tok_max.topk(kt)  # (kt,)
-        rows = a.index_select(0, tok_idx)  # (kt, D)
-        top_vals, flat = rows.reshape(-1).topk(k)  # (k,)
+        cand = (a if a is not None else xf).index_select(0, tok_idx)  # (kt, D)
+        top_vals, flat = cand.abs_().reshape(-1).topk(k)  # (k,)
         top_tok = tok_idx[flat // d] % t
         top_ch = flat % d
-    else:
-        top_vals = a.new_zeros((0,))
-        top_tok = top_ch = torch.zeros((0,), dtype=torch.long, device=a.device)
+        if k < TOPK:  # fewer than 3 elements in the tensor
+            pad = TOPK - k
+            top_vals = torch.cat([top_vals, top_vals.new_full((pad,), -math.inf)])
+            top_tok = torch.cat([top_tok, top_tok.new_full((pad,), -1)])
+            top_ch = torch.cat([top_ch, top_ch.new_full((pad,), -1)])
 
-    sample = None
     if plan.median:
-        sample = a.reshape(-1)[:: _median_stride(n_elem, d)]  # (≈MEDIAN_SAMPLE,)
-    if plan.counts:
-        nonfinite = (~torch.isfinite(xf)).sum().float()
-        over16 = (a > FP16_MAX).sum().float()
-        if sample is not None:
-            med = sample.median()
-            massive = ((a > MASSIVE_ABS) & (a >= MASSIVE_RATIO * med)).sum().float()
+        strided = (a if a is not None else xf).reshape(-1)[:: _median_stride(n_elem, d)]
+        # a copy, never a view: a view would keep the whole temporary alive until the step ends
+        sample = strided.contiguous() if a is not None else strided.abs()  # (≤MEDIAN_SAMPLE,)
 
-    scalars = torch.stack([sumsq, sumvar, sumkurt, nonfinite, over16, massive])  # (6,)
-    return ActivationPartial(scalars, top_vals, top_tok, top_ch, sample, n_elem, n_tok)
+    if plan.counts and skip_rows:
+        _count_rows(xf, tok_max, sample, plan, rows)
+    elif plan.counts:
+        buf = torch.empty_like(xf)  # (N, D) scratch
+        if plan.nonfinite:
+            src = a if a is not None else xf
+            torch.sub(src, src, out=buf).nan_to_num_(1.0)  # x − x is NaN exactly at NaN and ±Inf
+            torch.sum(buf, -1, out=rows[_NONFINITE])
+        if plan.over_fp16:
+            _count_above(a, a.new_full((), FP16_MAX), buf, rows[_OVER16])
+        if plan.massive:
+            # |x| > 100 and |x| ≥ 1000·median  ⇔  |x| > max(100, the float below 1000·median)
+            thr = (sample.median() * MASSIVE_RATIO).mul_(_BELOW).clamp_min_(MASSIVE_ABS)
+            _count_above(a, thr, buf, rows[_MASSIVE])
+        del buf
+
+    return ActivationPartial(_scalars(rows, n_elem, n_tok), top_vals, top_tok, top_ch, sample, n_elem, n_tok)
+
+
+def _scalars(rows: torch.Tensor, n_elem: int, n_tok: int) -> torch.Tensor:
+    """``(8,)`` float64: the token sums of ``rows (6, N)``, then n_elem and n_tok (exact in float64)."""
+    if rows.device.type == "cpu":
+        n = torch.tensor([n_elem, n_tok], dtype=torch.float64)
+    else:  # two fills: a tensor from a Python list would be a host-to-device copy
+        n = torch.full((2,), n_elem, dtype=torch.float64, device=rows.device)
+        n[1] = n_tok
+    return torch.cat([rows.sum(1, dtype=torch.float64), n])
+
+
+def _stack_groups(groups: Sequence[Sequence[Any]], get: Callable[[Any], torch.Tensor | None], pad: torch.Tensor | None) -> torch.Tensor:
+    """``(G, M, ...)``: ``get(part)`` of every part (``pad`` for None), groups padded to M parts with ``pad``.
+
+    ``pad`` may be None only when every group has M parts and no ``get`` returns None."""
+    m = max(len(g) for g in groups)
+    items = []
+    for g in groups:
+        for p in g:
+            v = get(p)
+            items.append(pad if v is None else v)
+        items.extend(pad for _ in range(m - len(g)))
+    return torch.stack(items).reshape(len(groups), m, *items[0].shape)
+
+
+def finalize_activations(groups: Sequence[Sequence[ActivationPartial]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the partials of one step for G sites at once.
+
+    ``groups[g]`` holds the partials (one per forward call) of site g. Returns ``values (G, 12)``
+    float64 and ``loc (2, G, 12)`` float64, columns in ``ACTIVATION_STATS`` order; ``loc[0]`` is the
+    token, ``loc[1]`` the channel of located statistics, NaN elsewhere. Entries of statistics that a
+    site's ``StatPlan`` did not include are meaningless: select the requested columns (on the host
+    at flush time, or with ``finalize_activation``). The kernel count does not grow with G except
+    for one median per site that asked for it.
+    """
+    if not groups or any(len(g) == 0 for g in groups):
+        raise ValueError("finalize_activations: expected a non-empty list of non-empty groups of partials")
+    first = groups[0][0].scalars
+    n_groups, m = len(groups), max(len(g) for g in groups)
+    dev, nan = first.device, math.nan
+    if m == 1:
+        sc = torch.stack([g[0].scalars for g in groups])  # (G, 8)
+    else:
+        sc = _stack_groups(groups, lambda p: p.scalars, first.new_zeros(_N_SCALARS)).sum(1)  # (G, 8)
+
+    # Top-3 candidates of every part; -inf / -1 pad missing or short parts and groups with fewer parts.
+    padded = m > 1 or any(p.top_vals is None or p.n_elem < TOPK for g in groups for p in g)
+    ninf = torch.full((TOPK,), -math.inf, device=dev) if padded else None
+    neg1 = torch.full((TOPK,), -1, dtype=torch.long, device=dev) if padded else None
+    tv = _stack_groups(groups, lambda p: p.top_vals, ninf).reshape(n_groups, -1)  # (G, 3M)
+    tt = _stack_groups(groups, lambda p: p.top_tok, neg1).reshape(n_groups, -1)
+    tc = _stack_groups(groups, lambda p: p.top_ch, neg1).reshape(n_groups, -1)
+    if m > 1:  # several micro-batches: the top 3 of the candidates
+        tv, order = tv.topk(TOPK, dim=1)  # (G, 3)
+        tt, tc = tt.gather(1, order), tc.gather(1, order)
+
+    nan0 = torch.full((), nan, device=dev)
+    medians = []
+    for g in groups:
+        samples = [p.sample for p in g if p.sample is not None]
+        if not samples:
+            medians.append(nan0)
+        else:
+            medians.append((samples[0] if len(samples) == 1 else torch.cat(samples)).median())
+
+    # Columns in ACTIVATION_STATS order: m2 var rms absmax top1 top2 top3 median_abs kurtosis nonfinite
+    # over_fp16 massive. Written through ``out=`` and slice copies: a few kernels whatever G is.
+    values = torch.empty((n_groups, len(ACTIVATION_STATS)), dtype=torch.float64, device=dev)  # (G, 12)
+    torch.div(sc[:, _SUMSQ], sc[:, _NELEM], out=values[:, 0])
+    torch.div(sc[:, _SUMVAR], sc[:, _NELEM], out=values[:, 1])
+    torch.sqrt(values[:, 0], out=values[:, 2])
+    values[:, 3] = tv[:, 0]
+    values[:, 4:7] = tv
+    values[:, 7] = torch.stack(medians)
+    torch.div(sc[:, _SUMKURT], sc[:, _NTOK], out=values[:, 8])
+    values[:, 9:12] = sc[:, _NONFINITE:_MASSIVE + 1]
+    loc = torch.full((2, n_groups, len(ACTIVATION_STATS)), nan, dtype=torch.float64, device=dev)  # (2, G, 12)
+    for i, idx in enumerate((tt, tc)):
+        loc[i, :, 3] = idx[:, 0]
+        loc[i, :, 4:7] = idx
+    if padded:
+        pad = tv == -math.inf  # (G, 3)
+        pad4 = torch.cat([pad[:, :1], pad], 1)  # (G, 4) for absmax top1 top2 top3
+        values[:, 3:7].masked_fill_(pad4, nan)
+        loc[:, :, 3:7].masked_fill_(pad4, nan)
+    return values, loc
 
 
 def finalize_activation(parts: list[ActivationPartial], stats: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,76 +368,76 @@ def finalize_activation(parts: list[ActivationPartial], stats: tuple[str, ...]) 
     ``loc[0]`` is the token, ``loc[1]`` the channel of located statistics, NaN elsewhere. The order of
     the S entries is the order of ``stats``.
     """
-    n_elem = sum(p.n_elem for p in parts)
-    n_tok = sum(p.n_tok for p in parts)
-    sc = parts[0].scalars if len(parts) == 1 else torch.stack([p.scalars for p in parts]).sum(0)  # (6,)
-    device = sc.device
-    nan = torch.full((), float("nan"), device=device)
-    if any(s in LOCATED_STATS for s in stats):
-        if len(parts) == 1:
-            vals, tok, ch = parts[0].top_vals, parts[0].top_tok, parts[0].top_ch
-        else:
-            cand = torch.cat([p.top_vals for p in parts])  # (≤3C,)
-            vals, order = cand.topk(min(TOPK, cand.numel()))
-            tok = torch.cat([p.top_tok for p in parts])[order]
-            ch = torch.cat([p.top_ch for p in parts])[order]
-        pad = TOPK - vals.numel()
-        if pad > 0:  # fewer than 3 elements in the tensor
-            vals = torch.cat([vals, nan.expand(pad)])
-            tok = torch.cat([tok.float(), nan.expand(pad)])
-            ch = torch.cat([ch.float(), nan.expand(pad)])
-    median = None
-    if "median_abs" in stats:
-        samples = [p.sample for p in parts if p.sample is not None]
-        median = (samples[0] if len(samples) == 1 else torch.cat(samples)).median()
-
-    values, toks, chans = [], [], []
+    p = parts[0]
+    if len(parts) > 1 or (p.top_vals is None or p.n_elem < TOPK) and any(s in LOCATED_STATS for s in stats):
+        values, loc = finalize_activations([parts])
+        idx = [ACTIVATION_STATS.index(s) for s in stats]
+        # stacking views avoids an index tensor built from a Python list (a host-to-device copy)
+        return torch.stack([values[0, i] for i in idx]), torch.stack([loc[:, 0, i] for i in idx], 1)
+    # One forward call (the common case): only the requested entries, a few ops each.
+    sc = p.scalars  # (8,) float64
+    nan = sc.new_full((), math.nan)
+    vals, toks, chans = [], [], []
     for s in stats:
-        tk = chn = nan
-        if s == "m2":
-            v = sc[_SUMSQ] / n_elem
-        elif s == "rms":
-            v = (sc[_SUMSQ] / n_elem).sqrt()
+        tk = ch = nan
+        if s in ("m2", "rms"):
+            v = sc[_SUMSQ] / sc[_NELEM]
+            v = v.sqrt() if s == "rms" else v
         elif s == "var":
-            v = sc[_SUMVAR] / n_tok
+            v = sc[_SUMVAR] / sc[_NELEM]
         elif s == "kurtosis":
-            v = sc[_SUMKURT] / n_tok
+            v = sc[_SUMKURT] / sc[_NTOK]
         elif s in LOCATED_STATS:
             i = 0 if s in ("absmax", "top1") else int(s[-1]) - 1
-            v, tk, chn = vals[i], tok[i], ch[i]
+            v, tk, ch = p.top_vals[i], p.top_tok[i], p.top_ch[i]
         elif s == "median_abs":
-            v = median
-        elif s == "nonfinite":
-            v = sc[_NONFINITE]
-        elif s == "over_fp16":
-            v = sc[_OVER16]
-        elif s == "massive":
-            v = sc[_MASSIVE]
-        else:  # pragma: no cover - check_stats guards this
-            raise KeyError(s)
-        values.append(v.float())
-        toks.append(tk.float() if torch.is_tensor(tk) else tk)
-        chans.append(chn.float() if torch.is_tensor(chn) else chn)
-    out = torch.stack(values).double()  # (S,)
-    loc = torch.stack([torch.stack(toks), torch.stack(chans)]).double()  # (2, S)
-    return out, loc
+            v = p.sample.median() if p.sample is not None else nan
+        else:
+            v = sc[{"nonfinite": _NONFINITE, "over_fp16": _OVER16, "massive": _MASSIVE}[s]]
+        vals.append(v)
+        toks.append(tk)
+        chans.append(ch)
+    out = torch.stack([v.double() for v in vals])  # (S,)
+    return out, torch.stack([torch.stack([t.double() for t in toks]), torch.stack([c.double() for c in chans])])
 
 
 def reduce_gradient(g: torch.Tensor) -> GradientPartial:
-    """Reduce one hidden-state gradient (any shape) to sum of squares and max |g|."""
-    gf = g.detach().float()
-    return GradientPartial(gf.square().sum(), gf.abs().amax(), gf.numel())
+    """Reduce one hidden-state gradient (any shape) to sum of squares and max |g| (no temporaries)."""
+    gd = g.detach()
+    gf = gd if gd.dtype == torch.float32 else gd.float()
+    sumsq = torch.linalg.vector_norm(gf).square()  # ()
+    if gf.device.type == "cpu":  # the inf-norm kernel is slow on CPU; max and min are exact too
+        absmax = torch.maximum(gf.amax(), gf.amin().neg())  # () NaN-propagating
+    else:
+        absmax = torch.linalg.vector_norm(gf, math.inf)  # () one kernel
+    packed = torch.cat([torch.stack([sumsq, absmax]).double(), sumsq.new_full((1,), gd.numel(), dtype=torch.float64)])
+    return GradientPartial(packed[0], packed[1], gd.numel(), packed)
+
+
+def _packed(p: GradientPartial) -> torch.Tensor:
+    if p.packed is not None:
+        return p.packed
+    s = p.sumsq.double()
+    return torch.stack([s, p.absmax.double(), s.new_full((), p.n_elem)])
+
+
+def finalize_gradients(groups: Sequence[Sequence[GradientPartial]], loss_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(G, 2)`` float64: grad_rms and grad_absmax of G sites over all micro-batches, divided by the
+    AMP loss scale."""
+    if not groups or any(len(g) == 0 for g in groups):
+        raise ValueError("finalize_gradients: expected a non-empty list of non-empty groups of partials")
+    pad = _packed(groups[0][0]).new_zeros(3)  # contributes nothing: sumsq 0, absmax 0 (≤ any |g|), n 0
+    pk = _stack_groups(groups, _packed, pad)  # (G, M, 3)
+    sumsq, absmax, n = pk[..., 0].sum(1), pk[..., 1].amax(1), pk[..., 2].sum(1)
+    out = torch.stack([(sumsq / n).sqrt(), absmax], 1)  # (G, 2)
+    if loss_scale is not None:
+        out = out / loss_scale.double()
+    return out
 
 
 def finalize_gradient(parts: list[GradientPartial], loss_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``(2,)`` float64: grad_rms and grad_absmax over all micro-batches, divided by the AMP loss scale."""
-    n = sum(p.n_elem for p in parts)
-    sumsq = torch.stack([p.sumsq for p in parts]).sum()
-    absmax = torch.stack([p.absmax for p in parts]).amax()
-    out = torch.stack([(sumsq / n).sqrt(), absmax]).double()  # (2,)
-    if loss_scale is not None:
-        out = out / loss_scale.double()
-    return out
+    return finalize_gradients([parts], loss_scale)[0]
 
 
 def norms_of(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -282,3 +471,40 @@ def gain_stats(weight: torch.Tensor | None, offset: float, bias: torch.Tensor | 
         gms = gmax = torch.ones((), device=dev)
     bms = bias.detach().float().square().mean() if bias is not None else torch.full((), float("nan"), device=dev)
     return torch.stack([gms, gmax, bms]).double()
+
+
+def gain_stats_many(
+    weights: Sequence[torch.Tensor | None], offsets: Sequence[float], biases: Sequence[torch.Tensor | None]
+) -> torch.Tensor:
+    """``(P, 3)`` float64: ``gain_stats`` of P norms with fused multi-tensor kernels (one device).
+
+    Row p is ``gain_stats(weights[p], offsets[p], biases[p])``; at least one weight or bias overall.
+    """
+    present = [t for t in (*weights, *biases) if t is not None]
+    if not present:
+        raise ValueError("gain_stats_many: expected at least one norm weight or bias, found none")
+    dev = present[0].device
+    one = torch.ones((), dtype=torch.float64, device=dev)
+    nan = torch.full((), math.nan, dtype=torch.float64, device=dev)
+    gms, gmax, bms = [one] * len(weights), [one] * len(weights), [nan] * len(weights)
+
+    wi = [i for i, w in enumerate(weights) if w is not None]
+    if wi:
+        g = [weights[i].detach().float() for i in wi]
+        if any(offsets[i] != 0 for i in wi):
+            g = torch._foreach_add(g, [float(offsets[i]) for i in wi])  # new tensors: never touch params
+        # mean γ² = (‖γ‖ / sqrt(numel))²; dividing by a Scalar list needs no index/size tensor on the device
+        l2 = torch.stack(torch._foreach_div(torch._foreach_norm(g), [math.sqrt(t.numel()) for t in g]))
+        mx = torch.stack(torch._foreach_norm(g, math.inf))
+        ms = l2.double().square()
+        mx = mx.double()
+        for j, i in enumerate(wi):
+            gms[i], gmax[i] = ms[j], mx[j]
+    bi = [i for i, b in enumerate(biases) if b is not None]
+    if bi:
+        b = [biases[i].detach().float() for i in bi]
+        l2 = torch.stack(torch._foreach_div(torch._foreach_norm(b), [math.sqrt(t.numel()) for t in b]))
+        ms = l2.double().square()
+        for j, i in enumerate(bi):
+            bms[i] = ms[j]
+    return torch.stack([torch.stack(gms), torch.stack(gmax), torch.stack(bms)], 1)  # (P, 3)

@@ -6,9 +6,22 @@ import torch
 from lnprobe import stats as S
 
 ALL = S.ACTIVATION_STATS
+BRANCH = ("m2", "var", "rms", "absmax", "nonfinite")
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["cpu-path", "accelerator-path"])
+def row_skipping(request, monkeypatch):
+    """Run every test on both count paths: CPU row skipping and the fixed-shape accelerator path."""
+    monkeypatch.setattr(S, "CPU_ROW_SKIPPING", request.param)
+    return request.param
 
 
 def numpy_reference(x: np.ndarray) -> dict:
+    with np.errstate(invalid="ignore"):  # NaN/Inf inputs: the moments are NaN, the counts still defined
+        return _numpy_reference(x)
+
+
+def _numpy_reference(x: np.ndarray) -> dict:
     d = x.shape[-1]
     t = x.shape[-2]
     flat = x.reshape(-1, d).astype(np.float64)
@@ -135,3 +148,119 @@ def test_norms_and_gains():
 def test_unknown_stat_rejected_with_the_allowed_list():
     with pytest.raises(ValueError, match="expected a subset"):
         S.check_stats(["m2", "bogus"])
+
+
+def test_massive_threshold_boundaries_match_numpy():
+    g = torch.Generator().manual_seed(4)
+    sign = torch.randint(0, 2, (2, 8, 16), generator=g) * 2 - 1
+    x = sign * 0.5  # median |x| = 0.5, so 1000 × median = 500
+    below = float(np.nextafter(np.float32(500), np.float32(0)))
+    x[0, 1, 2] = 500.0       # massive: |x| ≥ 1000 × median (equality counts)
+    x[0, 3, 4] = -below      # the float32 just below: not massive
+    x[1, 5, 6] = 120.0       # > 100 but < 1000 × median: not massive
+    x[1, 7, 8] = -7e4        # massive and over fp16
+    x[1, 0, 0] = 65504.0     # fp16 max: not over
+    x[1, 0, 1] = float(np.nextafter(np.float32(65504), np.float32(1e9)))  # just over
+    v, _, _ = run_stats(x)
+    ref = numpy_reference(x.numpy())
+    assert ref["median_abs"] == 0.5
+    assert v["massive"] == ref["massive"] == 4  # 500, 7e4, 65504, 65504⁺
+    assert v["over_fp16"] == ref["over_fp16"] == 2
+
+
+def test_massive_with_a_small_median_uses_the_absolute_floor():
+    x = torch.full((1, 4, 8), 0.01)  # 1000 × median = 10 < 100: the 100 floor decides
+    x[0, 0, 0] = 100.0  # not > 100
+    x[0, 1, 1] = 100.5
+    v, _, _ = run_stats(x)
+    assert v["massive"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_over_fp16_counted_exactly_in_half_precision(dtype):
+    x = torch.zeros(2, 4, 8, dtype=dtype)
+    x[0, 0, 0] = float(torch.finfo(dtype).max)  # fp16: 65504 (not over); bf16: 3.4e38 (over)
+    x[0, 1, 0] = -float("inf")
+    x[1, 2, 3] = float("nan")
+    x[1, 3, 3] = 60000.0 if dtype == torch.float16 else 65536.0  # bf16 has no 65504: 65536 is over
+    v, _, _ = run_stats(x)
+    ref = numpy_reference(x.float().numpy())
+    assert v["over_fp16"] == ref["over_fp16"] == (1 if dtype == torch.float16 else 3)
+    assert v["nonfinite"] == 2
+
+
+def test_fewer_than_three_elements_pad_with_nan():
+    x = torch.tensor([[3.0, -5.0]])  # (T=1, D=2)
+    v, tok, ch = run_stats(x)
+    assert v["top1"] == 5.0 and (tok["top1"], ch["top1"]) == (0, 1)
+    assert v["top2"] == 3.0 and (tok["top2"], ch["top2"]) == (0, 0)
+    assert np.isnan(v["top3"]) and np.isnan(tok["top3"]) and np.isnan(ch["top3"])
+
+
+def _groups(seed: int):
+    """Sites with different plans, micro-batch counts and sizes (one tiny)."""
+    g = torch.Generator().manual_seed(seed)
+    plans = [S.StatPlan(ALL), S.StatPlan(S.DEFAULT_ACTIVATION_STATS), S.StatPlan(BRANCH), S.StatPlan(ALL)]
+    shapes = [(2, 8, 16), (2, 8, 32), (3, 5, 7), (1, 1, 2)]
+    n_parts = [1, 3, 2, 1]
+    groups = []
+    for plan, shape, n in zip(plans, shapes, n_parts):
+        parts = []
+        for _ in range(n):
+            x = torch.randn(shape, generator=g) * 2
+            x.view(-1)[0] = 300.0  # something to count as massive
+            parts.append(S.reduce_activation(x, plan))
+        groups.append((parts, plan.stats))
+    return groups
+
+
+def test_batched_finalize_equals_one_site_at_a_time():
+    groups = _groups(5)
+    values, loc = S.finalize_activations([p for p, _ in groups])
+    assert values.shape == (4, len(ALL)) and loc.shape == (2, 4, len(ALL))
+    for i, (parts, stats) in enumerate(groups):
+        v, l = S.finalize_activation(parts, stats)
+        cols = [ALL.index(s) for s in stats]
+        np.testing.assert_allclose(values[i, cols].numpy(), v.numpy(), rtol=1e-12, equal_nan=True)
+        np.testing.assert_array_equal(loc[:, i, cols].numpy(), l.numpy())
+
+
+def test_batched_gradients_equal_numpy():
+    g = torch.Generator().manual_seed(6)
+    tensors = [[torch.randn(3, 4, generator=g) for _ in range(k)] for k in (1, 3, 2)]
+    groups = [[S.reduce_gradient(t * 8) for t in ts] for ts in tensors]
+    out = S.finalize_gradients(groups, torch.tensor(8.0))
+    for i, ts in enumerate(tensors):
+        a = np.concatenate([t.numpy().ravel() for t in ts]).astype(np.float64)
+        assert out[i, 0].item() == pytest.approx(np.sqrt((a ** 2).mean()), rel=1e-6)
+        assert out[i, 1].item() == pytest.approx(np.abs(a).max(), rel=1e-6)
+        assert torch.equal(out[i], S.finalize_gradient(groups[i], torch.tensor(8.0)))
+
+
+def test_gain_stats_many_equals_gain_stats():
+    g = torch.Generator().manual_seed(7)
+    w = [torch.randn(8, generator=g) * 0.1, None, torch.randn(4, generator=g), torch.randn(6, generator=g)]
+    b = [torch.randn(8, generator=g), torch.randn(5, generator=g), None, None]
+    off = [1.0, 0.0, 0.0, 1.0]
+    many = S.gain_stats_many(w, off, b)
+    for i in range(4):
+        np.testing.assert_allclose(many[i].numpy(), S.gain_stats(w[i], off[i], b[i]).numpy(), rtol=1e-6, equal_nan=True)
+
+
+def test_partials_hold_no_view_of_the_activation():
+    """A partial lives until probe.step(): it must not keep the activation or a temporary alive."""
+    x = torch.randn(16, 128, 1024)
+    p = S.reduce_activation(x, S.StatPlan(ALL))
+    held = [p.scalars, p.top_vals, p.top_tok, p.top_ch, p.sample]
+    assert sum(t.untyped_storage().nbytes() for t in held) < 4 * S.MEDIAN_SAMPLE + 1024
+    assert p.sample.numel() <= S.MEDIAN_SAMPLE
+
+
+def test_counts_in_a_token_that_also_holds_a_nan():
+    """A NaN hides its token's max |x|: the counts must still look inside that token."""
+    x = torch.randn(2, 4, 8)
+    x[1, 2, 0] = float("nan")
+    x[1, 2, 5] = -7e4
+    x[1, 2, 6] = float("inf")
+    v, _, _ = run_stats(x)
+    assert v["nonfinite"] == 2 and v["over_fp16"] == 2

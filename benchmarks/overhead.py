@@ -1,0 +1,527 @@
+"""Training-step overhead of lnprobe against no probe and against what users would otherwise use.
+
+    /work/venv/bin/python benchmarks/overhead.py [--steps 30] [--device cpu|cuda] [--quick]
+                                                 [--threads N] [--csv PATH] [--configs a,b,...]
+
+Model: the reference GPT (``lnprobe.models``), preset ``small`` (d_model 256, 8 layers, seq 128),
+batch 16 × 128 on CPU; preset ``gpu`` (d_model 512, 12 layers, seq 256), batch 32 × 256 in bf16
+autocast on CUDA. A full training step is forward, backward, AdamW step and zero_grad; every
+configuration trains its own copy of the model (same seed, same batch).
+
+Configurations (``CONFIGS``): no probe · a second unprobed copy (A/A control: its ratio is the
+noise floor of the run) · lnprobe every step (default sites/stats) · lnprobe every 10
+steps · lnprobe every step with ``sites="all", stats="all"`` · a naive hook logger (forward hooks on
+every block, norm and Linear logging mean, std and max through ``.item()``) · ``wandb.watch(model,
+log="all", log_freq=1)`` offline (skipped when wandb is not installed) · capturing every block
+output (``output_hidden_states``-style clones) and reducing them after the step.
+
+Method. All configurations live in one process and are ALTERNATED step by step (the order rotates
+every round), so load drift on a shared machine hits all of them alike. Steps are timed one by one
+(on CUDA between two ``torch.cuda.synchronize()``). A probed run has steps of different kinds
+(unrecorded, recorded, recorded + Parquet flush); ms/step is Σ_kind frequency × median time of that
+kind, with the long-run frequencies of the schedule (1/every recorded, 1/(every·flush_every)
+flushed). That is a robust estimate of the mean cost per step; a flush never seen in the timed
+window borrows its extra cost from the configuration with the same sites and statistics. Peak
+memory is measured in fresh subprocesses, one configuration each (median of 3; 1 with --quick):
+the process RSS high-water mark (VmHWM) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+Every child imports lnprobe (and the wandb child wandb), so import footprints are in the numbers;
+wandb's separate service process is not. Prints the table and the load average; ``--csv`` writes it. Asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lnprobe  # noqa: E402
+from lnprobe import stats as S  # noqa: E402
+from lnprobe.models import GPT, config_from_preset  # noqa: E402
+
+CONFIGS: tuple[str, ...] = (
+    "none", "none_control", "lnprobe_every1", "lnprobe_every10", "lnprobe_all", "naive_item", "wandb_watch", "hidden_states",
+)
+LABELS = {
+    "none": "no probe",
+    "none_control": "no probe, 2nd copy (A/A noise control)",
+    "lnprobe_every1": "lnprobe, every step (default sites/stats)",
+    "lnprobe_every10": "lnprobe, every 10 steps",
+    "lnprobe_all": "lnprobe, every step, sites=all stats=all",
+    "naive_item": "naive hooks, .item() per statistic",
+    "wandb_watch": "wandb.watch(log='all', log_freq=1), offline",
+    "hidden_states": "clone block outputs, reduce after step",
+}
+COVERAGE = {
+    "none": "-",
+    "none_control": "- (its ratio to 'no probe' is the noise floor of this run)",
+    "lnprobe_every1": "activation stats at resid/final (12) and branch sites (5), with location; resid grads; "
+                      "param grad/value norms; norm gains",
+    "lnprobe_every10": "as above, on 1 step in 10",
+    "lnprobe_all": "every site with all 12 stats (kurtosis, median, counts, top-3 with location)",
+    "naive_item": "mean/std/max of each block, norm and Linear OUTPUT; no grads, no locations, no counts",
+    "wandb_watch": "64-bin histograms of every PARAMETER and parameter GRADIENT; no activations at all",
+    "hidden_states": "resid (block outputs) only, lnprobe's resid stats; no branch sites, no grads",
+}
+DEFAULT_FLUSH_EVERY = 20  # lnprobe.attach's default; the probes below use it
+
+
+@dataclass
+class Bench:
+    """What every configuration trains on."""
+
+    device: torch.device
+    preset: str
+    batch: int
+    seq: int
+    amp_dtype: torch.dtype | None
+    seed: int = 0
+
+    def batch_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        vocab = config_from_preset(self.preset).vocab_size
+        x = torch.randint(0, vocab, (self.batch, self.seq), generator=g)
+        return x.to(self.device), torch.roll(x, -1, 1).to(self.device)
+
+
+def default_bench(device: str) -> Bench:
+    """CPU: preset small, batch 16 × 128, float32; CUDA: preset gpu, batch 32 × 256, bf16 autocast."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return Bench(dev, "gpu", 32, 256, torch.bfloat16)
+    return Bench(dev, "small", 16, 128, None)
+
+
+@dataclass
+class Setup:
+    """One configuration's live state: its model copy, optimizer and hooks."""
+
+    name: str
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    after_backward: Callable[[torch.Tensor], None] = lambda loss: None
+    close: Callable[[], None] = lambda: None
+    probe: Any = None
+    every: int = 1
+    flushed: list = field(default_factory=lambda: [False])  # set by the wrapped probe.flush
+    values_per_step: float | None = None
+    note: str = ""
+    step_index: int = 0
+
+
+def _make_model(bench: Bench) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(bench.seed)
+    model = GPT.from_preset(bench.preset).to(bench.device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, opt
+
+
+def _attach_probe(s: Setup, out: Path, every: int, **kw: Any) -> None:
+    s.probe = lnprobe.attach(s.model, out, every=every, **kw)
+    s.every = every
+    flush = s.probe.flush
+
+    def counted_flush(*a: Any, **k: Any):  # tells the timer which steps flushed
+        s.flushed[0] = True
+        return flush(*a, **k)
+
+    s.probe.flush = counted_flush
+    s.after_backward = lambda loss: s.probe.step(loss=loss)
+
+    def close() -> None:
+        s.probe.close()
+        run = lnprobe.load_run(out)
+        r = run.records
+        steps = r["step"].nunique()
+        s.values_per_step = len(r) / steps if steps else None
+
+    s.close = close
+
+
+def _naive_logger(s: Setup) -> None:
+    """The common pattern: forward hooks on every block, norm and Linear, three .item() each."""
+    log: dict[str, tuple[float, float, float]] = {}
+    handles = []
+    blocks = set(map(id, s.model.blocks))
+    for name, m in s.model.named_modules():
+        if id(m) in blocks or isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.Linear)):
+            def hook(mod, args, output, name=name):
+                o = output[0] if isinstance(output, tuple) else output
+                o = o.detach().float()
+                log[name] = (o.mean().item(), o.std().item(), o.abs().max().item())
+            handles.append(m.register_forward_hook(hook))
+    s.after_backward = lambda loss: log.clear()  # a logger would ship them here
+    s.close = lambda: [h.remove() for h in handles]
+    s.values_per_step = 3 * len(handles)
+
+
+def _hidden_states(s: Setup) -> None:
+    """output_hidden_states-style: clone every block output, reduce after backward."""
+    captured: list[torch.Tensor] = []
+    plan = S.StatPlan(S.DEFAULT_ACTIVATION_STATS)
+    handles = [b.register_forward_hook(lambda m, a, out: captured.append(out.detach().clone()))
+               for b in s.model.blocks]
+    results: list = []
+
+    def reduce(loss: torch.Tensor) -> None:
+        results.clear()
+        for h in captured:  # (B, T, D) each
+            results.append(S.finalize_activation([S.reduce_activation(h, plan)], S.DEFAULT_ACTIVATION_STATS))
+        captured.clear()
+
+    s.after_backward = reduce
+    s.close = lambda: [h.remove() for h in handles]
+    s.values_per_step = len(handles) * len(S.DEFAULT_ACTIVATION_STATS)
+
+
+def _wandb(s: Setup, workdir: Path) -> None:
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ["WANDB_DIR"] = str(workdir)
+    import wandb  # noqa: F401  (ImportError is handled by the caller)
+
+    run = wandb.init(project="lnprobe-overhead", dir=str(workdir), mode="offline")
+    run.watch(s.model, log="all", log_freq=1)
+    # wandb.watch only commits its histograms with a log call, which training loops make every step.
+    s.after_backward = lambda loss: run.log({"loss": loss.item()})
+
+    def close() -> None:
+        run.unwatch(s.model)
+        run.finish()
+
+    s.close = close
+    n_params = sum(1 for p in s.model.parameters() if p.requires_grad)
+    s.values_per_step = 2 * n_params * 64
+
+
+def make_setup(name: str, bench: Bench, workdir: Path) -> Setup | str:
+    """Build configuration ``name``; a string says why it is skipped."""
+    model, opt = _make_model(bench)
+    s = Setup(name, model, opt)
+    if name in ("none", "none_control"):
+        s.values_per_step = 0
+    elif name == "lnprobe_every1":
+        _attach_probe(s, workdir / name, 1)
+    elif name == "lnprobe_every10":
+        _attach_probe(s, workdir / name, 10)
+    elif name == "lnprobe_all":
+        _attach_probe(s, workdir / name, 1, sites="all", stats="all")
+    elif name == "naive_item":
+        _naive_logger(s)
+    elif name == "hidden_states":
+        _hidden_states(s)
+    elif name == "wandb_watch":
+        try:
+            _wandb(s, workdir / name)
+        except ImportError:
+            return "skipped: wandb not installed"
+    else:
+        raise ValueError(f"unknown configuration {name!r}; expected one of {', '.join(CONFIGS)}")
+    return s
+
+
+def train_step(s: Setup, bench: Bench, x: torch.Tensor, y: torch.Tensor) -> str:
+    """One full training step; returns its kind: 'plain', 'record' or 'record+flush'."""
+    kind = "plain"
+    if s.probe is not None:
+        kind = "record" if s.step_index % s.every == 0 else "plain"
+        s.flushed[0] = False
+    with torch.autocast(bench.device.type, dtype=bench.amp_dtype or torch.float32, enabled=bench.amp_dtype is not None):
+        _, loss = s.model(x, y)
+    loss.backward()
+    s.after_backward(loss)
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+    s.step_index += 1
+    if s.flushed[0]:
+        kind = "record+flush"
+    return kind
+
+
+def _sync(bench: Bench) -> None:
+    if bench.device.type == "cuda":
+        torch.cuda.synchronize(bench.device)
+
+
+def time_configs(setups: list[Setup], bench: Bench, steps: int, warmup: int = 2) -> dict[str, dict[str, list[float]]]:
+    """Alternate the configurations step by step; return name -> kind -> step times in ms."""
+    x, y = bench.batch_tensors()
+    for s in setups:
+        for _ in range(warmup):
+            train_step(s, bench, x, y)
+    _sync(bench)
+    times: dict[str, dict[str, list[float]]] = {s.name: {} for s in setups}
+    for r in range(steps):
+        k = r % len(setups)
+        for s in setups[k:] + setups[:k]:  # rotate the order every round
+            _sync(bench)
+            t0 = time.perf_counter()
+            kind = train_step(s, bench, x, y)
+            _sync(bench)
+            times[s.name].setdefault(kind, []).append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def ms_per_step(name: str, kinds: dict[str, list[float]], every: int, flush_extra: float | None) -> tuple[float, str]:
+    """Σ_kind long-run frequency × median; returns (ms, note)."""
+    med = {k: statistics.median(v) for k, v in kinds.items()}
+    if name not in ("lnprobe_every1", "lnprobe_every10", "lnprobe_all"):
+        return med["plain"], ""
+    f_rec = 1.0 / every
+    f_flush = f_rec / DEFAULT_FLUSH_EVERY
+    note = ""
+    rec = med.get("record", med.get("record+flush"))
+    if "record+flush" in med and "record" in med:
+        flush = med["record+flush"] - med["record"]
+    elif flush_extra is not None:
+        flush, note = flush_extra, "flush cost borrowed"
+    else:
+        flush, note = 0.0, "flush not observed: excluded"
+    if rec is None:
+        return med["plain"], "no recorded step timed: underestimate"
+    plain = med.get("plain", rec)
+    return (1 - f_rec) * plain + f_rec * rec + f_flush * max(flush, 0.0), note
+
+
+# ----------------------------------------------------------------------------- memory (subprocess)
+def rss_high_water_mb() -> float:
+    """This process's RSS high-water mark in MiB.
+
+    Linux: VmHWM of /proc/self/status, which belongs to the current address space. ``ru_maxrss`` is
+    not used there because Linux carries it across fork + exec, so a child started by a large parent
+    would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_child(name: str, device: str, steps: int) -> dict:
+    """Run configuration ``name`` alone for ``steps`` steps; return its peak memory."""
+    bench = default_bench(device)
+    work = Path(tempfile.mkdtemp(prefix="lnprobe-mem-"))
+    try:
+        s = make_setup(name, bench, work)
+        if isinstance(s, str):
+            return {"skipped": s}
+        x, y = bench.batch_tensors()
+        train_step(s, bench, x, y)
+        if bench.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            train_step(s, bench, x, y)
+        out = {"rss_peak_mb": rss_high_water_mb()}
+        if bench.device.type == "cuda":
+            torch.cuda.synchronize()
+            out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        s.close()
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_memory(names: list[str], device: str, steps: int, threads: int | None, repeats: int = 1) -> dict[str, dict]:
+    """Peak memory of each configuration: the median over ``repeats`` fresh subprocesses (run in turn)."""
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for _ in range(repeats):
+        for name in names:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", name, "--device", device,
+                   "--steps", str(steps)] + (["--threads", str(threads)] if threads else [])
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
+            runs[name].append(json.loads(lines[-1]) if res.returncode == 0 and lines else {"error": res.stderr[-500:]})
+    out = {}
+    for name, rs in runs.items():
+        ok = [r for r in rs if "error" not in r and "skipped" not in r]
+        if not ok:
+            out[name] = rs[-1]
+            continue
+        out[name] = {k: statistics.median(r[k] for r in ok) for k in ok[0]}
+        out[name]["all"] = ok
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+@dataclass
+class Row:
+    config: str
+    label: str
+    ms_per_step: float | None
+    kinds: dict[str, float]  # kind -> median step time in ms
+    ratio: float | None
+    overhead_pct: float | None
+    peak_mb: float | None
+    mem_overhead_pct: float | None
+    values_per_step: float | None
+    n_steps: int
+    note: str
+
+
+def build_rows(names: list[str], setups: dict[str, Setup | str], times: dict, memory: dict, mem_key: str) -> list[Row]:
+    flush_extra = {}
+    for n in ("lnprobe_every1", "lnprobe_all", "lnprobe_every10"):
+        k = times.get(n, {})
+        if "record+flush" in k and "record" in k:
+            flush_extra[n] = statistics.median(k["record+flush"]) - statistics.median(k["record"])
+    borrow = {"lnprobe_every10": flush_extra.get("lnprobe_every1")}
+    ms: dict[str, tuple[float, str]] = {}
+    for n in names:
+        s = setups[n]
+        if isinstance(s, Setup):
+            ms[n] = ms_per_step(n, times[n], s.every, borrow.get(n))
+    base = ms.get("none", (None, ""))[0]
+    base_mem = memory.get("none", {}).get(mem_key)
+    rows = []
+    for n in names:
+        s = setups[n]
+        mem = memory.get(n, {}).get(mem_key)
+        if isinstance(s, str):
+            rows.append(Row(n, LABELS[n], None, {}, None, None, None, None, 0, s))
+            continue
+        t, note = ms[n]
+        ratio = t / base if base else None
+        kinds = {k: statistics.median(v) for k, v in times[n].items()}
+        if len(kinds) > 1:
+            detail = " / ".join(f"{k} {kinds[k]:.0f} ms ×{len(times[n][k])}" for k in ("plain", "record", "record+flush")
+                                if k in kinds)
+            note = f"{detail}{'; ' + note if note else ''}"
+        rows.append(Row(
+            n, LABELS[n], t, kinds, ratio, (ratio - 1) * 100 if ratio else None, mem,
+            (mem / base_mem - 1) * 100 if mem and base_mem else None,
+            s.values_per_step, sum(len(v) for v in times[n].values()), note,
+        ))
+    return rows
+
+
+def _f(v: float | None, fmt: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        width = fmt.split(".")[0]
+        return "-".rjust(int(width) if width.isdigit() else 1)
+    return format(v, fmt)
+
+
+def format_table(rows: list[Row], mem_label: str) -> str:
+    head = f"{'configuration':44s} {'ms/step':>9s} {'ratio':>6s} {'over %':>7s} {mem_label:>14s} {'mem %':>6s} {'values/step':>11s}  note"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.label:44s} {_f(r.ms_per_step, '9.1f')} {_f(r.ratio, '6.3f')} {_f(r.overhead_pct, '7.1f')} "
+                     f"{_f(r.peak_mb, '14.1f')} {_f(r.mem_overhead_pct, '6.2f')} {_f(r.values_per_step, '11.0f')}  {r.note}")
+    return "\n".join(lines)
+
+
+def coverage_notes(names: list[str]) -> str:
+    lines = ["Coverage is not comparable across rows; what each one records:"]
+    lines += [f"  {LABELS[n]}: {COVERAGE[n]}" for n in names]
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[Row], path: str | Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["config", "label", "ms_per_step", "ratio", "overhead_pct", "peak_mb", "mem_overhead_pct",
+                    "values_per_step", "timed_steps", "median_plain_ms", "median_record_ms", "median_record_flush_ms",
+                    "note"])
+        for r in rows:
+            w.writerow([r.config, r.label, r.ms_per_step, r.ratio, r.overhead_pct, r.peak_mb, r.mem_overhead_pct,
+                        r.values_per_step, r.n_steps, r.kinds.get("plain"), r.kinds.get("record"),
+                        r.kinds.get("record+flush"), r.note])
+
+
+def run_benchmark(names: list[str], device: str, steps: int, mem_steps: int, threads: int | None,
+                  csv_path: str | None = None, memory: bool = True, mem_repeats: int = 3) -> list[Row]:
+    """Time ``names`` alternated, measure their peak memory in subprocesses, print and return the table."""
+    bench = default_bench(device)
+    load0 = os.getloadavg()
+    print(f"device {bench.device} · preset {bench.preset} · batch {bench.batch}×{bench.seq} · "
+          f"{'bf16 autocast' if bench.amp_dtype else 'float32'} · torch {torch.__version__} · "
+          f"{torch.get_num_threads()} threads · {steps} timed steps per configuration, alternated")
+    print(f"load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} ({os.cpu_count()} CPUs)")
+    work = Path(tempfile.mkdtemp(prefix="lnprobe-overhead-"))
+    try:
+        setups = {n: make_setup(n, bench, work) for n in names}
+        live = [s for s in setups.values() if isinstance(s, Setup)]
+        t0 = time.perf_counter()
+        times = time_configs(live, bench, steps)
+        wall = time.perf_counter() - t0
+        for s in live:
+            s.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    mem_key = "cuda_peak_mb" if bench.device.type == "cuda" else "rss_peak_mb"
+    mem_names = [n for n in names if n != "none_control"]
+    mem = measure_memory(mem_names, device, mem_steps, threads, mem_repeats) if memory else {}
+    rows = build_rows(names, setups, times, mem, mem_key)
+    load1 = os.getloadavg()
+    mem_label = "peak CUDA MB" if bench.device.type == "cuda" else "peak RSS MB"
+    print(format_table(rows, mem_label))
+    print(f"ms/step: Σ_kind frequency × median step time per kind (unrecorded / recorded / recorded+flush); "
+          f"ratio to '{LABELS['none']}'.")
+    print(f"memory: {'torch.cuda.max_memory_allocated' if bench.device.type == 'cuda' else 'process RSS high-water mark (VmHWM)'}"
+          f", median of {mem_repeats} fresh subprocesses per configuration, {mem_steps} steps each; "
+          "every child imports lnprobe.")
+    print(coverage_notes(names))
+    print(f"timing wall {wall:.0f} s; load average at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    for r in rows:
+        if r.config in mem and "error" in mem[r.config]:
+            print(f"memory child {r.config} failed: {mem[r.config]['error']}")
+    if csv_path:
+        write_csv(rows, csv_path)
+        print(f"wrote {csv_path}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 30, quick 10)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="few steps, short memory runs: a smoke test")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--csv", default=None, help="write the table as CSV to this path")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-control", action="store_true", help="leave out the A/A control (a 2nd unprobed copy)")
+    p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    steps = a.steps if a.steps is not None else (10 if a.quick else 30)
+    if a.memory_child:
+        print(json.dumps(memory_child(a.memory_child, a.device, steps)))
+        return 0
+    names = [n.strip() for n in a.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configuration(s) {unknown}; expected names from {','.join(CONFIGS)}")
+    if "none" not in names:
+        names.insert(0, "none")
+    if a.no_control and "none_control" in names:
+        names.remove("none_control")
+    mem_steps = 3 if a.quick else DEFAULT_FLUSH_EVERY + 2
+    run_benchmark(names, a.device, steps, mem_steps, a.threads, a.csv, memory=not a.no_memory,
+                  mem_repeats=1 if a.quick else 3)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
