@@ -653,6 +653,8 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
                 reason = f"loss is {last_loss} at step {step}"
                 probe.update_meta(divergence={"step": step, "reason": reason, "loss": str(last_loss), "lr": lr})
                 break
+            if not probe.schedule(step):  # loss curve at every step, not only on probed steps
+                probe.log_scalars({"loss": last_loss, "lr": lr}, step=step)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(opt)
