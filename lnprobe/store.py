@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa  # imported with the writer, so the first flush of a run does not pay for it
+import pyarrow.parquet as pq
 
 RECORD_COLUMNS = ("step", "site", "layer", "stat", "value", "token", "channel")
 _PART_RE = re.compile(r"^part-(\d+)\.parquet$")
@@ -100,9 +102,6 @@ class RunWriter:
         """Write one part atomically; returns its path (None for an empty frame)."""
         if frame.empty:
             return None
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         path = self.records_dir / f"part-{self._next:06d}.parquet"
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         table = pa.Table.from_pandas(frame[list(RECORD_COLUMNS)], preserve_index=False)
