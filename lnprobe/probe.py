@@ -144,6 +144,7 @@ class Probe:
         self._handles: list[Any] = []
         self._buffer: list[_StepEntry] = []
         self._layouts: dict[tuple, _Layout] = {}
+        self._act_index: dict[tuple, torch.Tensor] = {}  # see _act_select
         self._failed_points: set = set()
         self._plans: dict[Any, S.StatPlan] = {}
         self._scalars: list[tuple[int, str, float]] = []
@@ -394,26 +395,33 @@ class Probe:
         device = None
         scale = _loss_scale(scaler)
         n_recorded = 0
-        for (site, layer), acc in self._acc.items():
-            if acc.parts:
-                v, loc = S.finalize_activation(acc.parts, acc.stats)
-                values.append(v)
-                locs.append(loc)
+        # All sites in one batched finalize (a fixed handful of kernels instead of dozens per site:
+        # tiny kernel launches dominate the step cost on a GPU). Activation rows first, then gradients.
+        act = [(key, acc) for key, acc in self._acc.items() if acc.parts]
+        if act:
+            full, full_loc = S.finalize_activations([acc.parts for _, acc in act])  # (G, 12), (2, G, 12)
+            sel = self._act_select(tuple(acc.stats for _, acc in act), full.device)  # (K_act,)
+            values.append(full.reshape(-1).index_select(0, sel))
+            locs.append(full_loc.reshape(2, -1).index_select(1, sel))
+            for (site, layer), acc in act:
                 keys.extend((site, layer, s) for s in acc.stats)
                 if dist_on:
                     for s in acc.stats:
                         kinds.append(D.ACTIVATION_KIND[s])
                         weights.append(acc.n_tok if s in D.PER_TOKEN_STATS else acc.n_elem)
-                device = device or v.device
-                n_recorded += 1
-            if acc.grads:
-                g = S.finalize_gradient(acc.grads, scale)
-                values.append(g)
-                locs.append(torch.full((2, 2), float("nan"), dtype=torch.float64, device=g.device))
+            device = full.device
+            n_recorded = len(act)
+        grads = [(key, acc) for key, acc in self._acc.items() if acc.grads]
+        if grads:
+            g = S.finalize_gradients([acc.grads for _, acc in grads], scale)  # (G2, 2)
+            values.append(g.reshape(-1))
+            locs.append(torch.full((2, g.numel()), float("nan"), dtype=torch.float64, device=g.device))
+            for (site, layer), acc in grads:
                 keys.extend((site, layer, s) for s in S.GRADIENT_STATS)
                 if dist_on:
                     kinds.extend(D.GRADIENT_KIND[s] for s in S.GRADIENT_STATS)
                     weights.extend(acc.g_elem for _ in S.GRADIENT_STATS)
+            device = device or g.device
         if n_recorded == 0 and self._acc and not self.model.training and not self.record_all and not self._warned_eval:
             self._warned_eval = True
             warnings.warn("lnprobe: no forward recorded at this step because the model is in eval mode; "
@@ -440,10 +448,15 @@ class Probe:
                     weights += [w, w]
         else:
             gn = None
-        for _, w, b, off in self._gain_entries:
-            wl = _local(named[w]) if w else None
-            bl = _local(named[b]) if b else None
-            gs = _gain_values(wl, off, bl)
+        entries = [(w, b, off, _local(named[w]) if w else None, _local(named[b]) if b else None)
+                   for _, w, b, off in self._gain_entries]
+        batched = None
+        if entries and all((wl is None or wl.numel()) and (bl is None or bl.numel()) for *_, wl, bl in entries) \
+                and len({t.device for *_, wl, bl in entries for t in (wl, bl) if t is not None}) == 1:
+            # every norm in one fused reduction (no empty FSDP2 shard, one device)
+            batched = S.gain_stats_many([e[3] for e in entries], [e[2] for e in entries], [e[4] for e in entries])
+        for i, (w, b, off, wl, bl) in enumerate(entries):
+            gs = batched[i] if batched is not None else _gain_values(wl, off, bl)
             if w is not None:
                 values.append(gs[:2])
                 keys.extend([(f"param:{w}", self._param_layer(w), "gain_ms"), (f"param:{w}", self._param_layer(w), "gain_absmax")])
@@ -459,8 +472,12 @@ class Probe:
             device = device or gs.device
 
         train_vals, train_keys = [], []
+        if device is None:
+            device = loss.device if torch.is_tensor(loss) else torch.device("cpu")
         if loss is not None:
-            lt = loss.detach().double().reshape(()) if torch.is_tensor(loss) else torch.tensor(float(loss), dtype=torch.float64)
+            # a host float becomes a device tensor by a fill, not by a host-to-device copy (a sync)
+            lt = loss.detach().double().reshape(()) if torch.is_tensor(loss) else \
+                torch.full((), float(loss), dtype=torch.float64, device=device)
             train_vals += [lt, (~torch.isfinite(lt)).double()]
             train_keys += ["loss", "nonfinite_loss"]
         if gn is not None:
@@ -471,10 +488,8 @@ class Probe:
                 train_vals.append((~torch.isfinite(total)).double())
                 train_keys.append("skipped")
         if lr is not None:
-            train_vals.append(torch.tensor(float(lr), dtype=torch.float64))
+            train_vals.append(torch.full((), float(lr), dtype=torch.float64, device=device))
             train_keys.append("lr")
-        if device is None:
-            device = train_vals[0].device if train_vals else torch.device("cpu")
         if train_vals:
             values.append(torch.stack([t.to(device) for t in train_vals]))
             keys.extend(("train", -1, s) for s in train_keys)
@@ -494,6 +509,25 @@ class Probe:
             entry.weights = np.asarray(weights, dtype=np.float64)
             entry.kinds = np.asarray(kinds, dtype=np.int8)
         self._buffer.append(entry)
+
+    def _act_select(self, stats: tuple[tuple[str, ...], ...], device: torch.device) -> torch.Tensor:
+        """Flat indices of the requested statistics in the ``(G, 12)`` matrix of
+        ``S.finalize_activations``; built once per layout and device, then cached.
+
+        On CUDA the index goes up from pinned memory without blocking (no sync even the first time).
+        """
+        key = (stats, device)
+        idx = self._act_index.get(key)
+        if idx is None:
+            n = len(S.ACTIVATION_STATS)
+            host = torch.tensor([g * n + S.ACTIVATION_STATS.index(s) for g, st in enumerate(stats) for s in st],
+                                dtype=torch.long)
+            if device.type == "cuda":
+                idx = host.pin_memory().to(device, non_blocking=True)
+            else:
+                idx = host.to(device)
+            self._act_index[key] = idx
+        return idx
 
     def _current_params(self) -> list[tuple[str, torch.Tensor]]:
         return list(self.model.named_parameters()) if self._fsdp else self._params
