@@ -83,7 +83,9 @@ def test_train_resume_flag(tmp_path, corpus):
     run = lnprobe.load_run(out)
     assert run.meta["resumed_from"] == [3] and run.meta["status"] == "finished"
     loss = run.records[(run.records["stat"] == "loss")]
-    assert sorted(loss["step"]) == [0, 2, 4]  # every=10: step 0, the last of 3 steps, then the last of 5
+    assert sorted(loss["step"]) == [0, 1, 2, 3, 4]  # a loss row at every step, none twice after resume
+    resid = run.records[run.records["site"] == "resid"]
+    assert sorted(resid["step"].unique()) == [0, 2, 4]  # every=10: step 0, the last of 3 steps, then the last of 5
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -153,7 +155,7 @@ def test_export_tensorboard(trained, tmp_path, capsys):
     r = lnprobe.load_run(trained).records
     loss = r[(r["site"] == "train") & (r["stat"] == "loss")].sort_values("step")
     ev = acc.Scalars("train/loss")
-    assert [e.step for e in ev] == loss["step"].tolist() == [0, 2, 4]
+    assert [e.step for e in ev] == loss["step"].tolist() == [0, 1, 2, 3, 4]
     np.testing.assert_allclose([e.value for e in ev], loss["value"], rtol=1e-6)  # events hold float32
 
 
