@@ -20,7 +20,7 @@ every round), so load drift on a shared machine hits all of them alike. Steps ar
 (on CUDA between two ``torch.cuda.synchronize()``). A probed run has steps of different kinds
 (unrecorded, recorded, recorded + Parquet flush); ms/step is Σ_kind frequency × median time of that
 kind, with the long-run frequencies of the schedule (1/every recorded, 1/(every·flush_every)
-flushed). That is a robust estimate of the mean cost per step; a flush never seen in the timed
+flushed); the one-off cost of a process's first flush (lazy imports) is paid before timing. That is a robust estimate of the mean cost per step; a flush never seen in the timed
 window borrows its extra cost from the configuration with the same sites and statistics. Peak
 memory is measured in fresh subprocesses, one configuration each (median of 3; 1 with --quick):
 the process RSS high-water mark (VmHWM) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
@@ -265,6 +265,11 @@ def time_configs(setups: list[Setup], bench: Bench, steps: int, warmup: int = 2)
     for s in setups:
         for _ in range(warmup):
             train_step(s, bench, x, y)
+        if s.probe is not None:
+            # The first flush of a process pays one-off costs (pyarrow/pandas lazy imports, the first
+            # Parquet write: seconds on a loaded machine). A training run pays them once, so they stay
+            # out of the timed window.
+            s.probe.flush()
     _sync(bench)
     times: dict[str, dict[str, list[float]]] = {s.name: {} for s in setups}
     for r in range(steps):
@@ -477,9 +482,10 @@ def run_benchmark(names: list[str], device: str, steps: int, mem_steps: int, thr
     print(format_table(rows, mem_label))
     print(f"ms/step: Σ_kind frequency × median step time per kind (unrecorded / recorded / recorded+flush); "
           f"ratio to '{LABELS['none']}'.")
-    print(f"memory: {'torch.cuda.max_memory_allocated' if bench.device.type == 'cuda' else 'process RSS high-water mark (VmHWM)'}"
-          f", median of {mem_repeats} fresh subprocesses per configuration, {mem_steps} steps each; "
-          "every child imports lnprobe.")
+    if memory:
+        print(f"memory: {'torch.cuda.max_memory_allocated' if bench.device.type == 'cuda' else 'process RSS high-water mark (VmHWM)'}"
+              f", median of {mem_repeats} fresh subprocesses per configuration, {mem_steps} steps each; "
+              "every child imports lnprobe.")
     print(coverage_notes(names))
     print(f"timing wall {wall:.0f} s; load average at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     for r in rows:
