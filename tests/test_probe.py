@@ -58,12 +58,18 @@ def test_records_have_the_schema_and_meta(tmp_path):
     assert train["loss"] == pytest.approx(loss.item()) and train["lr"] == 1e-3
 
 
+def hook_block_inputs(model, store, detach):
+    """Our own record of each block's input (registered after attach, so the discovery trace is not seen)."""
+    keep = (lambda t: t.detach().clone()) if detach else (lambda t: t)
+    return [b.register_forward_pre_hook(lambda m, a: store.append(keep(a[0]))) for b in model.transformer.h]
+
+
 def test_resid_stats_equal_the_stream_seen_by_own_hooks(tmp_path):
     model = make()
     x, y = batch(1)
     seen = []
     with lnprobe.attach(model, tmp_path / "run") as probe:
-        hs = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone())) for b in model.transformer.h]
+        hs = hook_block_inputs(model, seen, detach=True)
         _, loss = model(x, y)
         loss.backward()
         probe.step(loss=loss)
@@ -80,7 +86,7 @@ def test_param_grad_norm_and_resid_grad_rms_match_autograd(tmp_path):
     x, y = batch(2)
     held = []
     with lnprobe.attach(model, tmp_path / "run") as probe:
-        hs = [b.register_forward_pre_hook(lambda m, a: held.append(a[0])) for b in model.transformer.h]
+        hs = hook_block_inputs(model, held, detach=False)
         _, loss = model(x, y)
         ref = torch.autograd.grad(loss, held, retain_graph=True)
         loss.backward()
