@@ -104,7 +104,10 @@ class RunWriter:
             return None
         path = self.records_dir / f"part-{self._next:06d}.parquet"
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        table = pa.Table.from_pandas(frame[list(RECORD_COLUMNS)], preserve_index=False)
+        # nthreads=1: for large frames pyarrow otherwise converts columns on a Python thread pool,
+        # which refuses work during interpreter shutdown, where the atexit flush of an unclosed
+        # probe runs; the buffered steps would be lost.
+        table = pa.Table.from_pandas(frame[list(RECORD_COLUMNS)], preserve_index=False, nthreads=1)
         pq.write_table(table, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

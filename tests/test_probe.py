@@ -295,6 +295,33 @@ def test_killed_process_keeps_flushed_steps(tmp_path):
     assert run.meta["status"] == "running"
 
 
+def test_unclosed_probe_flushes_large_buffer_at_interpreter_exit(tmp_path):
+    # An uncaught exception ends the script without close(): the atexit handler must still write
+    # every buffered step. Several thousand rows make pyarrow convert columns on a thread pool by
+    # default, which refuses work during interpreter shutdown.
+    script = textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {os.path.dirname(__file__)!r}); sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
+        import lnprobe
+        from nanogpt import NanoGPT
+        torch.manual_seed(0)
+        model = NanoGPT(vocab=64, block_size=16)
+        probe = lnprobe.attach(model, {str(tmp_path / 'run')!r}, flush_every=1000)
+        x = torch.randint(0, 64, (2, 16))
+        for step in range(12):
+            model(x, x)[1].backward()
+            probe.step()
+        raise SystemExit("training loop died")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert b"Traceback" not in proc.stderr, proc.stderr.decode()
+    run = lnprobe.load_run(tmp_path / "run")
+    assert len(run.records) > 2000  # well above pyarrow's threading threshold
+    assert sorted(run.records.step.unique()) == list(range(12))
+    assert run.meta["status"] == "interrupted"
+
+
 def test_corrupt_part_is_reported_and_skipped(tmp_path):
     model = make()
     with lnprobe.attach(model, tmp_path / "run", flush_every=1) as probe:
