@@ -9,13 +9,15 @@ input dtype.
 Two stages:
 
 1. ``reduce_activation(x)`` / ``reduce_gradient(g)`` turn one forward call's tensor into a *partial*:
-   additive per-token sums, top-k candidates, counts and a subsample for the median. Partials of
-   several micro-batches (gradient accumulation) merge exactly: sums add, maxima take the max of
-   maxima.
+   only what needs the tensor itself — sums over tokens, the candidate rows for top-k, counts and a
+   subsample for the median — in as few operations as possible (each one is a dispatch of several
+   microseconds on CPU and a kernel launch on a GPU, and hooks run dozens of times per step).
+   Partials of several micro-batches (gradient accumulation) merge exactly: sums add, maxima take
+   the max of maxima.
 2. ``finalize_activations(groups)`` / ``finalize_gradients(groups)`` merge the partials of one
-   optimizer step for MANY sites at once (a fixed, small number of kernels whatever the number of
-   sites: tiny kernel launches dominate on a GPU). ``finalize_activation`` / ``finalize_gradient``
-   are the one-site forms.
+   optimizer step for MANY sites at once: top-k values and locations, medians and ratios for all
+   sites in a number of operations that grows with the number of distinct tensor shapes, not of
+   sites. ``finalize_activation`` / ``finalize_gradient`` are the one-site forms.
 
 Definitions (x flattened to ``(N, D)`` tokens × channels; ``token`` is the sequence position, the
 second-to-last dimension of x, so batch rows are folded together):
@@ -45,8 +47,8 @@ and device are one); on accelerators, where that would be a sync, each count is 
 float pass ``2^17·|x| − 2^17·t``, a clamp and a sum (no bool tensors; |x| is computed once).
 Temporaries of the activation's size: none on CPU for float32 input (a float32 copy for other
 dtypes), at most two on accelerators (|x| and a scratch buffer), one more for kurtosis; all are
-freed before the hook returns. ``finalize_activations`` merges all sites of a step in a fixed
-number of kernels.
+freed before the hook returns. A partial keeps at most 3 rows of the activation (top-k candidates),
+the median sample and a few scalars until the step is finalized.
 """
 from __future__ import annotations
 
@@ -73,10 +75,6 @@ LOCATED_STATS = frozenset({"absmax", "top1", "top2", "top3"})
 # The default set leaves out only per-token kurtosis (it needs a centred copy of the tensor).
 DEFAULT_ACTIVATION_STATS: tuple[str, ...] = tuple(s for s in ACTIVATION_STATS if s != "kurtosis")
 
-# Index of each field in a partial's scalar vector (float64); every field adds over micro-batches.
-_SUMSQ, _SUMVAR, _SUMKURT, _NONFINITE, _OVER16, _MASSIVE, _NELEM, _NTOK = range(8)
-_N_SCALARS = 8
-
 # Counting |x| > t with float arithmetic: for float32 a = |x| and a threshold t ≥ 64, a > t implies
 # a − t ≥ ulp(t) ≥ 2^-17, so clamp(2^17·a − 2^17·t, 0, 1) is exactly 1 where a > t and 0 elsewhere
 # (NaN stays NaN and is skipped by nansum; Inf gives 1). Scaling by a power of two is exact.
@@ -102,23 +100,32 @@ def check_stats(stats: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 
 @dataclass
 class ActivationPartial:
-    """Mergeable reduction of one forward call. All tensors live on the activation's device."""
+    """Mergeable reduction of one forward call. All tensors live on the activation's device and none
+    is a view of the activation: a partial lives until ``probe.step()``.
 
-    scalars: torch.Tensor  # (8,) float64: Σx², Σ_tok D·var, Σ_tok kurt, #nonfinite, #>fp16, #massive, n_elem, n_tok
-    top_vals: torch.Tensor | None  # (3,) float32: largest |x|; -inf pads tensors of < 3 elements
-    top_tok: torch.Tensor | None  # (3,) int64: sequence position of each (-1 for padding)
-    top_ch: torch.Tensor | None  # (3,) int64: channel of each (-1 for padding)
-    sample: torch.Tensor | None  # (n,) float32, n ≤ MEDIAN_SAMPLE: subsample of |x| for the median
+    Only what needs the activation itself is computed in the hook; turning the top-k candidate rows
+    into values and locations, and the medians, happens in ``finalize_activations`` for all sites of
+    a step at once (a fixed number of kernels instead of a dozen per site).
+    """
+
     n_elem: int
     n_tok: int
+    d: int  # channels: the last dimension
+    t: int  # sequence length: the second-to-last dimension (token positions are taken modulo t)
+    sums: torch.Tensor | None = None  # (3,) float64: Σ_tok Σx², Σ_tok D·var, Σ_tok kurtosis; entries of
+    #   statistics that the plan left out repeat Σx² and are never read
+    counts: torch.Tensor | None = None  # (3,) float64: #nonfinite, #>fp16, #massive; None means all zero
+    cand: torch.Tensor | None = None  # (k, D) float32: the k rows (tokens) with the largest max |x|, signed
+    cand_tok: torch.Tensor | None = None  # (k,) int64: flat token index of each row (0..N-1)
+    sample: torch.Tensor | None = None  # (n,) float32, n ≤ MEDIAN_SAMPLE: subsample of |x| for the median
 
 
 @dataclass
 class GradientPartial:
-    sumsq: torch.Tensor  # () float64
-    absmax: torch.Tensor  # () float64
+    """Reduction of one hidden-state gradient: ``packed (3,)`` float32 = ‖g‖₂, max g, min g."""
+
+    packed: torch.Tensor
     n_elem: int
-    packed: torch.Tensor | None = None  # (3,) float64: sumsq, absmax, n_elem (sumsq, absmax are views of it)
 
 
 @dataclass
@@ -130,6 +137,7 @@ class StatPlan:
     var: bool = field(init=False)
     kurtosis: bool = field(init=False)
     topk: bool = field(init=False)
+    rows: int = field(init=False)  # candidate rows for top-k: 3 when top2/top3 are asked for, else 1
     median: bool = field(init=False)
     counts: bool = field(init=False)
     nonfinite: bool = field(init=False)
@@ -142,6 +150,7 @@ class StatPlan:
         self.var = "var" in s
         self.kurtosis = "kurtosis" in s
         self.topk = bool(s & LOCATED_STATS)
+        self.rows = TOPK if s & {"top2", "top3"} else 1
         self.median = bool(s & {"median_abs", "massive"})
         self.counts = bool(s & {"nonfinite", "over_fp16", "massive"})
         self.nonfinite = "nonfinite" in s
@@ -157,37 +166,39 @@ def _median_stride(numel: int, d: int) -> int:
     return stride
 
 
-def _count_above(a: torch.Tensor, threshold: torch.Tensor, buf: torch.Tensor, out: torch.Tensor) -> None:
-    """Per-token count of a > threshold into ``out (N,)``; ``threshold`` is a 0-d float32 tensor ≥ 64.
+def _count_above(a: torch.Tensor, threshold: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Count of a > threshold as a 0-d float64 tensor; ``threshold`` is a 0-d float32 tensor ≥ 64.
 
     ``buf`` is scratch of a's shape. Three passes and no bool tensor (see ``_COUNT_SCALE``).
     """
     torch.add(threshold * -_COUNT_SCALE, a, alpha=_COUNT_SCALE, out=buf)  # (N, D) 2^17·(a − t)
     buf.clamp_(0.0, 1.0)  # 1 where a > t, 0 where a ≤ t, NaN where a is NaN
-    torch.nansum(buf, -1, out=out)
+    return torch.nansum(buf, dtype=torch.float64)
 
 
-def _count_rows(xf: torch.Tensor, tok_max: torch.Tensor, sample: torch.Tensor | None, plan: StatPlan,
-                rows: torch.Tensor) -> None:
-    """CPU only: the counts, reading only the tokens that can hold a counted element.
+def _count_rows(xf: torch.Tensor, tok_max: torch.Tensor, sample: torch.Tensor | None, plan: StatPlan) -> torch.Tensor | None:
+    """CPU only: the counts ``(3,)``, reading only the tokens that can hold a counted element.
 
     Every counted element has |x| > 100 (massive), > 65504 (over_fp16) or is not finite, so it lies
     in a token whose max |x| exceeds the smallest of the thresholds asked for, or is NaN. Usually
-    there is no such token and the counts cost one comparison of the (N,) token maxima.
+    there is no such token: the counts then cost one comparison of the (N,) token maxima and are
+    None (all zero).
     """
     floor = MASSIVE_ABS if plan.massive else FP16_MAX if plan.over_fp16 else torch.finfo(torch.float32).max
-    idx = (~(tok_max <= floor)).nonzero().squeeze(1)  # (B,) NaN compares False: NaN tokens are kept
+    idx = (tok_max <= floor).logical_not_().nonzero().squeeze(1)  # (B,) NaN compares False: NaN tokens are kept
     if not idx.numel():  # a data-dependent size: free on CPU, a host sync on an accelerator
-        return
+        return None
     sub = xf.index_select(0, idx)  # (B, D)
     a = sub.abs()
+    counts = torch.zeros(3, dtype=torch.float64)
     if plan.nonfinite:
-        rows[_NONFINITE].index_copy_(0, idx, (~torch.isfinite(sub)).sum(-1, dtype=rows.dtype))
+        counts[0] = (~torch.isfinite(sub)).sum()
     if plan.over_fp16:
-        rows[_OVER16].index_copy_(0, idx, (a > FP16_MAX).sum(-1, dtype=rows.dtype))
+        counts[1] = (a > FP16_MAX).sum()
     if plan.massive:
         thr = sample.median() * MASSIVE_RATIO
-        rows[_MASSIVE].index_copy_(0, idx, ((a > MASSIVE_ABS) & (a >= thr)).sum(-1, dtype=rows.dtype))
+        counts[2] = ((a > MASSIVE_ABS) & (a >= thr)).sum()
+    return counts
 
 
 def reduce_activation(x: torch.Tensor, plan: StatPlan) -> ActivationPartial:
@@ -196,30 +207,29 @@ def reduce_activation(x: torch.Tensor, plan: StatPlan) -> ActivationPartial:
     t = x.shape[-2] if x.dim() >= 2 else 1
     xd = x.detach().reshape(-1, d)  # (N, D), N = tokens of all batch rows
     n_tok, n_elem = xd.shape[0], xd.numel()
+    part = ActivationPartial(n_elem, n_tok, d, t)
+    if n_elem == 0:
+        return part
     own = xd.dtype != torch.float32
     xf = xd.float() if own else xd  # (N, D) float32; a copy (ours to overwrite) only for other dtypes
-    # Per-token contribution of every additive field; one float64 sum over tokens at the end.
-    rows = xf.new_zeros((_NELEM, n_tok))  # (6, N)
-    top_vals = top_tok = top_ch = sample = None
-    if n_elem == 0:
-        return ActivationPartial(_scalars(rows, 0, n_tok), None, None, None, None, 0, n_tok)
 
-    if plan.moments or plan.var:
-        torch.linalg.vector_norm(xf, dim=-1, out=rows[_SUMSQ])  # (N,) sqrt Σx², no temporary
-        rows[_SUMSQ].square_()
-        if plan.var and not plan.kurtosis:
+    # Per-token sums, then one float64 sum over tokens.
+    if plan.moments or plan.var or plan.kurtosis:
+        sq = torch.linalg.vector_norm(xf, dim=-1).square_()  # (N,) Σx² per token, no (N, D) temporary
+        dvar = kurt = sq
+        if plan.kurtosis:
+            c = xf - xf.mean(-1, keepdim=True)  # (N, D) centred per token
+            c.square_()
+            dvar = c.sum(-1)  # (N,) D · per-token variance
+            m4 = torch.linalg.vector_norm(c, dim=-1).square_().div_(d)  # (N,) mean of the 4th power
+            del c
+            # a token with zero variance also has m4 = 0, so it contributes 0 / 1e-30 = 0
+            kurt = m4.div_((dvar / d).square_().clamp_min_(1e-30))
+        elif plan.var:
             s1 = xf.sum(-1)  # (N,)
-            # Σx² − (Σx)²/D = D · per-token variance (divided by n_elem at the end); the clamp guards
-            # rounding below zero
-            torch.addcmul(rows[_SUMSQ], s1, s1, value=-1.0 / d, out=rows[_SUMVAR]).clamp_min_(0.0)
-    if plan.kurtosis:
-        c = xf - xf.mean(-1, keepdim=True)  # (N, D) centred per token
-        c.square_()
-        c2 = torch.sum(c, -1, out=rows[_SUMVAR])  # (N,) D · per-token variance
-        m4 = torch.linalg.vector_norm(c, dim=-1).square_().div_(d)  # (N,) mean of the 4th power
-        del c
-        # a token with zero variance also has m4 = 0, so it contributes 0 / 1e-30 = 0
-        torch.div(m4, (c2 / d).square_().clamp_min_(1e-30), out=rows[_SUMKURT])
+            # Σx² − (Σx)²/D = D · per-token variance; the clamp guards rounding below zero
+            dvar = torch.addcmul(sq, s1, s1, value=-1.0 / d, out=s1).clamp_min_(0.0)
+        part.sums = torch.stack([sq, dvar, kurt]).sum(1, dtype=torch.float64)  # (3,)
 
     # Counts are almost always 0, and every counted element lies in a token whose max |x| (or NaN)
     # says so. On CPU, host and device are one, so the counts look only at those tokens
@@ -238,51 +248,42 @@ def reduce_activation(x: torch.Tensor, plan: StatPlan) -> ActivationPartial:
 
     if plan.topk:
         # Exact top-k from one pass: the k largest elements lie in the k tokens with the largest
-        # per-token maximum, so only those k rows get a second look.
-        kt, k = min(TOPK, n_tok), min(TOPK, n_elem)
-        _, tok_idx = tok_max.topk(kt)  # (kt,)
-        cand = (a if a is not None else xf).index_select(0, tok_idx)  # (kt, D)
-        top_vals, flat = cand.abs_().reshape(-1).topk(k)  # (k,)
-        top_tok = tok_idx[flat // d] % t
-        top_ch = flat % d
-        if k < TOPK:  # fewer than 3 elements in the tensor
-            pad = TOPK - k
-            top_vals = torch.cat([top_vals, top_vals.new_full((pad,), -math.inf)])
-            top_tok = torch.cat([top_tok, top_tok.new_full((pad,), -1)])
-            top_ch = torch.cat([top_ch, top_ch.new_full((pad,), -1)])
+        # per-token maximum, so only those rows are kept (finalize_activations picks the elements).
+        _, part.cand_tok = tok_max.topk(min(plan.rows, n_tok))  # (k,)
+        part.cand = (a if a is not None else xf).index_select(0, part.cand_tok)  # (k, D) a copy
 
     if plan.median:
         strided = (a if a is not None else xf).reshape(-1)[:: _median_stride(n_elem, d)]
         # a copy, never a view: a view would keep the whole temporary alive until the step ends
-        sample = strided.contiguous() if a is not None else strided.abs()  # (≤MEDIAN_SAMPLE,)
+        part.sample = strided.contiguous() if a is not None else strided.abs()  # (≤MEDIAN_SAMPLE,)
 
     if plan.counts and skip_rows:
-        _count_rows(xf, tok_max, sample, plan, rows)
+        part.counts = _count_rows(xf, tok_max, part.sample, plan)
     elif plan.counts:
         buf = torch.empty_like(xf)  # (N, D) scratch
+        zero = torch.zeros((), dtype=torch.float64, device=xf.device)
+        counts = [zero, zero, zero]
         if plan.nonfinite:
             src = a if a is not None else xf
             torch.sub(src, src, out=buf).nan_to_num_(1.0)  # x − x is NaN exactly at NaN and ±Inf
-            torch.sum(buf, -1, out=rows[_NONFINITE])
+            counts[0] = buf.sum(dtype=torch.float64)
         if plan.over_fp16:
-            _count_above(a, a.new_full((), FP16_MAX), buf, rows[_OVER16])
+            counts[1] = _count_above(a, a.new_full((), FP16_MAX), buf)
         if plan.massive:
             # |x| > 100 and |x| ≥ 1000·median  ⇔  |x| > max(100, the float below 1000·median)
-            thr = (sample.median() * MASSIVE_RATIO).mul_(_BELOW).clamp_min_(MASSIVE_ABS)
-            _count_above(a, thr, buf, rows[_MASSIVE])
+            thr = (part.sample.median() * MASSIVE_RATIO).mul_(_BELOW).clamp_min_(MASSIVE_ABS)
+            counts[2] = _count_above(a, thr, buf)
         del buf
+        part.counts = torch.stack(counts)  # (3,)
+    return part
 
-    return ActivationPartial(_scalars(rows, n_elem, n_tok), top_vals, top_tok, top_ch, sample, n_elem, n_tok)
 
-
-def _scalars(rows: torch.Tensor, n_elem: int, n_tok: int) -> torch.Tensor:
-    """``(8,)`` float64: the token sums of ``rows (6, N)``, then n_elem and n_tok (exact in float64)."""
-    if rows.device.type == "cpu":
-        n = torch.tensor([n_elem, n_tok], dtype=torch.float64)
-    else:  # two fills: a tensor from a Python list would be a host-to-device copy
-        n = torch.full((2,), n_elem, dtype=torch.float64, device=rows.device)
-        n[1] = n_tok
-    return torch.cat([rows.sum(1, dtype=torch.float64), n])
+def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """A small float64 tensor from host numbers without a host sync (pinned, non-blocking on CUDA)."""
+    host = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _stack_groups(groups: Sequence[Sequence[Any]], get: Callable[[Any], torch.Tensor | None], pad: torch.Tensor | None) -> torch.Tensor:
@@ -299,6 +300,53 @@ def _stack_groups(groups: Sequence[Sequence[Any]], get: Callable[[Any], torch.Te
     return torch.stack(items).reshape(len(groups), m, *items[0].shape)
 
 
+def _top_candidates(parts: list[ActivationPartial], device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """Per part ``(values (3,), token (3,), channel (3,))``: the 3 largest |x| among its candidate rows.
+
+    Parts with equal candidate shape and sequence length go through one batched ``topk``. Missing
+    entries (no candidates, fewer than 3 elements) are -inf with token and channel -1.
+    """
+    ninf = torch.full((TOPK,), -math.inf, device=device)
+    neg1 = torch.full((TOPK,), -1, dtype=torch.long, device=device)
+    out: list[tuple[torch.Tensor, ...]] = [(ninf, neg1, neg1)] * len(parts)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, p in enumerate(parts):
+        if p.cand is not None:
+            by_shape.setdefault((tuple(p.cand.shape), p.t), []).append(i)
+    for ((k, d), t), idx in by_shape.items():
+        cand = torch.stack([parts[i].cand for i in idx]).abs_().reshape(len(idx), k * d)  # (P, k·D)
+        kk = min(TOPK, k * d)
+        vals, flat = cand.topk(kk, dim=1)  # (P, kk)
+        rows = torch.stack([parts[i].cand_tok for i in idx]).gather(1, torch.div(flat, d, rounding_mode="floor"))
+        tok, ch = rows % t, flat % d  # (P, kk)
+        if kk < TOPK:
+            vals = torch.cat([vals, vals.new_full((len(idx), TOPK - kk), -math.inf)], 1)
+            tok = torch.cat([tok, tok.new_full((len(idx), TOPK - kk), -1)], 1)
+            ch = torch.cat([ch, ch.new_full((len(idx), TOPK - kk), -1)], 1)
+        for j, i in enumerate(idx):
+            out[i] = (vals[j], tok[j], ch[j])
+    return out
+
+
+def _medians(groups: Sequence[Sequence[ActivationPartial]], device: torch.device) -> torch.Tensor:
+    """``(G,)`` float32: median of each site's pooled samples (NaN where none). Sites with one sample
+    of equal length share one batched median."""
+    out: list[torch.Tensor | None] = [None] * len(groups)
+    single: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        samples = [p.sample for p in g if p.sample is not None]
+        if len(samples) == 1:
+            single.setdefault(samples[0].numel(), []).append(i)
+        elif samples:
+            out[i] = torch.cat(samples).median()
+    for n, idx in single.items():
+        med = torch.stack([next(p.sample for p in groups[i] if p.sample is not None) for i in idx]).median(1).values
+        for j, i in enumerate(idx):
+            out[i] = med[j]
+    nan = torch.full((), math.nan, device=device)
+    return torch.stack([nan if m is None else m for m in out])
+
+
 def finalize_activations(groups: Sequence[Sequence[ActivationPartial]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the partials of one step for G sites at once.
 
@@ -306,59 +354,54 @@ def finalize_activations(groups: Sequence[Sequence[ActivationPartial]]) -> tuple
     float64 and ``loc (2, G, 12)`` float64, columns in ``ACTIVATION_STATS`` order; ``loc[0]`` is the
     token, ``loc[1]`` the channel of located statistics, NaN elsewhere. Entries of statistics that a
     site's ``StatPlan`` did not include are meaningless: select the requested columns (on the host
-    at flush time, or with ``finalize_activation``). The kernel count does not grow with G except
-    for one median per site that asked for it.
+    at flush time, or with ``finalize_activation``). The kernel count grows with the number of
+    distinct shapes, not with G (plus one median per site with several micro-batches).
     """
     if not groups or any(len(g) == 0 for g in groups):
         raise ValueError("finalize_activations: expected a non-empty list of non-empty groups of partials")
-    first = groups[0][0].scalars
-    n_groups, m = len(groups), max(len(g) for g in groups)
-    dev, nan = first.device, math.nan
-    if m == 1:
-        sc = torch.stack([g[0].scalars for g in groups])  # (G, 8)
-    else:
-        sc = _stack_groups(groups, lambda p: p.scalars, first.new_zeros(_N_SCALARS)).sum(1)  # (G, 8)
+    parts = [p for g in groups for p in g]
+    dev = next((t.device for p in parts for t in (p.sums, p.cand, p.sample, p.counts) if t is not None),
+               torch.device("cpu"))
+    n_groups, m, nan = len(groups), max(len(g) for g in groups), math.nan
 
-    # Top-3 candidates of every part; -inf / -1 pad missing or short parts and groups with fewer parts.
-    padded = m > 1 or any(p.top_vals is None or p.n_elem < TOPK for g in groups for p in g)
-    ninf = torch.full((TOPK,), -math.inf, device=dev) if padded else None
-    neg1 = torch.full((TOPK,), -1, dtype=torch.long, device=dev) if padded else None
-    tv = _stack_groups(groups, lambda p: p.top_vals, ninf).reshape(n_groups, -1)  # (G, 3M)
-    tt = _stack_groups(groups, lambda p: p.top_tok, neg1).reshape(n_groups, -1)
-    tc = _stack_groups(groups, lambda p: p.top_ch, neg1).reshape(n_groups, -1)
-    if m > 1:  # several micro-batches: the top 3 of the candidates
+    zeros3 = torch.zeros(3, dtype=torch.float64, device=dev)
+    sums = _stack_groups(groups, lambda p: p.sums, zeros3).sum(1)  # (G, 3)
+    if any(p.counts is not None for p in parts):
+        counts = _stack_groups(groups, lambda p: p.counts, zeros3).sum(1)  # (G, 3)
+    else:
+        counts = zeros3.expand(n_groups, 3)
+    n = _to_device([float(v) for g in groups for v in (sum(p.n_elem for p in g), sum(p.n_tok for p in g))], dev)
+    n = n.reshape(n_groups, 2)  # (G, 2): n_elem, n_tok
+
+    # Top-3 of every part, then (several micro-batches) the top 3 of the parts' candidates.
+    tops = dict(zip(map(id, parts), _top_candidates(parts, dev)))
+    tv = _stack_groups(groups, lambda p: tops[id(p)][0], tops[id(parts[0])][0].new_full((TOPK,), -math.inf))
+    tt = _stack_groups(groups, lambda p: tops[id(p)][1], tops[id(parts[0])][1].new_full((TOPK,), -1))
+    tc = _stack_groups(groups, lambda p: tops[id(p)][2], tops[id(parts[0])][2].new_full((TOPK,), -1))
+    tv, tt, tc = (a.reshape(n_groups, -1) for a in (tv, tt, tc))  # (G, 3M)
+    if m > 1:
         tv, order = tv.topk(TOPK, dim=1)  # (G, 3)
         tt, tc = tt.gather(1, order), tc.gather(1, order)
-
-    nan0 = torch.full((), nan, device=dev)
-    medians = []
-    for g in groups:
-        samples = [p.sample for p in g if p.sample is not None]
-        if not samples:
-            medians.append(nan0)
-        else:
-            medians.append((samples[0] if len(samples) == 1 else torch.cat(samples)).median())
 
     # Columns in ACTIVATION_STATS order: m2 var rms absmax top1 top2 top3 median_abs kurtosis nonfinite
     # over_fp16 massive. Written through ``out=`` and slice copies: a few kernels whatever G is.
     values = torch.empty((n_groups, len(ACTIVATION_STATS)), dtype=torch.float64, device=dev)  # (G, 12)
-    torch.div(sc[:, _SUMSQ], sc[:, _NELEM], out=values[:, 0])
-    torch.div(sc[:, _SUMVAR], sc[:, _NELEM], out=values[:, 1])
+    torch.div(sums[:, 0], n[:, 0], out=values[:, 0])
+    torch.div(sums[:, 1], n[:, 0], out=values[:, 1])
     torch.sqrt(values[:, 0], out=values[:, 2])
     values[:, 3] = tv[:, 0]
     values[:, 4:7] = tv
-    values[:, 7] = torch.stack(medians)
-    torch.div(sc[:, _SUMKURT], sc[:, _NTOK], out=values[:, 8])
-    values[:, 9:12] = sc[:, _NONFINITE:_MASSIVE + 1]
+    values[:, 7] = _medians(groups, dev)
+    torch.div(sums[:, 2], n[:, 1], out=values[:, 8])
+    values[:, 9:12] = counts
     loc = torch.full((2, n_groups, len(ACTIVATION_STATS)), nan, dtype=torch.float64, device=dev)  # (2, G, 12)
     for i, idx in enumerate((tt, tc)):
         loc[i, :, 3] = idx[:, 0]
         loc[i, :, 4:7] = idx
-    if padded:
-        pad = tv == -math.inf  # (G, 3)
-        pad4 = torch.cat([pad[:, :1], pad], 1)  # (G, 4) for absmax top1 top2 top3
-        values[:, 3:7].masked_fill_(pad4, nan)
-        loc[:, :, 3:7].masked_fill_(pad4, nan)
+    pad = tv == -math.inf  # (G, 3): fewer than 3 elements, or top-k not in the plan
+    pad4 = torch.cat([pad[:, :1], pad], 1)  # (G, 4) for absmax top1 top2 top3
+    values[:, 3:7].masked_fill_(pad4, nan)
+    loc[:, :, 3:7].masked_fill_(pad4, nan)
     return values, loc
 
 
@@ -368,57 +411,20 @@ def finalize_activation(parts: list[ActivationPartial], stats: tuple[str, ...]) 
     ``loc[0]`` is the token, ``loc[1]`` the channel of located statistics, NaN elsewhere. The order of
     the S entries is the order of ``stats``.
     """
-    p = parts[0]
-    if len(parts) > 1 or (p.top_vals is None or p.n_elem < TOPK) and any(s in LOCATED_STATS for s in stats):
-        values, loc = finalize_activations([parts])
-        idx = [ACTIVATION_STATS.index(s) for s in stats]
-        # stacking views avoids an index tensor built from a Python list (a host-to-device copy)
-        return torch.stack([values[0, i] for i in idx]), torch.stack([loc[:, 0, i] for i in idx], 1)
-    # One forward call (the common case): only the requested entries, a few ops each.
-    sc = p.scalars  # (8,) float64
-    nan = sc.new_full((), math.nan)
-    vals, toks, chans = [], [], []
-    for s in stats:
-        tk = ch = nan
-        if s in ("m2", "rms"):
-            v = sc[_SUMSQ] / sc[_NELEM]
-            v = v.sqrt() if s == "rms" else v
-        elif s == "var":
-            v = sc[_SUMVAR] / sc[_NELEM]
-        elif s == "kurtosis":
-            v = sc[_SUMKURT] / sc[_NTOK]
-        elif s in LOCATED_STATS:
-            i = 0 if s in ("absmax", "top1") else int(s[-1]) - 1
-            v, tk, ch = p.top_vals[i], p.top_tok[i], p.top_ch[i]
-        elif s == "median_abs":
-            v = p.sample.median() if p.sample is not None else nan
-        else:
-            v = sc[{"nonfinite": _NONFINITE, "over_fp16": _OVER16, "massive": _MASSIVE}[s]]
-        vals.append(v)
-        toks.append(tk)
-        chans.append(ch)
-    out = torch.stack([v.double() for v in vals])  # (S,)
-    return out, torch.stack([torch.stack([t.double() for t in toks]), torch.stack([c.double() for c in chans])])
+    values, loc = finalize_activations([parts])
+    idx = [ACTIVATION_STATS.index(s) for s in stats]
+    # stacking views avoids an index tensor built from a Python list (a host-to-device copy)
+    return torch.stack([values[0, i] for i in idx]), torch.stack([loc[:, 0, i] for i in idx], 1)
 
 
 def reduce_gradient(g: torch.Tensor) -> GradientPartial:
-    """Reduce one hidden-state gradient (any shape) to sum of squares and max |g| (no temporaries)."""
+    """Reduce one hidden-state gradient (any shape) to ‖g‖₂, max and min (three reads, no temporaries)."""
     gd = g.detach()
     gf = gd if gd.dtype == torch.float32 else gd.float()
-    sumsq = torch.linalg.vector_norm(gf).square()  # ()
-    if gf.device.type == "cpu":  # the inf-norm kernel is slow on CPU; max and min are exact too
-        absmax = torch.maximum(gf.amax(), gf.amin().neg())  # () NaN-propagating
-    else:
-        absmax = torch.linalg.vector_norm(gf, math.inf)  # () one kernel
-    packed = torch.cat([torch.stack([sumsq, absmax]).double(), sumsq.new_full((1,), gd.numel(), dtype=torch.float64)])
-    return GradientPartial(packed[0], packed[1], gd.numel(), packed)
-
-
-def _packed(p: GradientPartial) -> torch.Tensor:
-    if p.packed is not None:
-        return p.packed
-    s = p.sumsq.double()
-    return torch.stack([s, p.absmax.double(), s.new_full((), p.n_elem)])
+    if gf.numel() == 0:
+        return GradientPartial(gf.new_zeros(3), 0)
+    lo, hi = torch.aminmax(gf)  # NaN-propagating
+    return GradientPartial(torch.stack([torch.linalg.vector_norm(gf), hi, lo]), gd.numel())
 
 
 def finalize_gradients(groups: Sequence[Sequence[GradientPartial]], loss_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -426,9 +432,11 @@ def finalize_gradients(groups: Sequence[Sequence[GradientPartial]], loss_scale: 
     AMP loss scale."""
     if not groups or any(len(g) == 0 for g in groups):
         raise ValueError("finalize_gradients: expected a non-empty list of non-empty groups of partials")
-    pad = _packed(groups[0][0]).new_zeros(3)  # contributes nothing: sumsq 0, absmax 0 (≤ any |g|), n 0
-    pk = _stack_groups(groups, _packed, pad)  # (G, M, 3)
-    sumsq, absmax, n = pk[..., 0].sum(1), pk[..., 1].amax(1), pk[..., 2].sum(1)
+    pad = groups[0][0].packed.new_zeros(3)  # contributes nothing: ‖g‖ 0, max 0, min 0 (|0| ≤ any |g|)
+    pk = _stack_groups(groups, lambda p: p.packed, pad).double()  # (G, M, 3)
+    n = _to_device([float(sum(p.n_elem for p in g)) for g in groups], pk.device)  # (G,)
+    sumsq = pk[..., 0].square().sum(1)  # (G,)
+    absmax = torch.maximum(pk[..., 1].amax(1), pk[..., 2].amin(1).neg())  # (G,)
     out = torch.stack([(sumsq / n).sqrt(), absmax], 1)  # (G, 2)
     if loss_scale is not None:
         out = out / loss_scale.double()
