@@ -145,6 +145,7 @@ class Probe:
         self._buffer: list[_StepEntry] = []
         self._layouts: dict[tuple, _Layout] = {}
         self._act_index: dict[tuple, torch.Tensor] = {}  # see _act_select
+        self._param_keys: dict[tuple[str, ...], list[tuple[str, int, str]]] = {}  # see _param_row_keys
         self._failed_points: set = set()
         self._plans: dict[Any, S.StatPlan] = {}
         self._scalars: list[tuple[int, str, float]] = []
@@ -427,20 +428,23 @@ class Probe:
             warnings.warn("lnprobe: no forward recorded at this step because the model is in eval mode; "
                           "pass record='all' to lnprobe.attach to record eval-mode forwards", RuntimeWarning, stacklevel=3)
 
-        # Parameters: gradient and value norms, one fused reduction each.
+        # Parameters: gradient and value norms in one fused multi-tensor reduction.
         params = self._current_params()
         named = dict(params)
         if self._captured is not None:
             names, gn = self._captured
             with_grad = [(n, named[n]) for n in names]
+            pn = S.norms_of([_local(p) for _, p in with_grad]) if with_grad else None
         else:
             with_grad = [(n, p) for n, p in params if p.grad is not None]
-            gn = S.norms_of([_local(p.grad) for _, p in with_grad]) if with_grad else None
+            gn = pn = None
+            if with_grad:  # gradients and values in one fused reduction
+                both = S.norms_of([_local(p.grad) for _, p in with_grad] + [_local(p) for _, p in with_grad])
+                gn, pn = both[: len(with_grad)], both[len(with_grad):]
         if with_grad:
-            pn = S.norms_of([_local(p) for _, p in with_grad])
             device = device or gn.device
             values.append(torch.stack([gn, pn.to(gn.device)], 1).reshape(-1))  # (2P,) interleaved
-            keys.extend((f"param:{n}", self._param_layer(n), s) for n, _ in with_grad for s in S.PARAM_STATS)
+            keys.extend(self._param_row_keys(tuple(n for n, _ in with_grad)))
             if dist_on:
                 for _, p in with_grad:
                     kind, w = D.param_norm_reduction(p)
@@ -528,6 +532,14 @@ class Probe:
                 idx = host.to(device)
             self._act_index[key] = idx
         return idx
+
+    def _param_row_keys(self, names: tuple[str, ...]) -> list[tuple[str, int, str]]:
+        """Row keys of the parameter norms of ``names`` (grad_norm, param_norm each), cached."""
+        keys = self._param_keys.get(names)
+        if keys is None:
+            keys = [(f"param:{n}", self._param_layer(n), s) for n in names for s in S.PARAM_STATS]
+            self._param_keys[names] = keys
+        return keys
 
     def _current_params(self) -> list[tuple[str, torch.Tensor]]:
         return list(self.model.named_parameters()) if self._fsdp else self._params
