@@ -11,7 +11,9 @@ configuration trains its own copy of the model (same seed, same batch).
 Configurations (``CONFIGS``): no probe · a second unprobed copy (A/A control: its ratio is the
 noise floor of the run) · lnprobe every step (default sites/stats) · lnprobe every 10
 steps · lnprobe every step with ``sites="all", stats="all"`` · a naive hook logger (forward hooks on
-every block, norm and Linear logging mean, std and max through ``.item()``) · ``wandb.watch(model,
+every block, norm and Linear logging mean, std and max through ``.item()``) · a hand-written ``.item()``
+logger with lnprobe's default coverage (same sites and statistics, computed the obvious way: exact
+median, ``topk`` over the flattened tensor) · ``wandb.watch(model,
 log="all", log_freq=1)`` offline (skipped when wandb is not installed) · capturing every block
 output (``output_hidden_states``-style clones) and reducing them after the step.
 
@@ -55,7 +57,8 @@ from lnprobe import stats as S  # noqa: E402
 from lnprobe.models import GPT, config_from_preset  # noqa: E402
 
 CONFIGS: tuple[str, ...] = (
-    "none", "none_control", "lnprobe_every1", "lnprobe_every10", "lnprobe_all", "naive_item", "wandb_watch", "hidden_states",
+    "none", "none_control", "lnprobe_every1", "lnprobe_every10", "lnprobe_all", "naive_item", "naive_same", "wandb_watch",
+    "hidden_states",
 )
 LABELS = {
     "none": "no probe",
@@ -64,6 +67,7 @@ LABELS = {
     "lnprobe_every10": "lnprobe, every 10 steps",
     "lnprobe_all": "lnprobe, every step, sites=all stats=all",
     "naive_item": "naive hooks, .item() per statistic",
+    "naive_same": "naive hooks, .item(), lnprobe's coverage",
     "wandb_watch": "wandb.watch(log='all', log_freq=1), offline",
     "hidden_states": "clone block outputs, reduce after step",
 }
@@ -75,6 +79,8 @@ COVERAGE = {
     "lnprobe_every10": "as above, on 1 step in 10",
     "lnprobe_all": "every site with all 12 stats (kurtosis, median, counts, top-3 with location)",
     "naive_item": "mean/std/max of each block, norm and Linear OUTPUT; no grads, no locations, no counts",
+    "naive_same": "lnprobe's default sites and statistics (exact median, flat top-3 index), resid grads, "
+                  "param grad/value norms, norm gains",
     "wandb_watch": "64-bin histograms of every PARAMETER and parameter GRADIENT; no activations at all",
     "hidden_states": "resid (block outputs) only, lnprobe's resid stats; no branch sites, no grads",
 }
@@ -171,6 +177,71 @@ def _naive_logger(s: Setup) -> None:
     s.values_per_step = 3 * len(handles)
 
 
+def _naive_stats(x: torch.Tensor, full: bool) -> list[float]:
+    """What a hand-written logger computes per site, one ``.item()``/``.tolist()`` per statistic.
+
+    ``full``: lnprobe's residual-stream set (m2, var, rms, top-3 with flat location, exact median of
+    |x|, nonfinite, over_fp16, massive); otherwise its branch set (m2, var, rms, absmax with
+    location, nonfinite)."""
+    x = x.detach().float()
+    a = x.abs()
+    m2 = x.pow(2).mean().item()
+    out = [m2, x.var(-1, unbiased=False).mean().item(), math.sqrt(m2)]
+    if full:
+        vals, idx = a.flatten().topk(3)
+        med = a.median().item()
+        out += vals.tolist() + idx.tolist() + [med, (~torch.isfinite(x)).sum().item(), (a > 65504).sum().item(),
+                                               ((a > 100) & (a >= 1000 * med)).sum().item()]
+    else:
+        out += [a.max().item(), a.argmax().item(), (~torch.isfinite(x)).sum().item()]
+    return out
+
+
+def _naive_same_coverage(s: Setup) -> None:
+    """A hand-written .item() logger recording what lnprobe records by default on the reference GPT
+    (Pre-LN): the residual stream (block inputs, last block output, head input) with the full set,
+    branch outputs (attention, MLP), the MLP's hidden activation and the mid-block residual with
+    the branch set, gradient rms and max at the block inputs, and every parameter's gradient and
+    value norm and the norm gains."""
+    model = s.model
+    log: list[float] = []
+    handles = []
+
+    def record(x: torch.Tensor, full: bool) -> None:
+        log.extend(_naive_stats(x, full))
+        if full and x.requires_grad:  # residual stream: its gradient too
+            x.register_hook(lambda g: log.extend([g.pow(2).mean().sqrt().item(), g.abs().max().item()]))
+
+    def pre(full: bool):
+        return lambda mod, args: record(args[0], full)
+
+    def post(mod, args, output):
+        record(output, False)
+
+    for block in model.blocks:
+        handles.append(block.register_forward_pre_hook(pre(True)))  # resid l
+        handles.append(block.mlp.fc_out.register_forward_pre_hook(pre(False)))  # mlp_act
+        if block.norm_mlp_in is not None:
+            handles.append(block.norm_mlp_in.register_forward_pre_hook(pre(False)))  # resid_mid
+        handles.append(block.attn.register_forward_hook(post))  # attn_out (= attn_raw for Pre-LN)
+        handles.append(block.mlp.register_forward_hook(post))  # mlp_out
+    handles.append(model.blocks[-1].register_forward_hook(lambda m, a, o: record(o, True)))  # resid L
+    handles.append(model.head.register_forward_pre_hook(pre(True)))  # final
+    norms = [m for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and m.weight is not None]
+
+    def after_backward(loss: torch.Tensor) -> None:
+        for p in model.parameters():
+            if p.grad is not None:
+                log.extend([p.grad.norm().item(), p.detach().norm().item()])
+        for m in norms:
+            log.extend([m.weight.detach().pow(2).mean().item(), m.weight.detach().abs().max().item()])
+        s.values_per_step = len(log)
+        log.clear()  # a logger would ship them here
+
+    s.after_backward = after_backward
+    s.close = lambda: [h.remove() for h in handles]
+
+
 def _hidden_states(s: Setup) -> None:
     """output_hidden_states-style: clone every block output, reduce after backward."""
     captured: list[torch.Tensor] = []
@@ -224,6 +295,8 @@ def make_setup(name: str, bench: Bench, workdir: Path) -> Setup | str:
         _attach_probe(s, workdir / name, 1, sites="all", stats="all")
     elif name == "naive_item":
         _naive_logger(s)
+    elif name == "naive_same":
+        _naive_same_coverage(s)
     elif name == "hidden_states":
         _hidden_states(s)
     elif name == "wandb_watch":
