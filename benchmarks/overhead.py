@@ -19,11 +19,14 @@ output (``output_hidden_states``-style clones) and reducing them after the step.
 
 Method. All configurations live in one process and are ALTERNATED step by step (the order rotates
 every round), so load drift on a shared machine hits all of them alike. Steps are timed one by one
-(on CUDA between two ``torch.cuda.synchronize()``). A probed run has steps of different kinds
-(unrecorded, recorded, recorded + Parquet flush); ms/step is Σ_kind frequency × median time of that
-kind, with the long-run frequencies of the schedule (1/every recorded, 1/(every·flush_every)
-flushed); the one-off cost of a process's first flush (lazy imports) is paid before timing. That is a robust estimate of the mean cost per step; a flush never seen in the timed
-window borrows its extra cost from the configuration with the same sites and statistics. Peak
+(on CUDA between two ``torch.cuda.synchronize()``). A probed run has steps of different kinds:
+unrecorded, recorded, and now and then a Parquet flush inside a recorded step, which is timed on its
+own (between device syncs) and taken out of that step's time. ms/step is Σ_kind frequency × median
+of that kind, with the long-run frequencies of the schedule (1/every recorded, 1/(every·flush_every)
+flushes): a robust estimate of the mean cost per step, where the median of a handful of
+recorded+flush step times is not. The one-off cost of a process's first flush (lazy imports) is
+paid before timing; a flush never seen in the timed window borrows its cost from the configuration
+with the same sites and statistics. Peak
 memory is measured in fresh subprocesses, one configuration each (median of 3; 1 with --quick):
 the process RSS high-water mark (VmHWM) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
 Every child imports lnprobe (and the wandb child wandb), so import footprints are in the numbers;
@@ -124,7 +127,7 @@ class Setup:
     close: Callable[[], None] = lambda: None
     probe: Any = None
     every: int = 1
-    flushed: list = field(default_factory=lambda: [False])  # set by the wrapped probe.flush
+    flush_ms: list = field(default_factory=list)  # durations of the flushes of the current step
     values_per_step: float | None = None
     note: str = ""
     step_index: int = 0
@@ -138,16 +141,21 @@ def _make_model(bench: Bench) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
-def _attach_probe(s: Setup, out: Path, every: int, **kw: Any) -> None:
+def _attach_probe(s: Setup, bench: Bench, out: Path, every: int, **kw: Any) -> None:
     s.probe = lnprobe.attach(s.model, out, every=every, **kw)
     s.every = every
     flush = s.probe.flush
 
-    def counted_flush(*a: Any, **k: Any):  # tells the timer which steps flushed
-        s.flushed[0] = True
-        return flush(*a, **k)
+    def timed_flush(*a: Any, **k: Any):  # tells the timer which steps flushed and what the flush cost
+        _sync(bench)  # on CUDA: the step's queued work is not the flush's
+        t0 = time.perf_counter()
+        try:
+            return flush(*a, **k)
+        finally:
+            _sync(bench)
+            s.flush_ms.append((time.perf_counter() - t0) * 1e3)
 
-    s.probe.flush = counted_flush
+    s.probe.flush = timed_flush
     s.after_backward = lambda loss: s.probe.step(loss=loss)
 
     def close() -> None:
@@ -288,11 +296,11 @@ def make_setup(name: str, bench: Bench, workdir: Path) -> Setup | str:
     if name in ("none", "none_control"):
         s.values_per_step = 0
     elif name == "lnprobe_every1":
-        _attach_probe(s, workdir / name, 1)
+        _attach_probe(s, bench, workdir / name, 1)
     elif name == "lnprobe_every10":
-        _attach_probe(s, workdir / name, 10)
+        _attach_probe(s, bench, workdir / name, 10)
     elif name == "lnprobe_all":
-        _attach_probe(s, workdir / name, 1, sites="all", stats="all")
+        _attach_probe(s, bench, workdir / name, 1, sites="all", stats="all")
     elif name == "naive_item":
         _naive_logger(s)
     elif name == "naive_same":
@@ -309,12 +317,12 @@ def make_setup(name: str, bench: Bench, workdir: Path) -> Setup | str:
     return s
 
 
-def train_step(s: Setup, bench: Bench, x: torch.Tensor, y: torch.Tensor) -> str:
-    """One full training step; returns its kind: 'plain', 'record' or 'record+flush'."""
+def train_step(s: Setup, bench: Bench, x: torch.Tensor, y: torch.Tensor) -> tuple[str, float]:
+    """One full training step; returns its kind ('plain' or 'record') and the ms spent in a flush."""
     kind = "plain"
+    s.flush_ms.clear()
     if s.probe is not None:
         kind = "record" if s.step_index % s.every == 0 else "plain"
-        s.flushed[0] = False
     with torch.autocast(bench.device.type, dtype=bench.amp_dtype or torch.float32, enabled=bench.amp_dtype is not None):
         _, loss = s.model(x, y)
     loss.backward()
@@ -322,9 +330,7 @@ def train_step(s: Setup, bench: Bench, x: torch.Tensor, y: torch.Tensor) -> str:
     s.opt.step()
     s.opt.zero_grad(set_to_none=True)
     s.step_index += 1
-    if s.flushed[0]:
-        kind = "record+flush"
-    return kind
+    return kind, sum(s.flush_ms)
 
 
 def _sync(bench: Bench) -> None:
@@ -333,7 +339,9 @@ def _sync(bench: Bench) -> None:
 
 
 def time_configs(setups: list[Setup], bench: Bench, steps: int, warmup: int = 2) -> dict[str, dict[str, list[float]]]:
-    """Alternate the configurations step by step; return name -> kind -> step times in ms."""
+    """Alternate the configurations step by step; return name -> kind -> times in ms.
+
+    Kinds: 'plain' and 'record' steps (a flush's own duration taken out), and 'flush' durations."""
     x, y = bench.batch_tensors()
     for s in setups:
         for _ in range(warmup):
@@ -350,13 +358,15 @@ def time_configs(setups: list[Setup], bench: Bench, steps: int, warmup: int = 2)
         for s in setups[k:] + setups[:k]:  # rotate the order every round
             _sync(bench)
             t0 = time.perf_counter()
-            kind = train_step(s, bench, x, y)
+            kind, flush_ms = train_step(s, bench, x, y)
             _sync(bench)
-            times[s.name].setdefault(kind, []).append((time.perf_counter() - t0) * 1e3)
+            times[s.name].setdefault(kind, []).append((time.perf_counter() - t0) * 1e3 - flush_ms)
+            if flush_ms:
+                times[s.name].setdefault("flush", []).append(flush_ms)
     return times
 
 
-def ms_per_step(name: str, kinds: dict[str, list[float]], every: int, flush_extra: float | None) -> tuple[float, str]:
+def ms_per_step(name: str, kinds: dict[str, list[float]], every: int, flush_borrowed: float | None) -> tuple[float, str]:
     """Σ_kind long-run frequency × median; returns (ms, note)."""
     med = {k: statistics.median(v) for k, v in kinds.items()}
     if name not in ("lnprobe_every1", "lnprobe_every10", "lnprobe_all"):
@@ -364,17 +374,16 @@ def ms_per_step(name: str, kinds: dict[str, list[float]], every: int, flush_extr
     f_rec = 1.0 / every
     f_flush = f_rec / DEFAULT_FLUSH_EVERY
     note = ""
-    rec = med.get("record", med.get("record+flush"))
-    if "record+flush" in med and "record" in med:
-        flush = med["record+flush"] - med["record"]
-    elif flush_extra is not None:
-        flush, note = flush_extra, "flush cost borrowed"
+    if "flush" in med:
+        flush = med["flush"]
+    elif flush_borrowed is not None:
+        flush, note = flush_borrowed, "flush cost borrowed"
     else:
         flush, note = 0.0, "flush not observed: excluded"
-    if rec is None:
+    if "record" not in med:
         return med["plain"], "no recorded step timed: underestimate"
-    plain = med.get("plain", rec)
-    return (1 - f_rec) * plain + f_rec * rec + f_flush * max(flush, 0.0), note
+    plain = med.get("plain", med["record"])
+    return (1 - f_rec) * plain + f_rec * med["record"] + f_flush * flush, note
 
 
 # ----------------------------------------------------------------------------- memory (subprocess)
@@ -457,12 +466,8 @@ class Row:
 
 
 def build_rows(names: list[str], setups: dict[str, Setup | str], times: dict, memory: dict, mem_key: str) -> list[Row]:
-    flush_extra = {}
-    for n in ("lnprobe_every1", "lnprobe_all", "lnprobe_every10"):
-        k = times.get(n, {})
-        if "record+flush" in k and "record" in k:
-            flush_extra[n] = statistics.median(k["record+flush"]) - statistics.median(k["record"])
-    borrow = {"lnprobe_every10": flush_extra.get("lnprobe_every1")}
+    flushes = times.get("lnprobe_every1", {}).get("flush")  # same sites and statistics as every 10
+    borrow = {"lnprobe_every10": statistics.median(flushes) if flushes else None}
     ms: dict[str, tuple[float, str]] = {}
     for n in names:
         s = setups[n]
@@ -481,13 +486,13 @@ def build_rows(names: list[str], setups: dict[str, Setup | str], times: dict, me
         ratio = t / base if base else None
         kinds = {k: statistics.median(v) for k, v in times[n].items()}
         if len(kinds) > 1:
-            detail = " / ".join(f"{k} {kinds[k]:.0f} ms ×{len(times[n][k])}" for k in ("plain", "record", "record+flush")
+            detail = " / ".join(f"{k} {kinds[k]:.0f} ms ×{len(times[n][k])}" for k in ("plain", "record", "flush")
                                 if k in kinds)
             note = f"{detail}{'; ' + note if note else ''}"
         rows.append(Row(
             n, LABELS[n], t, kinds, ratio, (ratio - 1) * 100 if ratio else None, mem,
             (mem / base_mem - 1) * 100 if mem and base_mem else None,
-            s.values_per_step, sum(len(v) for v in times[n].values()), note,
+            s.values_per_step, sum(len(v) for k, v in times[n].items() if k != "flush"), note,
         ))
     return rows
 
@@ -518,12 +523,12 @@ def write_csv(rows: list[Row], path: str | Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["config", "label", "ms_per_step", "ratio", "overhead_pct", "peak_mb", "mem_overhead_pct",
-                    "values_per_step", "timed_steps", "median_plain_ms", "median_record_ms", "median_record_flush_ms",
+                    "values_per_step", "timed_steps", "median_plain_ms", "median_record_ms", "median_flush_ms",
                     "note"])
         for r in rows:
             w.writerow([r.config, r.label, r.ms_per_step, r.ratio, r.overhead_pct, r.peak_mb, r.mem_overhead_pct,
                         r.values_per_step, r.n_steps, r.kinds.get("plain"), r.kinds.get("record"),
-                        r.kinds.get("record+flush"), r.note])
+                        r.kinds.get("flush"), r.note])
 
 
 def run_benchmark(names: list[str], device: str, steps: int, mem_steps: int, threads: int | None,
@@ -553,7 +558,7 @@ def run_benchmark(names: list[str], device: str, steps: int, mem_steps: int, thr
     load1 = os.getloadavg()
     mem_label = "peak CUDA MB" if bench.device.type == "cuda" else "peak RSS MB"
     print(format_table(rows, mem_label))
-    print(f"ms/step: Σ_kind frequency × median step time per kind (unrecorded / recorded / recorded+flush); "
+    print(f"ms/step: Σ_kind frequency × median per kind (unrecorded step / recorded step / flush); "
           f"ratio to '{LABELS['none']}'.")
     if memory:
         print(f"memory: {'torch.cuda.max_memory_allocated' if bench.device.type == 'cuda' else 'process RSS high-water mark (VmHWM)'}"
