@@ -30,7 +30,10 @@ with the same sites and statistics. Peak
 memory is measured in fresh subprocesses, one configuration each (median of 3; 1 with --quick):
 the process RSS high-water mark (VmHWM) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
 Every child imports lnprobe (and the wandb child wandb), so import footprints are in the numbers;
-wandb's separate service process is not. Prints the table and the load average; ``--csv`` writes it. Asserts nothing.
+wandb's separate service process is not. The process peak moves by about 2 % between identical
+runs on CPU, so the children also report ``held KB``: the bytes of tensor storage that the
+instrumentation itself keeps after backward (``Probe.held_bytes`` for lnprobe), which is exact.
+Prints the table and the load average; ``--csv`` writes it. Asserts nothing.
 """
 from __future__ import annotations
 
@@ -129,6 +132,7 @@ class Setup:
     every: int = 1
     flush_ms: list = field(default_factory=list)  # durations of the flushes of the current step
     values_per_step: float | None = None
+    held: Callable[[], int] | None = None  # bytes of tensors the instrumentation holds after backward
     note: str = ""
     step_index: int = 0
 
@@ -157,6 +161,7 @@ def _attach_probe(s: Setup, bench: Bench, out: Path, every: int, **kw: Any) -> N
 
     s.probe.flush = timed_flush
     s.after_backward = lambda loss: s.probe.step(loss=loss)
+    s.held = lambda: s.probe.held_bytes
 
     def close() -> None:
         s.probe.close()
@@ -267,6 +272,7 @@ def _hidden_states(s: Setup) -> None:
     s.after_backward = reduce
     s.close = lambda: [h.remove() for h in handles]
     s.values_per_step = len(handles) * len(S.DEFAULT_ACTIVATION_STATS)
+    s.held = lambda: sum(h.untyped_storage().nbytes() for h in captured)
 
 
 def _wandb(s: Setup, workdir: Path) -> None:
@@ -416,9 +422,18 @@ def memory_child(name: str, device: str, steps: int) -> dict:
         if bench.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        held = [0]
+        if s.held is not None:  # what the instrumentation holds at its fullest: after backward
+            after_backward = s.after_backward
+
+            def measured(loss: torch.Tensor) -> None:
+                held[0] = max(held[0], s.held())
+                after_backward(loss)
+
+            s.after_backward = measured
         for _ in range(steps):
             train_step(s, bench, x, y)
-        out = {"rss_peak_mb": rss_high_water_mb()}
+        out = {"rss_peak_mb": rss_high_water_mb(), "held_kb": held[0] / 1024}
         if bench.device.type == "cuda":
             torch.cuda.synchronize()
             out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -460,6 +475,7 @@ class Row:
     overhead_pct: float | None
     peak_mb: float | None
     mem_overhead_pct: float | None
+    held_kb: float | None  # tensors the instrumentation holds after backward (its fullest point)
     values_per_step: float | None
     n_steps: int
     note: str
@@ -480,7 +496,7 @@ def build_rows(names: list[str], setups: dict[str, Setup | str], times: dict, me
         s = setups[n]
         mem = memory.get(n, {}).get(mem_key)
         if isinstance(s, str):
-            rows.append(Row(n, LABELS[n], None, {}, None, None, None, None, 0, s))
+            rows.append(Row(n, LABELS[n], None, {}, None, None, None, None, None, 0, s))
             continue
         t, note = ms[n]
         ratio = t / base if base else None
@@ -491,7 +507,7 @@ def build_rows(names: list[str], setups: dict[str, Setup | str], times: dict, me
             note = f"{detail}{'; ' + note if note else ''}"
         rows.append(Row(
             n, LABELS[n], t, kinds, ratio, (ratio - 1) * 100 if ratio else None, mem,
-            (mem / base_mem - 1) * 100 if mem and base_mem else None,
+            (mem / base_mem - 1) * 100 if mem and base_mem else None, memory.get(n, {}).get("held_kb") if s.held else None,
             s.values_per_step, sum(len(v) for k, v in times[n].items() if k != "flush"), note,
         ))
     return rows
@@ -505,11 +521,13 @@ def _f(v: float | None, fmt: str) -> str:
 
 
 def format_table(rows: list[Row], mem_label: str) -> str:
-    head = f"{'configuration':44s} {'ms/step':>9s} {'ratio':>6s} {'over %':>7s} {mem_label:>14s} {'mem %':>6s} {'values/step':>11s}  note"
+    head = (f"{'configuration':44s} {'ms/step':>9s} {'ratio':>6s} {'over %':>7s} {mem_label:>14s} {'mem %':>6s} "
+            f"{'held KB':>9s} {'values/step':>11s}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.label:44s} {_f(r.ms_per_step, '9.1f')} {_f(r.ratio, '6.3f')} {_f(r.overhead_pct, '7.1f')} "
-                     f"{_f(r.peak_mb, '14.1f')} {_f(r.mem_overhead_pct, '6.2f')} {_f(r.values_per_step, '11.0f')}  {r.note}")
+                     f"{_f(r.peak_mb, '14.1f')} {_f(r.mem_overhead_pct, '6.2f')} {_f(r.held_kb, '9.1f')} "
+                     f"{_f(r.values_per_step, '11.0f')}  {r.note}")
     return "\n".join(lines)
 
 
@@ -523,11 +541,11 @@ def write_csv(rows: list[Row], path: str | Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["config", "label", "ms_per_step", "ratio", "overhead_pct", "peak_mb", "mem_overhead_pct",
-                    "values_per_step", "timed_steps", "median_plain_ms", "median_record_ms", "median_flush_ms",
+                    "held_kb", "values_per_step", "timed_steps", "median_plain_ms", "median_record_ms", "median_flush_ms",
                     "note"])
         for r in rows:
             w.writerow([r.config, r.label, r.ms_per_step, r.ratio, r.overhead_pct, r.peak_mb, r.mem_overhead_pct,
-                        r.values_per_step, r.n_steps, r.kinds.get("plain"), r.kinds.get("record"),
+                        r.held_kb, r.values_per_step, r.n_steps, r.kinds.get("plain"), r.kinds.get("record"),
                         r.kinds.get("flush"), r.note])
 
 
@@ -563,7 +581,9 @@ def run_benchmark(names: list[str], device: str, steps: int, mem_steps: int, thr
     if memory:
         print(f"memory: {'torch.cuda.max_memory_allocated' if bench.device.type == 'cuda' else 'process RSS high-water mark (VmHWM)'}"
               f", median of {mem_repeats} fresh subprocesses per configuration, {mem_steps} steps each; "
-              "every child imports lnprobe.")
+              "every child imports lnprobe. held KB: tensor storage the instrumentation holds after backward "
+              "(lnprobe: Probe.held_bytes, partials of the open step plus unflushed steps; clone row: its clones), "
+              "the most it keeps; exact, unlike the process peak.")
     print(coverage_notes(names))
     print(f"timing wall {wall:.0f} s; load average at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     for r in rows:

@@ -685,6 +685,20 @@ class Probe:
     def hook_count(self) -> int:
         return len(self._handles)
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of tensor storage the probe holds right now: the partial reductions of the open step
+        (between its forwards and ``step()``) and the buffered steps not yet flushed. Read it after
+        backward, before ``step()``, for the most the probe keeps. Activations are never held."""
+        tensors = [t for acc in self._acc.values() for p in acc.parts
+                   for t in (p.sums, p.counts, p.cand, p.cand_tok, p.sample) if t is not None]
+        tensors += [g.packed for acc in self._acc.values() for g in acc.grads]
+        tensors += [t for e in self._buffer for t in (e.values, e.loc)]
+        if self._captured is not None:
+            tensors.append(self._captured[1])
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
 
 def _scalar_frame(scalars: list[tuple[int, str, float]]) -> pd.DataFrame:
     n = len(scalars)

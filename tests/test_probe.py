@@ -332,3 +332,28 @@ def test_corrupt_part_is_reported_and_skipped(tmp_path):
         run = lnprobe.load_run(tmp_path / "run")
     assert sorted(run.records.step.unique()) == [0, 1]
     assert run.skipped_parts == [str(bad)]
+
+
+def test_held_bytes_is_partials_then_buffer_and_never_an_activation(tmp_path):
+    model = make()
+    x, y = batch(0, b=8)
+    probe = lnprobe.attach(model, tmp_path / "run", flush_every=100)
+    _, loss = model(x, y)
+    loss.backward()
+    held = probe.held_bytes
+    # Bound from the partial layout: per forward call 3 sums + 3 counts (float64), at most 3 candidate
+    # rows of D float32 with their int64 token indices, a median sample of at most min(numel, 8192)
+    # float32; per hidden-state gradient 3 float32.
+    bound = 0
+    for acc in probe._acc.values():
+        for p in acc.parts:
+            bound += 48 + 3 * (4 * p.d + 8) + 4 * min(p.n_elem, S.MEDIAN_SAMPLE)
+        bound += 12 * len(acc.grads)
+    assert 0 < held <= bound
+    assert held < 4 * x.numel() * 32 * len(probe._acc)  # far below one (B, T, 32) activation per site
+    probe.step(loss=loss)
+    step_bytes = probe.held_bytes  # the finalized step waiting for the next flush: values and locations
+    assert 0 < step_bytes < held
+    probe.flush()
+    assert probe.held_bytes == 0
+    probe.close()
