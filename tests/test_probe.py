@@ -273,7 +273,8 @@ def test_hidden_state_gradients_are_unscaled(tmp_path):
     np.testing.assert_allclose(ga.values, gb.values, rtol=1e-5)
 
 
-def test_killed_process_keeps_flushed_steps(tmp_path):
+def run_probed_script(run_dir, flush_every: int, steps: int, ending: str) -> subprocess.CompletedProcess:
+    """Train NanoGPT under a probe for ``steps`` steps in a fresh interpreter, then run ``ending``."""
     script = textwrap.dedent(f"""
         import os, sys, signal, torch
         sys.path.insert(0, {os.path.dirname(__file__)!r}); sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
@@ -281,14 +282,17 @@ def test_killed_process_keeps_flushed_steps(tmp_path):
         from nanogpt import NanoGPT
         torch.manual_seed(0)
         model = NanoGPT(vocab=64, block_size=16)
-        probe = lnprobe.attach(model, {str(tmp_path / 'run')!r}, flush_every=2)
+        probe = lnprobe.attach(model, {str(run_dir)!r}, flush_every={flush_every})
         x = torch.randint(0, 64, (2, 16))
-        for step in range(7):
+        for step in range({steps}):
             model(x, x)[1].backward()
             probe.step()
-        os.kill(os.getpid(), signal.SIGKILL)
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    """) + ending + "\n"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+
+
+def test_killed_process_keeps_flushed_steps(tmp_path):
+    proc = run_probed_script(tmp_path / "run", 2, 7, "os.kill(os.getpid(), signal.SIGKILL)")
     assert proc.returncode == -9, proc.stderr.decode()
     run = lnprobe.load_run(tmp_path / "run")
     assert sorted(run.records.step.unique()) == [0, 1, 2, 3, 4, 5]  # step 6 was not flushed yet
@@ -299,21 +303,7 @@ def test_unclosed_probe_flushes_large_buffer_at_interpreter_exit(tmp_path):
     # An uncaught exception ends the script without close(): the atexit handler must still write
     # every buffered step. Several thousand rows make pyarrow convert columns on a thread pool by
     # default, which refuses work during interpreter shutdown.
-    script = textwrap.dedent(f"""
-        import os, sys, torch
-        sys.path.insert(0, {os.path.dirname(__file__)!r}); sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
-        import lnprobe
-        from nanogpt import NanoGPT
-        torch.manual_seed(0)
-        model = NanoGPT(vocab=64, block_size=16)
-        probe = lnprobe.attach(model, {str(tmp_path / 'run')!r}, flush_every=1000)
-        x = torch.randint(0, 64, (2, 16))
-        for step in range(12):
-            model(x, x)[1].backward()
-            probe.step()
-        raise SystemExit("training loop died")
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    proc = run_probed_script(tmp_path / "run", 1000, 12, 'raise SystemExit("training loop died")')
     assert proc.returncode == 1, proc.stderr.decode()
     assert b"Traceback" not in proc.stderr, proc.stderr.decode()
     run = lnprobe.load_run(tmp_path / "run")
