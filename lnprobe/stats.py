@@ -300,48 +300,53 @@ def _stack_groups(groups: Sequence[Sequence[Any]], get: Callable[[Any], torch.Te
     return torch.stack(items).reshape(len(groups), m, *items[0].shape)
 
 
-def _top_candidates(parts: list[ActivationPartial], device: torch.device) -> list[tuple[torch.Tensor, ...]]:
-    """Per part ``(values (3,), token (3,), channel (3,))``: the 3 largest |x| among its candidate rows.
+def _top_candidates(parts: list[ActivationPartial]) -> dict[int, torch.Tensor]:
+    """``id(part) -> (3, 3)`` float64 rows value, token, channel: the 3 largest |x| among the part's
+    candidate rows, for every part that has candidates.
 
-    Parts with equal candidate shape and sequence length go through one batched ``topk``. Missing
-    entries (no candidates, fewer than 3 elements) are -inf with token and channel -1.
+    Parts with equal candidate shape and sequence length go through one batched ``topk``. A tensor of
+    fewer than 3 elements is padded like a missing part (``_top_pad``: value -inf, token and channel -1).
     """
-    ninf = torch.full((TOPK,), -math.inf, device=device)
-    neg1 = torch.full((TOPK,), -1, dtype=torch.long, device=device)
-    out: list[tuple[torch.Tensor, ...]] = [(ninf, neg1, neg1)] * len(parts)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, p in enumerate(parts):
+    out: dict[int, torch.Tensor] = {}
+    by_shape: dict[tuple, list[ActivationPartial]] = {}
+    for p in parts:
         if p.cand is not None:
-            by_shape.setdefault((tuple(p.cand.shape), p.t), []).append(i)
-    for ((k, d), t), idx in by_shape.items():
-        cand = torch.stack([parts[i].cand for i in idx]).abs_().reshape(len(idx), k * d)  # (P, k·D)
+            by_shape.setdefault((tuple(p.cand.shape), p.t), []).append(p)
+    for ((k, d), t), group in by_shape.items():
+        cand = torch.stack([p.cand for p in group]).abs_().reshape(len(group), k * d)  # (P, k·D)
         kk = min(TOPK, k * d)
         vals, flat = cand.topk(kk, dim=1)  # (P, kk)
-        rows = torch.stack([parts[i].cand_tok for i in idx]).gather(1, torch.div(flat, d, rounding_mode="floor"))
-        tok, ch = rows % t, flat % d  # (P, kk)
+        rows = torch.stack([p.cand_tok for p in group]).gather(1, torch.div(flat, d, rounding_mode="floor"))
+        top = torch.stack([vals.double(), (rows % t).double(), (flat % d).double()], 1)  # (P, 3, kk)
         if kk < TOPK:
-            vals = torch.cat([vals, vals.new_full((len(idx), TOPK - kk), -math.inf)], 1)
-            tok = torch.cat([tok, tok.new_full((len(idx), TOPK - kk), -1)], 1)
-            ch = torch.cat([ch, ch.new_full((len(idx), TOPK - kk), -1)], 1)
-        for j, i in enumerate(idx):
-            out[i] = (vals[j], tok[j], ch[j])
+            pad = _top_pad(top.device)[:, kk:].expand(len(group), 3, TOPK - kk)
+            top = torch.cat([top, pad], 2)
+        out.update(zip(map(id, group), top.unbind(0)))
     return out
+
+
+def _top_pad(device: torch.device) -> torch.Tensor:
+    """The ``(3, 3)`` top-k rows of a missing part: value -inf, token -1, channel -1. Built by fills
+    on the device (a tensor copied from the host would be a synchronous copy on CUDA)."""
+    pad = torch.full((3, TOPK), -1.0, dtype=torch.float64, device=device)
+    pad[0].fill_(-math.inf)
+    return pad
 
 
 def _medians(groups: Sequence[Sequence[ActivationPartial]], device: torch.device) -> torch.Tensor:
     """``(G,)`` float32: median of each site's pooled samples (NaN where none). Sites with one sample
     of equal length share one batched median."""
     out: list[torch.Tensor | None] = [None] * len(groups)
-    single: dict[int, list[int]] = {}
+    single: dict[int, list[tuple[int, torch.Tensor]]] = {}  # sample length -> (site, sample)
     for i, g in enumerate(groups):
         samples = [p.sample for p in g if p.sample is not None]
         if len(samples) == 1:
-            single.setdefault(samples[0].numel(), []).append(i)
+            single.setdefault(samples[0].numel(), []).append((i, samples[0]))
         elif samples:
             out[i] = torch.cat(samples).median()
-    for n, idx in single.items():
-        med = torch.stack([next(p.sample for p in groups[i] if p.sample is not None) for i in idx]).median(1).values
-        for j, i in enumerate(idx):
+    for entries in single.values():
+        med = torch.stack([sample for _, sample in entries]).median(1).values
+        for j, (i, _) in enumerate(entries):
             out[i] = med[j]
     nan = torch.full((), math.nan, device=device)
     return torch.stack([nan if m is None else m for m in out])
@@ -374,11 +379,9 @@ def finalize_activations(groups: Sequence[Sequence[ActivationPartial]]) -> tuple
     n = n.reshape(n_groups, 2)  # (G, 2): n_elem, n_tok
 
     # Top-3 of every part, then (several micro-batches) the top 3 of the parts' candidates.
-    tops = dict(zip(map(id, parts), _top_candidates(parts, dev)))
-    tv = _stack_groups(groups, lambda p: tops[id(p)][0], tops[id(parts[0])][0].new_full((TOPK,), -math.inf))
-    tt = _stack_groups(groups, lambda p: tops[id(p)][1], tops[id(parts[0])][1].new_full((TOPK,), -1))
-    tc = _stack_groups(groups, lambda p: tops[id(p)][2], tops[id(parts[0])][2].new_full((TOPK,), -1))
-    tv, tt, tc = (a.reshape(n_groups, -1) for a in (tv, tt, tc))  # (G, 3M)
+    tops = _top_candidates(parts)
+    top = _stack_groups(groups, lambda p: tops.get(id(p)), _top_pad(dev))  # (G, M, 3, 3)
+    tv, tt, tc = top.permute(2, 0, 1, 3).reshape(3, n_groups, m * TOPK).unbind(0)  # (G, 3M) each
     if m > 1:
         tv, order = tv.topk(TOPK, dim=1)  # (G, 3)
         tt, tc = tt.gather(1, order), tc.gather(1, order)
