@@ -437,6 +437,16 @@ def ref_stream(model, idx):
     return out
 
 
+def capture_and_check_stream(model, mm: ModelMap) -> dict:
+    """Capture every site of a TinyLM; check resid against a hand-run forward and the residual identities."""
+    got, _ = capture(model, all_points(mm), ids())
+    ref = ref_stream(model, ids())
+    for l in range(3):
+        assert close(got[("resid", l)], ref[l])
+    check_residual_identities(mm, got)
+    return got
+
+
 @pytest.mark.parametrize("norm,kind,offset", [
     (nn.RMSNorm, "rmsnorm", 0.0), (nn.LayerNorm, "layernorm", 0.0), (ScaledRMSNorm, "rmsnorm", 1.0)])
 def test_handwritten_peri_ln(norm, kind, offset):
@@ -451,11 +461,7 @@ def test_handwritten_peri_ln(norm, kind, offset):
     assert all(n.kind == kind and n.gain_offset == offset for n in mm.norms)
     assert mm.param_roles["head.weight"]["role"] == "head"
     assert mm.param_roles["blocks.1.norms.mlp_out.weight"] == {"role": "norm.post_mlp", "layer": 1}
-    got, _ = capture(model, all_points(mm), ids())
-    ref = ref_stream(model, ids())
-    for l in range(3):
-        assert close(got[("resid", l)], ref[l])
-    check_residual_identities(mm, got)
+    got = capture_and_check_stream(model, mm)
     for l, blk in enumerate(model.blocks):
         assert close(blk.norms["attn_out"](got[("attn_raw", l)]), got[("attn_out", l)])
         assert close(blk.attn(blk.norms["attn_in"](got[("resid", l)])), got[("attn_raw", l)])
@@ -469,11 +475,7 @@ def test_handwritten_output_ln():
     assert mm.placement == "output"
     assert roles_of(mm, 1) == {"norms.attn_out": "norm.post_attn", "norms.mlp_out": "norm.post_mlp"}
     assert mm.blocks[0].points["resid_mid"] == HookPoint("blocks.0.mlp", "in", 0)
-    got, _ = capture(model, all_points(mm), ids())
-    ref = ref_stream(model, ids())
-    for l in range(3):
-        assert close(got[("resid", l)], ref[l])
-    check_residual_identities(mm, got)
+    got = capture_and_check_stream(model, mm)
     for l, blk in enumerate(model.blocks):
         assert close(blk.mlp(got[("resid_mid", l)]), got[("mlp_raw", l)])
 
