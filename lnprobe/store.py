@@ -452,11 +452,15 @@ class Run:
 def _meta_or_empty(run_dir: Path) -> dict[str, Any]:
     """meta.json, or {} with a warning when it is missing or unreadable but record parts exist (a
     run still being written, a copied records folder): analyse what exists."""
+    path = run_dir / "meta.json"
+    if not path.exists():
+        warnings.warn(f"{path}: no meta.json next to the records; using empty metadata", stacklevel=3)
+        return {}
     try:
         return read_meta(run_dir)
     except Exception as exc:
-        warnings.warn(f"{run_dir / 'meta.json'}: unreadable meta.json ({type(exc).__name__}: {exc}); "
-                      "using empty metadata", stacklevel=3)
+        warnings.warn(f"{path}: unreadable meta.json ({type(exc).__name__}: {exc}); using empty metadata",
+                      stacklevel=3)
         return {}
 
 
