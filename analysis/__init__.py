@@ -1,11 +1,13 @@
-"""analysis: run directories -> theory predictions, fits, verdicts, figures, reports.
+"""lnprobe.analysis: run directories -> theory predictions, fits, verdicts, figures, reports.
 
 Never imports torch (design page section 1): runs recorded on a GPU machine are analysed with
-numpy / pandas / scipy / matplotlib anywhere. Modules: ``io`` (load a run directory), ``theory``
+numpy / pandas / scipy / matplotlib anywhere. Installed as ``lnprobe.analysis`` (the folder
+``analysis/`` at the repository top); ``lnprobe.store`` owns the run-directory format and the one
+``Run`` type. Modules: ``io`` (load a run directory: ``lnprobe.load_run``), ``theory``
 (theory.md predictions), ``fits`` (growth classification, attribution), ``massive`` (massive
 activations, FP16 margin, spike score), ``plots`` (figures), ``verdicts`` (prediction checks),
 ``report`` (report.md / report.html). ``plots``, ``verdicts`` and ``report`` load on first use so
-that ``import analysis`` does not pull in matplotlib.
+that ``import lnprobe.analysis`` does not pull in matplotlib.
 """
 from __future__ import annotations
 
@@ -32,4 +34,4 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f".{name}", __name__)
     if name in ("build_report", "run_report", "ReportResult"):
         return getattr(importlib.import_module(".report", __name__), name)
-    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,9 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-MASSIVE_ABS = 100.0
-MASSIVE_RATIO = 1000.0
-FP16_MAX = 65504.0
+from ..constants import FP16_MAX, MASSIVE_ABS, MASSIVE_RATIO
 _NON_ACTIVATION = ("train",)
 
 

@@ -125,9 +125,9 @@ def main() -> None:
     t1 = time.perf_counter()
     print(f"synthesised {n:,} records in {t1 - t0:.2f} s")
 
-    import analysis
-    from analysis import verdicts
-    from analysis.report import build_report
+    import lnprobe.analysis as analysis
+    from lnprobe.analysis import verdicts
+    from lnprobe.analysis.report import build_report
 
     t2 = time.perf_counter()
     run = analysis.load(root / "run")

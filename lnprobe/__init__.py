@@ -4,17 +4,48 @@
     ...  # loss.backward(); probe.step(loss=loss); opt.step()
     probe.close()
     run = lnprobe.load_run("runs/pre")
+
+Every name is imported on first use (PEP 562): ``import lnprobe`` imports neither torch nor pandas,
+and ``lnprobe.load_run`` / ``lnprobe.analysis`` work on a machine without torch. ``attach``,
+``Probe``, ``ALL_SITES`` (``lnprobe.probe``) and ``inspect`` need torch; ``Schedule`` does not.
 """
 from __future__ import annotations
 
-from typing import Any
-
-from .probe import ALL_SITES, Probe, attach
-from .schedule import Schedule
-from .store import Run, load_run
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["attach", "load_run", "inspect", "Probe", "Run", "Schedule", "ALL_SITES"]
 __version__ = "0.1.0"
+
+# public name -> the submodule that defines it
+_LAZY_NAMES = {
+    "attach": "probe", "Probe": "probe", "ALL_SITES": "probe",
+    "Schedule": "schedule",
+    "Run": "store", "load_run": "store",
+}
+# submodules reachable as attributes right after ``import lnprobe`` (lnprobe.integrations.hf, ...)
+_SUBMODULES = ("analysis", "cli", "constants", "data", "distributed", "export", "integrations", "models",
+               "probe", "schedule", "sites", "stats", "store", "train")
+
+if TYPE_CHECKING:  # for type checkers and IDEs only; at run time these load on first use
+    from . import analysis, integrations  # noqa: F401
+    from .probe import ALL_SITES, Probe, attach  # noqa: F401
+    from .schedule import Schedule  # noqa: F401
+    from .store import Run, load_run  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
 
 
 def inspect(model: Any, example_input: Any = None, *, blocks: str | None = None, placement: str | None = None):

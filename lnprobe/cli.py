@@ -373,7 +373,7 @@ def _tiny_hf_model(model_type: str):
 # ----------------------------------------------------------------------------- report helpers
 def _build_report(runs: list[Path], out: Path):
     try:
-        from analysis.report import build_report
+        from lnprobe.analysis.report import build_report
     except ImportError as exc:
         _die(f"the report builder is not available ({exc}); the runs are in "
              f"{', '.join(str(r) for r in runs)}: inspect them with lnprobe.load_run")

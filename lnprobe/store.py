@@ -1,4 +1,6 @@
-"""Run directory: ``meta.json`` plus Parquet record parts, appended atomically; ``load_run``.
+"""Run directory: the record schema, ``meta.json``, the writer (``RunWriter``), the reader (``load_run``
+returning :class:`Run`). Imports numpy / pandas / pyarrow only, never torch, so ``lnprobe.load_run``
+and ``lnprobe.analysis`` work on a machine without torch.
 
 Layout (design page section 5)::
 
@@ -15,7 +17,7 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,23 @@ import pandas as pd
 import pyarrow as pa  # imported with the writer, so the first flush of a run does not pay for it
 import pyarrow.parquet as pq
 
-RECORD_COLUMNS = ("step", "site", "layer", "stat", "value", "token", "channel")
+#: The record schema: column -> dtype, one row per (step, site, layer, stat). ``token`` (sequence
+#: position) and ``channel`` locate a value (absmax, top1..top3) and are <NA> elsewhere.
+RECORD_SCHEMA: dict[str, str] = {
+    "step": "int64", "site": "str", "layer": "int64", "stat": "str", "value": "float64",
+    "token": "Int64", "channel": "Int64",
+}
+RECORD_COLUMNS = tuple(RECORD_SCHEMA)
+#: Site of a parameter statistic: ``param:<full parameter name>``.
+PARAM_PREFIX = "param:"
+#: Roles of the four sublayer weights (``param_roles`` in meta.json).
+SUBLAYER_ROLES = ("attn.qkv", "attn.out", "mlp.in", "mlp.out")
 _PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 
 
+# ---------------------------------------------------------------------------------------------
+# meta.json
+# ---------------------------------------------------------------------------------------------
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -44,15 +59,41 @@ def write_meta(run_dir: str | Path, meta: dict[str, Any]) -> None:
 
 
 def read_meta(run_dir: str | Path) -> dict[str, Any]:
+    """``meta.json`` of ``run_dir`` as a dict; FileNotFoundError when there is none."""
     path = Path(run_dir) / "meta.json"
     if not path.exists():
         raise FileNotFoundError(
             f"{run_dir} is not an lnprobe run directory: expected {path}; "
             "pass the directory given to lnprobe.attach(...) or `lnprobe train --out`"
         )
-    return json.loads(path.read_text())
+    meta = json.loads(path.read_text())
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: top level is {type(meta).__name__}, expected an object")
+    return meta
 
 
+def config_section(meta: dict[str, Any], section: str) -> dict[str, Any]:
+    """``meta["config"][section]`` as a dict ({} when absent): the one parser of the configuration
+    ``lnprobe train`` writes (sections ``model``: the reference GPT's ``GPTConfig``, ``train``:
+    ``TrainConfig``; the HF callback writes ``trainer``)."""
+    cfg = meta.get("config")
+    sec = cfg.get(section) if isinstance(cfg, dict) else None
+    return dict(sec) if isinstance(sec, dict) else {}
+
+
+def model_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta.config.model`` (reference GPT only) or {}."""
+    return config_section(meta, "model")
+
+
+def train_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta.config.train`` (``lnprobe train`` only) or {}."""
+    return config_section(meta, "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# records
+# ---------------------------------------------------------------------------------------------
 def records_frame(
     step: np.ndarray, site: np.ndarray, layer: np.ndarray, stat: np.ndarray,
     value: np.ndarray, token: np.ndarray, channel: np.ndarray,
@@ -74,6 +115,52 @@ def _nullable_int(values: np.ndarray) -> pd.arrays.IntegerArray:
     values = np.asarray(values, dtype=np.float64)
     missing = np.isnan(values)
     return pd.arrays.IntegerArray(np.where(missing, 0, values).astype(np.int64), missing)
+
+
+def _conform(df: pd.DataFrame) -> pd.DataFrame:
+    """Coerce a frame read from disk to the schema: columns in schema order, missing ones added,
+    integer/float dtypes fixed (a part written by another tool may differ). String columns keep the
+    string dtype pandas reads them with."""
+    n = len(df)
+    out = {}
+    for col, dtype in RECORD_SCHEMA.items():
+        if col not in df.columns:
+            s = pd.Series([pd.NA if dtype == "Int64" else None] * n, dtype=object)
+        else:
+            s = df[col]
+            if str(s.dtype) == dtype or (dtype == "str" and pd.api.types.is_string_dtype(s.dtype)):
+                out[col] = s.reset_index(drop=True)
+                continue
+        if dtype == "int64":
+            out[col] = pd.to_numeric(s, errors="coerce").fillna(-1).astype("int64").to_numpy()
+        elif dtype == "float64":
+            out[col] = pd.to_numeric(s, errors="coerce").astype("float64").to_numpy()
+        elif dtype == "Int64":
+            out[col] = pd.to_numeric(s, errors="coerce").astype("Int64").array
+        else:
+            out[col] = s.astype(str).to_numpy(dtype=object) if n else np.array([], dtype=object)
+    return pd.DataFrame(out)
+
+
+def read_records(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """Concatenate every readable part in name order (``records.parquet`` of an old run when there
+    are no parts); return (records in the schema, paths of skipped parts). An unreadable part is
+    skipped with a ``UserWarning`` naming the file."""
+    run_dir = Path(run_dir)
+    records_dir = run_dir / "records"
+    parts = sorted(records_dir.glob("part-*.parquet")) if records_dir.exists() else []
+    if not parts and (run_dir / "records.parquet").exists():
+        parts = [run_dir / "records.parquet"]
+    frames, skipped = [], []
+    for p in parts:
+        try:
+            frames.append(pd.read_parquet(p))
+        except Exception as exc:  # corrupt or half-copied part: report and keep the rest
+            warnings.warn(f"skipping unreadable record part {p}: {type(exc).__name__}: {exc}", stacklevel=3)
+            skipped.append(str(p))
+    if not frames:
+        return records_frame(*(np.array([]) for _ in range(7))), skipped
+    return _conform(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]), skipped
 
 
 class RunWriter:
@@ -116,46 +203,282 @@ class RunWriter:
         return path
 
 
+# ---------------------------------------------------------------------------------------------
+# parameter roles (fallback when meta.json has none)
+# ---------------------------------------------------------------------------------------------
+# The reference GPT's and common HF module names.
+_ROLE_PATTERNS = (
+    (re.compile(r"(^|\.)(norm_attn_in|input_layernorm|ln_1|attention_norm)\."), "norm.pre_attn"),
+    (re.compile(r"(^|\.)(norm_attn_out|post_attention_norm)\."), "norm.post_attn"),
+    (re.compile(r"(^|\.)(norm_mlp_in|pre_feedforward_layernorm|ln_2|ffn_norm)\."), "norm.pre_mlp"),
+    (re.compile(r"(^|\.)(norm_mlp_out|post_feedforward_layernorm)\."), "norm.post_mlp"),
+    (re.compile(r"(^|\.)(emb_norm|embed_norm)\."), "norm.embed"),
+    (re.compile(r"(^|\.)(final_norm|ln_f|norm)\.(weight|bias)$"), "norm.final"),
+    (re.compile(r"(qkv|q_proj|k_proj|v_proj|c_attn|query|key|value)\.(weight|bias)$"), "attn.qkv"),
+    (re.compile(r"attn.*\.(out|o_proj|c_proj|dense)\.(weight|bias)$"), "attn.out"),
+    (re.compile(r"(fc_out|down_proj|mlp\.c_proj|fc2|w2)\.(weight|bias)$"), "mlp.out"),
+    (re.compile(r"(fc_in|fc_gate|up_proj|gate_proj|c_fc|fc1|w1|w3)\.(weight|bias)$"), "mlp.in"),
+    (re.compile(r"(tok_emb|pos_emb|wte|wpe|embed_tokens)\."), "embed"),
+    (re.compile(r"(^|\.)(head|lm_head)\."), "head"),
+)
+
+
+def guess_role(param: str) -> str:
+    """Role of a parameter from its name, used only when meta.json has no ``param_roles``."""
+    for pattern, role in _ROLE_PATTERNS:
+        if pattern.search(param):
+            return role
+    return "other"
+
+
+# ---------------------------------------------------------------------------------------------
+# the loaded run
+# ---------------------------------------------------------------------------------------------
 @dataclass
 class Run:
-    """A loaded run directory: ``records`` (long-format DataFrame) and ``meta`` (dict)."""
+    """One loaded run directory (``lnprobe.load_run``; ``lnprobe.analysis`` uses the same type).
+
+    ``path``; ``meta``: meta.json as a dict ({} when missing or unreadable); ``records``: every
+    row of every readable part, in the schema (``RECORD_SCHEMA``), duplicates of a resumed run
+    included; ``skipped_parts``: paths of unreadable parts; ``warnings``: what could not be read, as
+    sentences; ``name``: meta run_name or the directory name. The accessors below select one
+    (site, stat) at a time through an index built once, and resolve a (step, site, layer, stat)
+    written twice (a resumed run) to the later part's value.
+    """
 
     path: Path
     meta: dict[str, Any]
     records: pd.DataFrame
-    skipped_parts: list[str]
+    skipped_parts: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    _index: dict | None = field(default=None, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if not self.warnings:
+            notes = [f"skipping unreadable record part {p}" for p in self.skipped_parts]
+            if not self.meta:
+                notes.append(f"{self.path / 'meta.json'}: missing or unreadable; using empty metadata")
+            if not len(self.records) and not self.skipped_parts:
+                notes.append(f"{self.path / 'records'}: no record parts found")
+            self.warnings = notes
 
     @property
     def name(self) -> str:
         return str(self.meta.get("run_name") or self.path.name)
 
+    # -- configuration -------------------------------------------------------------------------
+    @property
+    def model_config(self) -> dict[str, Any]:
+        """``meta.config.model`` (reference GPT only) or {}."""
+        return model_config(self.meta)
+
+    @property
+    def train_config(self) -> dict[str, Any]:
+        """``meta.config.train`` (``lnprobe train`` only) or {}."""
+        return train_config(self.meta)
+
+    @property
+    def placement(self) -> str:
+        """config.model.placement when present (it knows "lns"), else meta placement, else "unknown"."""
+        return str(self.model_config.get("placement") or self.meta.get("placement") or "unknown")
+
+    @property
+    def n_layers(self) -> int:
+        """L from meta, else config, else the largest recorded ``resid`` layer."""
+        for v in (self.meta.get("n_layers"), self.model_config.get("n_layers")):
+            if v is not None:
+                return int(v)
+        r = self.frame("resid", "m2")
+        return int(r["layer"].max()) if len(r) else 0
+
+    @property
+    def d_model(self) -> int | None:
+        v = self.meta.get("d_model") or self.model_config.get("d_model")
+        return int(v) if v is not None else None
+
+    @property
+    def status(self) -> str:
+        return str(self.meta.get("status") or "unknown")
+
+    # -- record access -------------------------------------------------------------------------
+    def _groups(self) -> dict:
+        if self._index is None:
+            r = self.records
+            self._index = r.groupby(["site", "stat"], sort=False).indices if len(r) else {}
+        return self._index
+
+    def has(self, site: str, stat: str) -> bool:
+        return (site, stat) in self._groups()
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted({s for s, _ in self._groups()})
+
+    def frame(self, site: str, stat: str) -> pd.DataFrame:
+        """Rows of one (site, stat): columns step, layer, value, token, channel (duplicates: last)."""
+        key = ("frame", site, stat)
+        if key not in self._cache:
+            idx = self._groups().get((site, stat))
+            if idx is None:
+                out = pd.DataFrame({c: pd.Series(dtype=RECORD_SCHEMA[c])
+                                    for c in ("step", "layer", "value", "token", "channel")})
+            else:
+                out = self.records.iloc[idx][["step", "layer", "value", "token", "channel"]]
+                # A resumed run may repeat a step: the later part wins.
+                out = out.drop_duplicates(["step", "layer"], keep="last").sort_values(["step", "layer"])
+                out = out.reset_index(drop=True)
+            self._cache[key] = out
+        return self._cache[key]
+
+    def pivot(self, site: str, stat: str) -> pd.DataFrame:
+        """step × layer table of one (site, stat); empty DataFrame when not recorded."""
+        key = ("pivot", site, stat)
+        if key not in self._cache:
+            f = self.frame(site, stat)
+            self._cache[key] = f.pivot(index="step", columns="layer", values="value") if len(f) else pd.DataFrame()
+        return self._cache[key]
+
     def stat(self, site: str, stat: str) -> pd.DataFrame:
-        """Rows of one (site, stat) as a step × layer table of values."""
-        r = self.records
-        sel = r[(r["site"] == site) & (r["stat"] == stat)]
-        return sel.pivot_table(index="step", columns="layer", values="value", aggfunc="first")
+        """step × layer table of one (site, stat): the same as :meth:`pivot`."""
+        return self.pivot(site, stat)
+
+    def rms_table(self, site: str) -> pd.DataFrame:
+        """step × layer RMS of an activation site: recorded ``rms``, else sqrt(``m2``)."""
+        t = self.pivot(site, "rms")
+        if t.empty:
+            m2 = self.pivot(site, "m2")
+            t = np.sqrt(m2) if not m2.empty else t
+        return t
+
+    def series(self, stat: str, site: str = "train") -> pd.Series:
+        """One scalar per step (e.g. train loss), indexed by step; empty when not recorded."""
+        f = self.frame(site, stat)
+        if not len(f):
+            return pd.Series(dtype="float64", name=stat)
+        return pd.Series(f["value"].to_numpy(), index=f["step"].to_numpy(), name=stat)
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Sorted recorded steps of activation statistics (resid m2), else of any record."""
+        f = self.frame("resid", "m2")
+        s = f["step"] if len(f) else self.records["step"]
+        return np.unique(s.to_numpy())
+
+    def param_roles(self) -> dict[str, dict]:
+        """param name -> {"role", "layer"}: meta param_roles, else guessed from recorded names."""
+        if "param_roles" not in self._cache:
+            roles = {}
+            meta_roles = self.meta.get("param_roles") or {}
+            for site in self.sites:
+                if not site.startswith(PARAM_PREFIX):
+                    continue
+                name = site[len(PARAM_PREFIX):]
+                info = meta_roles.get(name)
+                if isinstance(info, dict) and info.get("role"):
+                    roles[name] = {"role": str(info["role"]), "layer": int(info.get("layer", -1))}
+                else:
+                    roles[name] = {"role": guess_role(name), "layer": None}
+            self._cache["param_roles"] = roles
+        return self._cache["param_roles"]
+
+    def params(self, stat: str) -> pd.DataFrame:
+        """Rows of one parameter statistic over all ``param:*`` sites.
+
+        Columns: step, param, role, layer, value. The layer is the recorded one (block index or -1).
+        """
+        key = ("params", stat)
+        if key not in self._cache:
+            roles = self.param_roles()
+            cols = ["step", "param", "role", "layer", "value"]
+            groups = self._groups()
+            idx = [groups[(f"{PARAM_PREFIX}{n}", stat)] for n in roles if (f"{PARAM_PREFIX}{n}", stat) in groups]
+            if not idx:
+                self._cache[key] = pd.DataFrame(columns=cols)
+                return self._cache[key]
+            # one selection over all param:* sites, in row order (the later duplicate wins)
+            sel = self.records.iloc[np.sort(np.concatenate(idx))][["step", "site", "layer", "value"]]
+            sel = sel.drop_duplicates(["step", "site", "layer"], keep="last")
+            names = sel["site"].astype(str).str.slice(len(PARAM_PREFIX))
+            role_of = {n: info["role"] for n, info in roles.items()}
+            self._cache[key] = pd.DataFrame({
+                "step": sel["step"].to_numpy(), "param": names.to_numpy(dtype=object),
+                "role": names.map(role_of).fillna("other").to_numpy(dtype=object),
+                "layer": sel["layer"].to_numpy(), "value": sel["value"].to_numpy(),
+            }).sort_values(["step", "param"], ignore_index=True)
+        return self._cache[key]
+
+    def role_table(self, stat: str, role: str) -> pd.DataFrame:
+        """step × layer table of a parameter stat for one role; several parameters of the same
+        role in one layer (separate q, k, v) combine as the root of the sum of squares (a norm)
+        for ``grad_norm``/``param_norm`` and as the mean otherwise."""
+        p = self.params(stat)
+        p = p[p["role"] == role] if len(p) else p
+        if not len(p):
+            return pd.DataFrame()
+        if stat in ("grad_norm", "param_norm"):
+            t = p.assign(sq=p["value"] ** 2).pivot_table(index="step", columns="layer", values="sq", aggfunc="sum")
+            return np.sqrt(t)
+        return p.pivot_table(index="step", columns="layer", values="value", aggfunc="mean")
+
+    def layer_grad_norm(self, roles: tuple[str, ...] | None = None) -> pd.DataFrame:
+        """step × layer gradient norm of a block, sqrt(Σ grad_norm²) over its parameters (only
+        those with a role in ``roles`` when given); parameters outside blocks (layer −1) left out."""
+        p = self.params("grad_norm")
+        if len(p):
+            p = p[(p["layer"] >= 0) & (p["role"].isin(roles) if roles is not None else True)]
+        if not len(p):
+            return pd.DataFrame()
+        sq = p.assign(sq=p["value"] ** 2).pivot_table(index="step", columns="layer", values="sq", aggfunc="sum")
+        return np.sqrt(sq)
+
+    def norms(self) -> list[dict]:
+        """Norm descriptions from meta ``norms`` (name, role, layer, kind, weight, bias), else built
+        from parameter roles (norm.* parameters; weight/bias told apart by the name's suffix)."""
+        if isinstance(self.meta.get("norms"), list) and self.meta["norms"]:
+            return [dict(n) for n in self.meta["norms"] if isinstance(n, dict)]
+        out: dict[tuple, dict] = {}
+        for name, info in self.param_roles().items():
+            if not info["role"].startswith("norm."):
+                continue
+            mod, _, leaf = name.rpartition(".")
+            d = out.setdefault((mod, info["role"]), {"name": mod, "role": info["role"],
+                                                   "layer": info["layer"], "weight": None, "bias": None})
+            d["bias" if leaf == "bias" else "weight"] = name
+        return list(out.values())
 
 
-def read_records(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """Concatenate every readable part; return (records, names of skipped parts)."""
-    records_dir = Path(run_dir) / "records"
-    parts = sorted(p for p in records_dir.glob("part-*.parquet")) if records_dir.exists() else []
-    frames, skipped = [], []
-    for p in parts:
-        try:
-            frames.append(pd.read_parquet(p))
-        except Exception as exc:  # corrupt or half-copied part: report and keep the rest
-            warnings.warn(f"skipping unreadable record part {p}: {type(exc).__name__}: {exc}", stacklevel=2)
-            skipped.append(str(p))
-    if not frames:
-        empty = records_frame(*(np.array([]) for _ in range(7)))
-        return empty, skipped
-    records = pd.concat(frames, ignore_index=True)
-    return records, skipped
+def _meta_or_empty(run_dir: Path) -> dict[str, Any]:
+    """meta.json, or {} with a warning when it is missing or unreadable but record parts exist (a
+    run still being written, a copied records folder): analyse what exists."""
+    path = run_dir / "meta.json"
+    if not path.exists():
+        warnings.warn(f"{path}: no meta.json next to the records; using empty metadata", stacklevel=3)
+        return {}
+    try:
+        return read_meta(run_dir)
+    except Exception as exc:
+        warnings.warn(f"{path}: unreadable meta.json ({type(exc).__name__}: {exc}); using empty metadata",
+                      stacklevel=3)
+        return {}
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Load a run directory written by lnprobe (works without torch)."""
-    meta = read_meta(run_dir)
+    """Load a run directory written by lnprobe (works without torch): :class:`Run`.
+
+    Reads ``meta.json`` and every ``records/part-*.parquet`` in name order. An unreadable part is
+    skipped with a ``UserWarning`` naming the file; a missing or unreadable meta.json next to
+    record parts gives a warning and empty metadata. FileNotFoundError when ``run_dir`` does not
+    exist or holds neither meta.json nor records.
+    """
+    path = Path(run_dir)
+    if not path.is_dir() or not ((path / "meta.json").exists() or (path / "records").is_dir()
+                                 or (path / "records.parquet").exists()):
+        what = "it does not exist" if not path.exists() else "it holds no meta.json and no records/"
+        raise FileNotFoundError(
+            f"{run_dir} is not an lnprobe run directory ({what}): expected a folder holding meta.json and "
+            "records/part-*.parquet; pass the directory given to lnprobe.attach(...) or `lnprobe train --out`")
+    meta = _meta_or_empty(path)
     records, skipped = read_records(run_dir)
     return Run(Path(run_dir), meta, records, skipped)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.fits import attribution, classify_growth, growth_over_steps
+from lnprobe.analysis.fits import attribution, classify_growth, growth_over_steps
 
 LAYERS = np.arange(13)
 

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import analysis
-from analysis.massive import (FP16_MAX, absmax_over_steps, fp16_margin, massive_candidates, spike_score,
+import lnprobe.analysis as analysis
+from lnprobe.analysis.massive import (FP16_MAX, absmax_over_steps, fp16_margin, massive_candidates, spike_score,
                               track_massive)
 
 STEPS, LAYERS = range(10), range(7)

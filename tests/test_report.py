@@ -16,8 +16,8 @@ import pytest
 from scipy.integrate import quad
 from scipy.special import erf
 
-import analysis
-from analysis.report import build_report, run_report
+import lnprobe.analysis as analysis
+from lnprobe.analysis.report import build_report, run_report
 
 REPO = Path(__file__).resolve().parents[1]
 L, D, DFF, SIGMA, T, B = 4, 64, 256, 0.02, 32, 4
@@ -246,7 +246,7 @@ def test_analysis_works_with_torch_unimportable(tmp_path):
     runs = make_runs(tmp_path)
     code = (
         "import sys\n"
-        "import analysis, analysis.report, analysis.plots, analysis.verdicts\n"
+        "import lnprobe.analysis as analysis, lnprobe.analysis.report, lnprobe.analysis.plots, lnprobe.analysis.verdicts\n"
         "assert 'torch' not in sys.modules, 'importing analysis pulled in torch'\n"
         "sys.modules['torch'] = None  # any later 'import torch' raises ImportError\n"
         f"res = analysis.build_report([{str(runs['pre'])!r}], {str(tmp_path / 'out')!r})\n"

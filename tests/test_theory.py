@@ -10,7 +10,7 @@ import pytest
 from scipy.integrate import quad
 from scipy.special import erf
 
-from analysis import theory
+from lnprobe.analysis import theory
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,18 @@
+"""Integrations with training frameworks; each loads on first use, so ``lnprobe.integrations``
+imports nothing (not transformers): ``lnprobe.integrations.hf.ProbeCallback`` (Hugging Face Trainer)."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_SUBMODULES = ("hf",)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBMODULES))
