@@ -1,4 +1,4 @@
-"""Model discovery (lnprobe.sites) on tiny models: placement, norm roles, and that every hook point
+"""Model discovery (lnprobe.discovery) on tiny models: placement, norm roles, and that every hook point
 fetches the tensor it claims, checked against independent references (HF output_hidden_states,
 layer-by-layer reruns, explicit norm formulas, explicit linear maps)."""
 import json
@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lnprobe.sites import DiscoveryError, HookPoint, ModelMap, discover, unwrap
+from lnprobe.discovery import discover, unwrap
+from lnprobe.sites import DiscoveryError, HookPoint, ModelMap
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", message=".*(enable_nested_tensor|bos_token_id|eos_token_id).*")
