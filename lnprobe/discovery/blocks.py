@@ -50,6 +50,8 @@ def describe_norms(root: nn.Module) -> str:
 
 
 def find_blocks(root: nn.Module, blocks: str | None) -> tuple[str, list[tuple[str, nn.Module]]]:
+    """(path of the block container, [(block path, block)]): the container at `blocks`, or the
+    ModuleList/Sequential of identical non-leaf blocks with the most parameters."""
     if blocks is not None:
         try:
             container = root.get_submodule(blocks)
