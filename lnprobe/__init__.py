@@ -53,6 +53,6 @@ def inspect(model: Any, example_input: Any = None, *, blocks: str | None = None,
 
     Returns a ``ModelMap``; ``print(lnprobe.inspect(model))`` shows it as a table.
     """
-    from .sites import discover, unwrap
+    from .discovery import discover, unwrap
 
     return discover(unwrap(model), example_input, blocks=blocks, placement=placement)

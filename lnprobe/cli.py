@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .testing import HF_TYPES
+
 __all__ = ["main", "build_parser", "summarize_run", "DEMO_PLACEMENTS", "DEMO_STEPS", "DEMO_EVERY"]
 
 DEMO_PLACEMENTS = ("pre", "peri", "post")
@@ -23,7 +25,6 @@ DEMO_PLACEMENTS = ("pre", "peri", "post")
 # runs side by side plus the report: 106 s wall with other jobs running (load 2.4-4), about 127 CPU-seconds.
 DEMO_STEPS = 400
 DEMO_EVERY = 20
-HF_TYPES = ("gpt2", "llama", "gemma2", "olmo2", "bert")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -350,24 +351,12 @@ def _tiny_hf_model(model_type: str):
     if model_type not in HF_TYPES:
         _die(f"unknown --hf model type {model_type!r}; use one of {', '.join(HF_TYPES)}")
     try:
-        import transformers
+        import transformers  # noqa: F401
     except ImportError:
         _die("--hf needs the transformers package; pip install transformers")
-    import torch
+    from .testing import tiny_hf_model
 
-    kw = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # ids inside the toy vocab
-    if model_type != "gpt2":
-        kw["intermediate_size"] = 128
-    if model_type in ("llama", "gemma2", "olmo2"):
-        kw["num_key_value_heads"] = 4
-    if model_type == "gemma2":
-        kw["head_dim"] = 16
-    config = transformers.AutoConfig.for_model(model_type, **kw)
-    torch.manual_seed(0)
-    if model_type == "bert":
-        return transformers.AutoModel.from_config(config)
-    return transformers.AutoModelForCausalLM.from_config(config)
+    return tiny_hf_model(model_type)
 
 
 # ----------------------------------------------------------------------------- report helpers

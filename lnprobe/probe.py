@@ -120,7 +120,7 @@ class Probe:
         distributed: bool | None = None,
         process_group: Any = None,
     ):
-        from .sites import discover, unwrap
+        from .discovery import discover, unwrap
 
         if record not in ("train", "all"):
             raise ValueError(f"record must be 'train' (forwards in training mode) or 'all'; found {record!r}")
@@ -745,7 +745,7 @@ def _full_norm_params_for_discovery():
     so the collectives match) and swapped in, then restored at once. Nothing else is gathered.
     TODO(lead): this belongs in ``sites._fit_norm`` (read ``p.full_tensor()`` for a DTensor there).
     """
-    from . import sites
+    from .discovery import norms as sites
 
     orig = sites._fit_norm
 

@@ -11,6 +11,7 @@ import torch
 
 import lnprobe
 from lnprobe.cli import main, summarize_run
+from lnprobe.testing import HF_PLACEMENTS
 
 SMALL = ["--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "16", "--batch-size", "4", "--no-progress"]
 
@@ -241,8 +242,7 @@ def test_inspect_reference_gpt(capsys):
     assert "placement=peri" in out and "n_layers=2" in out
 
 
-@pytest.mark.parametrize("model_type, placement", [("gpt2", "pre"), ("llama", "pre"), ("gemma2", "peri"),
-                                                   ("olmo2", "output"), ("bert", "post")])
+@pytest.mark.parametrize("model_type, placement", HF_PLACEMENTS.items())
 def test_inspect_hf(capsys, model_type, placement):
     pytest.importorskip("transformers")
     assert main(["inspect", "--hf", model_type]) == 0

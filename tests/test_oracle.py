@@ -4,29 +4,15 @@ import pytest
 import torch
 
 import lnprobe
+from lnprobe.testing import HF_PLACEMENTS, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
-COMMON = dict(vocab_size=96, hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96)
+SIZES = dict(vocab_size=96, hidden_size=48, num_hidden_layers=3)
 
 
 def tiny(kind):
-    t = transformers
-    if kind == "gpt2":
-        cfg = t.GPT2Config(vocab_size=96, n_embd=48, n_layer=3, n_head=4, n_positions=64,
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        return t.GPT2LMHeadModel(cfg), "pre"
-    if kind == "llama":
-        return t.LlamaForCausalLM(t.LlamaConfig(**COMMON, num_key_value_heads=2)), "pre"
-    if kind == "gemma2":
-        cfg = t.Gemma2Config(**COMMON, num_key_value_heads=2, head_dim=12, sliding_window=16)
-        return t.Gemma2ForCausalLM(cfg), "peri"
-    if kind == "olmo2":
-        return t.Olmo2ForCausalLM(t.Olmo2Config(**COMMON, num_key_value_heads=2)), "output"
-    if kind == "bert":
-        cfg = t.BertConfig(**COMMON, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        return t.BertModel(cfg), "post"
-    raise KeyError(kind)
+    return tiny_hf_model(kind, **SIZES), HF_PLACEMENTS[kind]
 
 
 def reference_stats(h: np.ndarray) -> dict:
@@ -38,7 +24,7 @@ def reference_stats(h: np.ndarray) -> dict:
             "token": (i // d) % h.shape[-2], "channel": i % d}
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2", "olmo2", "bert"])
+@pytest.mark.parametrize("kind", list(HF_PLACEMENTS))
 def test_resid_records_equal_output_hidden_states(tmp_path, kind):
     torch.manual_seed(0)
     model, placement = tiny(kind)

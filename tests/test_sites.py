@@ -1,4 +1,4 @@
-"""Model discovery (lnprobe.sites) on tiny models: placement, norm roles, and that every hook point
+"""Model discovery (lnprobe.discovery) on tiny models: placement, norm roles, and that every hook point
 fetches the tensor it claims, checked against independent references (HF output_hidden_states,
 layer-by-layer reruns, explicit norm formulas, explicit linear maps)."""
 import json
@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lnprobe.sites import DiscoveryError, HookPoint, ModelMap, discover, unwrap
+from lnprobe.discovery import discover, unwrap
+from lnprobe.sites import DiscoveryError, HookPoint, ModelMap
+from lnprobe.testing import tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", message=".*(enable_nested_tensor|bos_token_id|eos_token_id).*")
@@ -91,12 +93,8 @@ def randomize_norms(model: nn.Module, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (0.0 if name.endswith("bias") else 0.7))
 
 
-def hf(cfg_cls, model_cls, **kw):
-    torch.manual_seed(0)
-    cfg = cfg_cls(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * D,
-                  vocab_size=V, **kw)
-    cfg._attn_implementation = "eager"
-    return model_cls(cfg).eval()
+def hf(model_type, **kw):
+    return tiny_hf_model(model_type, vocab_size=V, hidden_size=D, **kw).eval()
 
 
 def all_points(mm: ModelMap) -> dict:
@@ -128,10 +126,7 @@ def check_hf_decoder(model, mm: ModelMap, final_norm):
 
 
 def test_gpt2_pre():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=D, n_layer=2, n_head=4, vocab_size=V, n_positions=T,
-                                  attn_implementation="eager")
-    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model = hf("gpt2", max_position_embeddings=T)
     randomize_norms(model)
     mm = discover(model)
     assert (mm.placement, mm.blocks_path, mm.n_layers, mm.d_model) == ("pre", "transformer.h", 2, D)
@@ -159,8 +154,7 @@ def test_gpt2_pre():
 
 
 def test_llama_pre_and_post_attention_layernorm_is_pre_mlp():
-    model = hf(transformers.LlamaConfig, transformers.LlamaForCausalLM, num_key_value_heads=2,
-               tie_word_embeddings=False)
+    model = hf("llama", num_key_value_heads=2, tie_word_embeddings=False)
     randomize_norms(model)
     mm = discover(model)
     assert mm.placement == "pre" and mm.blocks_path == "model.layers"
@@ -176,7 +170,7 @@ def test_llama_pre_and_post_attention_layernorm_is_pre_mlp():
 
 
 def test_qwen2_pre():
-    model = hf(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, num_key_value_heads=2)
+    model = hf("qwen2", num_key_value_heads=2)
     mm = discover(model)
     assert mm.placement == "pre"
     assert roles_of(mm, 0) == {"input_layernorm": "norm.pre_attn", "post_attention_layernorm": "norm.pre_mlp"}
@@ -186,7 +180,7 @@ def test_qwen2_pre():
 
 
 def test_gemma2_peri_with_one_plus_w_gain():
-    model = hf(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, num_key_value_heads=2, head_dim=8)
+    model = hf("gemma2", num_key_value_heads=2, head_dim=8)
     randomize_norms(model)  # w != 0, so only 1 + w fits
     mm = discover(model)
     assert mm.placement == "peri"
@@ -206,7 +200,7 @@ def test_gemma2_peri_with_one_plus_w_gain():
 
 
 def test_olmo2_output_norms_and_qk_norms():
-    model = hf(transformers.Olmo2Config, transformers.Olmo2ForCausalLM, num_key_value_heads=4)
+    model = hf("olmo2", num_key_value_heads=4)
     randomize_norms(model)
     mm = discover(model)
     assert mm.placement == "output"
@@ -224,10 +218,7 @@ def test_olmo2_output_norms_and_qk_norms():
 
 
 def test_bert_post_with_embedding_norm():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=2 * D, vocab_size=V, attn_implementation="eager")
-    model = transformers.BertModel(cfg).eval()
+    model = hf("bert")
     randomize_norms(model)
     mm = discover(model)
     assert mm.placement == "post" and mm.blocks_path == "encoder.layer"
@@ -569,7 +560,7 @@ def test_no_residual_structure_error_and_override():
 
 def test_blocks_override_and_example_input_forms():
     torch.manual_seed(0)
-    model = hf(transformers.LlamaConfig, transformers.LlamaForCausalLM, num_key_value_heads=2)
+    model = hf("llama", num_key_value_heads=2)
     auto = discover(model)
     for example in (ids(), (ids(),), {"input_ids": ids(), "use_cache": False}):
         mm = discover(model, example, blocks="model.layers")
@@ -701,7 +692,7 @@ def test_hookpoint_fetch():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_llama():
-    model = hf(transformers.LlamaConfig, transformers.LlamaForCausalLM, num_key_value_heads=2)
+    model = hf("llama", num_key_value_heads=2)
     model = model.to("cuda", torch.bfloat16)
     cuda_rng = torch.cuda.get_rng_state()
     mm = discover(model)

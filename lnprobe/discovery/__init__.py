@@ -1,0 +1,110 @@
+"""Model discovery: find the blocks, sublayers, norms, placement and hook points of any Transformer.
+
+`discover(model)` runs ONE traced forward (eval mode, a tiny example input) with hooks on every
+submodule, records every floating tensor seen by a pre-hook (inputs) or a forward hook (outputs) in
+execution order (`trace`), and then works out the residual structure numerically, from the
+DATAFLOW, not from module names:
+
+- per block, with X = block input and Y = block output (both from the block's own hooks):
+  Post-LN when Y is the output of a norm inside the block (`Norm(Norm(X + T1) + T2)`); otherwise
+  two module outputs T1 (attention branch, earlier) and T2 (MLP branch, later) with
+  `X + T1 + T2 == Y` (`blocks`). Norms are then labelled by what they see: input == X ->
+  pre-attention, input == X + T1 -> pre-MLP, output == T1 / T2 -> output norm of that sublayer
+  (`placement`).
+- outside the blocks: a norm whose output is the block-0 input is the embedding norm; a norm after
+  the last block whose input is the last block output is the final norm (`norms`).
+- norm kind (LayerNorm vs RMSNorm) and gain offset (`w` vs Gemma's `1 + w`) are fitted from the
+  traced input/output of each norm (`norms`); parameter roles follow (`roles`).
+
+Hook points name a (module, pre-hook argument or forward-hook output) pair relative to the
+unwrapped root, so a probe can register hooks that fetch exactly the tensor of a site. Site names,
+roles and the returned types are those of `lnprobe.sites`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..sites import PLACEMENTS, DiscoveryError, ModelMap
+from .blocks import describe_lists, describe_norms, find_blocks, map_block
+from .modules import unwrap
+from .norms import outside_norms, residual_norms
+from .roles import embed_and_head, parameter_roles
+from .trace import example_inputs, run_trace
+
+__all__ = ["discover", "unwrap"]
+
+
+def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None = None,
+             placement: str | None = None) -> ModelMap:
+    """Map `model` (bare, DDP/FSDP-wrapped or torch.compile'd) from one traced forward.
+
+    example_input: a tensor, a tuple of positional args or a dict of kwargs; by default token ids
+    (1, 8) for models with a vocabulary or a float (1, 8, d) sequence for embedding-free stacks.
+    blocks: dotted path of the module list holding the blocks (default: the ModuleList/Sequential
+    of identical blocks with the most parameters). placement: force this label on every block
+    (what can be mapped still is). Raises DiscoveryError when the model cannot be mapped.
+    The trace leaves parameters, buffers, training flags and the RNG state unchanged."""
+    if placement is not None and placement not in PLACEMENTS:
+        raise DiscoveryError(f"placement='{placement}' is not one of {', '.join(PLACEMENTS)}")
+    root = unwrap(model)
+    blocks_path, block_list = find_blocks(root, blocks)
+    # the trace needs a forward that records autograd like training does: leave inference mode
+    with torch.inference_mode(False):
+        args, kwargs = example_inputs(root, example_input)
+        try:
+            tr = run_trace(root, args, kwargs)
+        except Exception as err:
+            if example_input is not None:
+                raise
+            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            raise DiscoveryError(
+                f"the traced forward of {type(root).__name__} failed on the automatic example input "
+                f"{shapes} {sorted(kwargs)}: {type(err).__name__}: {err}. Pass example_input= (a "
+                f"tensor, a tuple of args or a dict of kwargs that its forward accepts).") from err
+
+    notes: list[str] = []
+    results = [map_block(i, n, tr, notes) for i, (n, _) in enumerate(block_list)]
+    failed = [r for r in results if not r.mapped]
+    if failed and (placement is None or all(r.x is None for r in results)):
+        raise DiscoveryError(
+            f"cannot map the residual structure of {type(root).__name__} (blocks='{blocks_path}', "
+            f"{len(block_list)} x {type(block_list[0][1]).__name__}): {failed[0].why}. "
+            f"Module lists found: {describe_lists(root)}; norms found: {describe_norms(root)}. "
+            f"Pass blocks='...' if these are not the Transformer blocks, or placement='pre'|'post'|"
+            f"'peri'|'output'|'none' to label the blocks and map only what can be mapped.")
+    for r in failed:
+        notes.append(f"{r.why}; only resid mapped")
+    x0, y_last = results[0].x, results[-1].y
+    if x0 is None or y_last is None:
+        raise DiscoveryError(f"cannot find the input of block 0 or the output of the last block of "
+                             f"{type(root).__name__}; pass example_input= matching its forward")
+    d_model = x0.t.shape[-1]
+
+    first_call, last_call = tr.by_name[block_list[0][0]][0], tr.by_name[block_list[-1][0]][0]
+    after = [c for c in tr.calls if c.start > last_call.end and tr.count[c.name] == 1]
+    outside = outside_norms(tr, first_call, last_call, x0, y_last)
+    norm_infos = residual_norms(root, results, outside, first_call.dtype, notes)
+    embed, head = embed_and_head(root, block_list, after, outside.get("norm.final"))
+    param_roles = parameter_roles(root, block_list, results, norm_infos, embed, head)
+
+    block_infos = [r.info for r in results]
+    if placement is not None:
+        for b in block_infos:
+            b.placement = placement
+        notes.append(f"placement forced to '{placement}' by the caller")
+    common = {b.placement for b in block_infos}
+    final = outside["norm.final"][1].point if "norm.final" in outside else None
+    if final is None:
+        notes.append("no final norm found after the last block (site final not mapped)")
+    return ModelMap(
+        model_class=type(root).__name__, d_model=int(d_model), n_layers=len(block_infos),
+        blocks_path=blocks_path, blocks=block_infos,
+        placement=common.pop() if len(common) == 1 else "mixed",
+        resid_out=y_last.point, final=final,
+        embed=embed[0] if embed else None, norms=norm_infos, param_roles=param_roles, notes=notes,
+    )
+
+

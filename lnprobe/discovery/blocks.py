@@ -1,0 +1,218 @@
+"""Block matching: which module list holds the Transformer blocks, and the residual structure of
+each block from its traced dataflow.
+
+With X = block input and Y = block output (both from the block's own hooks), a block is Post-LN
+when Y is the output of a norm inside it (`Norm(Norm(X + T1) + T2)`); otherwise two module outputs
+T1 (attention branch, earlier) and T2 (MLP branch, later) with `X + T1 + T2 == Y` are searched for.
+What the norms of a block are, and so its placement, is worked out in `placement`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..sites import BlockInfo, DiscoveryError
+from .modules import is_norm
+from .placement import label_sublayers, label_sum_block
+from .trace import Call, Pt, Trace, amax, close, norm_io, rel_tol, shaped
+
+
+def _module_lists(root: nn.Module) -> list[tuple[str, nn.Module, bool, int]]:
+    """(path, container, is a list of identical non-leaf blocks, parameter count) for every
+    ModuleList / Sequential."""
+    found = []
+    for name, m in root.named_modules():
+        if not isinstance(m, (nn.ModuleList, nn.Sequential)):
+            continue
+        kids = list(m.children())
+        if not kids:
+            continue
+        same = len({type(k) for k in kids}) == 1 and any(True for _ in kids[0].children())
+        found.append((name, m, same, sum(p.numel() for p in m.parameters())))
+    return found
+
+
+def describe_lists(root: nn.Module) -> str:
+    items = []
+    for name, m, same, n in _module_lists(root):
+        classes = sorted({type(k).__name__ for k in m.children()})
+        items.append(f"'{name}' ({type(m).__name__} of {len(list(m.children()))}: "
+                     f"{'/'.join(classes)}, {n} params{'' if same else ', not identical blocks'})")
+    return "; ".join(items) or "none"
+
+
+def describe_norms(root: nn.Module) -> str:
+    names = [f"'{n}' ({type(m).__name__})" for n, m in root.named_modules() if is_norm(m)]
+    shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    return shown or "none"
+
+
+def find_blocks(root: nn.Module, blocks: str | None) -> tuple[str, list[tuple[str, nn.Module]]]:
+    """(path of the block container, [(block path, block)]): the container at `blocks`, or the
+    ModuleList/Sequential of identical non-leaf blocks with the most parameters."""
+    if blocks is not None:
+        try:
+            container = root.get_submodule(blocks)
+        except AttributeError:
+            raise DiscoveryError(
+                f"blocks='{blocks}' is not a submodule of {type(root).__name__}; module lists "
+                f"found: {describe_lists(root)}") from None
+        kids = list(container.named_children())
+        if not kids:
+            raise DiscoveryError(f"blocks='{blocks}' has no children; expected a list of blocks")
+    else:
+        cands = [c for c in _module_lists(root) if c[2]]
+        if not cands:
+            raise DiscoveryError(
+                f"no Transformer blocks found in {type(root).__name__}: looked for a "
+                f"ModuleList/Sequential of identical blocks; module lists found: "
+                f"{describe_lists(root)}; norms found: {describe_norms(root)}. "
+                f"Pass blocks='...' (e.g. blocks='encoder.layers').")
+        blocks, container, _, _ = max(cands, key=lambda c: (c[3], len(list(c[1].children()))))
+        kids = list(container.named_children())
+    prefix = f"{blocks}." if blocks else ""
+    return blocks, [(prefix + n, m) for n, m in kids]
+
+
+# ----------------------------------------------------------------------------- one block
+
+
+@dataclass
+class BlockResult:
+    info: BlockInfo
+    mapped: bool
+    why: str = ""
+    x: Pt | None = None
+    y: Pt | None = None
+    norm_calls: dict[str, Call] = field(default_factory=dict)      # role -> call
+    module_roles: dict[str, str] = field(default_factory=dict)      # module path -> param role
+    mha: list[str] = field(default_factory=list)
+
+
+def _block_io(call: Call) -> tuple[Pt, Pt] | None:
+    """(X, Y): the first floating input of the block whose shape matches a floating output."""
+    outs = call.out_points()
+    for inp in call.in_points():
+        if inp.t.dim() < 2:
+            continue
+        out = next((o for o in outs if o.t.shape == inp.t.shape), None)
+        if out is not None:
+            return inp, out
+    return None
+
+
+@dataclass
+class Block:
+    """What ran inside one block call: X, Y and the candidate points and norms, all viewed with
+    the residual shape; `tol` is relative to the largest magnitude involved."""
+
+    index: int
+    call: Call
+    x: Pt
+    y: Pt
+    inner: list[Call]
+    outs: list[Pt]
+    ins: list[Pt]
+    norms: list[Call]
+    dnorms: list[tuple[Call, tuple[Pt, Pt]]]
+    tol: float
+
+    def atol(self, *ts: torch.Tensor) -> float:
+        return self.tol * max([amax(self.x.t), amax(self.y.t)] + [amax(t) for t in ts])
+
+
+def map_block(index: int, name: str, tr: Trace, notes: list[str]) -> BlockResult:
+    """Map one block: Post-LN if its output is a norm output, else the residual sum X + T1 + T2."""
+    info = BlockInfo(index, name, "none", {}, [], None, None)
+    calls = tr.by_name.get(name, [])
+    if len(calls) != 1:
+        return BlockResult(info, False, f"block '{name}' ran {len(calls)} times in the traced "
+                                         f"forward (expected once)")
+    io = _block_io(calls[0])
+    if io is None:
+        return BlockResult(info, False, f"block '{name}' has no floating input with an output of "
+                                         f"the same shape")
+    xp, yp = io
+    info.points["resid"] = xp.point
+    res = BlockResult(info, False, x=xp, y=yp)
+    inner = tr.within(calls[0].start, calls[0].end)
+    if not inner:
+        res.why = (f"block '{name}': no submodule ran inside it (a fused fast path such as "
+                   f"nn.TransformerEncoderLayer's?)")
+        return res
+    once = [c for c in inner if tr.count[c.name] == 1]  # a hook on a shared module fires twice
+    shape = xp.t.shape
+    norms = [c for c in inner if is_norm(c.module)]
+    dnorms = [(c, norm_io(c, shape)) for c in norms if tr.count[c.name] == 1]
+    blk = Block(index, calls[0], xp, yp, inner,
+                 outs=shaped([p for c in once for p in c.out_points()], shape),
+                 ins=shaped([p for c in once for p in c.in_points()], shape),
+                 norms=norms, dnorms=[(c, io) for c, io in dnorms if io is not None],
+                 tol=rel_tol(calls[0].dtype))
+
+    found = _match_post(blk)
+    if found is not None:
+        n1, nl, t1, t2 = found
+        info.placement = "post"
+        res.norm_calls = {"norm.post_attn": n1, "norm.post_mlp": nl}
+        mid = next(io for c, io in blk.dnorms if c is n1)[1]
+        ranges = (blk.call.start, t1.seq), (n1.end, t2.seq)
+        info.points.update(resid_mid=mid.point, attn_out=t1.point, attn_raw=t1.point,
+                           mlp_out=t2.point, mlp_raw=t2.point)
+    else:
+        pair = _match_sum(blk)
+        if pair is None:
+            res.why = (f"block '{name}': its output is neither a norm output (Post-LN) nor X + T1 + T2 "
+                       f"for two module outputs T1, T2 inside it (norms in block: "
+                       f"{', '.join(c.name for c in norms) or 'none'})")
+            return res
+        t1, t2 = pair
+        ranges = (blk.call.start, t1.seq), (t1.seq, t2.seq)
+        label_sum_block(blk, t1, t2, ranges, res, notes)
+    label_sublayers(blk, ranges, res, tr, notes)
+    if len(once) < len(inner):
+        shared = sorted({c.name for c in inner if tr.count[c.name] > 1})
+        notes.append(f"block {index}: modules that ran more than once were not used as hook "
+                     f"points: {', '.join(shared)}")
+    res.mapped = True
+    return res
+
+
+def _match_sum(blk: Block) -> tuple[Pt, Pt] | None:
+    """(T1, T2) with X + T1 + T2 == Y, T1's module finished before T2's started. Among equal-valued
+    candidates the one that finishes LAST wins: the outermost module, after dropout, which is the
+    tensor actually added to the stream in training mode."""
+    X, Y = blk.x.t, blk.y.t                                            # (B, T, D)
+    for t2 in sorted(blk.outs, key=lambda p: p.seq, reverse=True):
+        rest = Y - X - t2.t                                            # (B, T, D)
+        atol = blk.atol(t2.t)
+        for t1 in sorted((p for p in blk.outs if p.seq < t2.call.start), key=lambda p: p.seq,
+                         reverse=True):
+            if close(t1.t, rest, atol):
+                return t1, t2
+    return None
+
+
+def _match_post(blk: Block) -> tuple[Call, Call, Pt, Pt] | None:
+    """(norm1, norm_last, T1, T2) of a Post-LN block: Y = norm_last(norm1(X + T1) + T2)."""
+    X, Y = blk.x.t, blk.y.t                                            # (B, T, D)
+    last = [(c, io) for c, io in blk.dnorms if close(io[1].t, Y, blk.tol * max(amax(Y), 1e-30))]
+    if not last:
+        return None
+    nl, (nl_in, _) = max(last, key=lambda v: v[0].end)
+    for n1, (n1_in, n1_out) in sorted(blk.dnorms, key=lambda v: v[0].start):
+        if n1.end >= nl.start:
+            break
+        for t1 in sorted((p for p in blk.outs if p.seq < n1.start), key=lambda p: p.seq,
+                         reverse=True):
+            if not close(n1_in.t, X + t1.t, blk.atol(t1.t, n1_in.t)):
+                continue
+            for t2 in sorted((p for p in blk.outs if n1.end < p.seq < nl.start),
+                             key=lambda p: p.seq, reverse=True):
+                if close(nl_in.t, n1_out.t + t2.t, blk.atol(n1_out.t, t2.t, nl_in.t)):
+                    return n1, nl, t1, t2
+    return None
+
+

@@ -1,0 +1,82 @@
+"""What kind of module a module is (Linear-like, norm, attention), a norm's own eps and parameters,
+where a model lives, and unwrapping DDP / FSDP1 / torch.compile wrappers."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+_WRAPPER_CLASSES = {
+    "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "DeepSpeedEngine",
+}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP / DataParallel / FSDP1 (`.module`) and `torch.compile`
+    (`OptimizedModule._orig_mod`) wrappers, nested in any order. FSDP2's `fully_shard` modifies the
+    model in place: nothing to unwrap. A module whose only child is called `module` is treated as
+    such a wrapper too."""
+    for _ in range(16):  # wrappers never nest deeper; guards against cycles
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        inner = getattr(model, "module", None)
+        children = [name for name, _ in model.named_children()]
+        if isinstance(inner, nn.Module) and (
+            type(model).__name__ in _WRAPPER_CLASSES or children == ["module"]
+        ):
+            model = inner
+            continue
+        break
+    return model
+
+
+# ----------------------------------------------------------------------------- module kinds
+
+
+def is_linear(m: nn.Module) -> bool:
+    """nn.Linear (and subclasses), HF GPT-2's Conv1D, or a class named *Linear (LoRA, quantised)."""
+    name = type(m).__name__
+    return isinstance(m, nn.Linear) or name == "Conv1D" or name.endswith("Linear")
+
+
+def is_norm(m: nn.Module) -> bool:
+    """A normalisation module: class name containing "Norm" (LayerNorm, RMSNorm, LlamaRMSNorm,
+    Gemma2RMSNorm, ...) that is not a container of other norms."""
+    if "norm" not in type(m).__name__.lower():
+        return False
+    return not any(is_norm(c) for c in m.children())
+
+
+def is_attention(m: nn.Module) -> bool:
+    name = type(m).__name__.lower()
+    return isinstance(m, nn.MultiheadAttention) or "attention" in name or "attn" in name
+
+
+def norm_eps(m: nn.Module) -> float | None:
+    for attr in ("eps", "variance_epsilon", "epsilon"):
+        value = getattr(m, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def norm_params(m: nn.Module) -> tuple[nn.Parameter | None, nn.Parameter | None]:
+    params = dict(m.named_parameters(recurse=False))
+    weight = next((params[k] for k in ("weight", "scale", "gamma", "g") if k in params), None)
+    bias = next((params[k] for k in ("bias", "beta", "b") if k in params), None)
+    return weight, bias
+
+
+def model_device(root: nn.Module) -> torch.device:
+    for t in itertools.chain(root.parameters(), root.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def model_dtype(root: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in root.parameters() if p.is_floating_point()), torch.float32)
+
+
