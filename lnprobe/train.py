@@ -82,6 +82,7 @@ class TrainConfig:
     ``threads``: torch CPU threads (None: every core this process may use; never more than that).
     A resumed run reproduces the uninterrupted one bitwise on CPU when the thread count is the same.
     ``fsdp``: under torchrun, shard the model with FSDP2 instead of wrapping it in DDP.
+    An invalid field raises :class:`ConfigError` (a ValueError) saying what is accepted.
     """
 
     steps: int = 400
@@ -110,31 +111,34 @@ class TrainConfig:
         for name in ("steps", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
+                raise ConfigError(f"TrainConfig.{name} must be a positive int, got {v!r}")
         for name in ("eval_every", "ckpt_every", "seed"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"TrainConfig.{name} must be an int ≥ 0, got {v!r}")
+                raise ConfigError(f"TrainConfig.{name} must be an int ≥ 0, got {v!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"TrainConfig.threads must be a positive int or None, got {self.threads!r}")
+            raise ConfigError(f"TrainConfig.threads must be a positive int or None, got {self.threads!r}")
         if not isinstance(self.eval_batches, int) or self.eval_batches < 1:
-            raise ValueError(f"TrainConfig.eval_batches must be a positive int, got {self.eval_batches!r}")
+            raise ConfigError(f"TrainConfig.eval_batches must be a positive int, got {self.eval_batches!r}")
         if self.warmup is not None and (not isinstance(self.warmup, int) or self.warmup < 0):
-            raise ValueError(f"TrainConfig.warmup must be an int ≥ 0 or None, got {self.warmup!r}")
+            raise ConfigError(f"TrainConfig.warmup must be an int ≥ 0 or None, got {self.warmup!r}")
         if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
-            raise ValueError(f"TrainConfig.seq_len must be a positive int or None, got {self.seq_len!r}")
+            raise ConfigError(f"TrainConfig.seq_len must be a positive int or None, got {self.seq_len!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"TrainConfig.lr must be a positive finite number, got {self.lr!r}")
+            raise ConfigError(f"TrainConfig.lr must be a positive finite number, got {self.lr!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+            raise ConfigError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError(f"TrainConfig.grad_clip and weight_decay must be ≥ 0 (0 disables clipping), "
+            raise ConfigError(f"TrainConfig.grad_clip and weight_decay must be ≥ 0 (0 disables clipping), "
                              f"got {self.grad_clip!r} and {self.weight_decay!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+            raise ConfigError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"TrainConfig.dtype={self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        Schedule.parse(self.every)  # raises ValueError with the accepted forms
+            raise ConfigError(f"TrainConfig.dtype={self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        try:
+            Schedule.parse(self.every)
+        except ValueError as exc:  # the schedule's message lists the accepted forms
+            raise ConfigError(str(exc)) from None
 
     @property
     def warmup_steps(self) -> int:
