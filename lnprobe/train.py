@@ -56,7 +56,7 @@ import torch
 
 from . import checkpoint, launch, store
 from .checkpoint import CHECKPOINT_NAME, CheckpointError
-from .data import TokenData
+from .data import CorpusError, TokenData
 from .launch import DTYPES, ConfigError, Launch, autocast, resolve_device, resolve_dtype
 from .models import GPT, GPTConfig
 from .probe import attach
@@ -220,7 +220,7 @@ def _prepare(model_cfg: GPTConfig, cfg: TrainConfig) -> _Setup:
     try:
         data = TokenData.load(cfg.data, vocab_size=model_cfg.vocab_size)
         data.check_window(seq_len)
-    except (FileNotFoundError, ValueError) as exc:  # the corpus's own message says what to pass instead
+    except (FileNotFoundError, CorpusError) as exc:  # the corpus's own message says what to pass instead
         raise ConfigError(str(exc)) from exc
     if data.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"corpus {cfg.data!r} has vocabulary {data.vocab_size} but the model has "
