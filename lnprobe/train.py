@@ -66,6 +66,7 @@ from .schedule import Schedule
 # checkpoint; they are named here too because they are part of what a caller of train() handles.
 __all__ = ["TrainConfig", "TrainResult", "ConfigError", "CheckpointError", "resolve_device", "resolve_dtype",
            "lr_at", "probe_schedule", "evaluate", "train", "CHECKPOINT_NAME"]
+
 # Offset that separates the validation generator's seed from the training one.
 _VAL_SEED_OFFSET = 1_000_003
 
