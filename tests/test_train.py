@@ -227,6 +227,21 @@ def test_resume_refuses_a_different_model(tmp_path, corpus):
         T.train(small_cfg("pre"), tcfg(corpus, steps=4, seed=3), tmp_path / "r", resume=True)
 
 
+def test_checkpoint_written_atomically_and_its_errors(tmp_path, corpus):
+    from lnprobe.checkpoint import CheckpointError, load_checkpoint
+
+    mcfg, cfg = small_cfg("pre"), tcfg(corpus, steps=4)
+    T.train(mcfg, cfg, tmp_path / "r", stop_after=2)
+    assert [p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(".")] == []  # no temporary left
+    ckpt = load_checkpoint(tmp_path / "r" / T.CHECKPOINT_NAME, mcfg.to_dict(), cfg.to_dict())
+    assert ckpt["step"] == 2 and ckpt["optimizer"] is not None and not ckpt["fsdp"]
+    with pytest.raises(CheckpointError, match="already did 2 of 2"):
+        load_checkpoint(tmp_path / "r" / T.CHECKPOINT_NAME, mcfg.to_dict(), {**cfg.to_dict(), "steps": 2})
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        T.train(mcfg, cfg, tmp_path / "none", resume=True)
+    assert issubclass(CheckpointError, T.ConfigError)
+
+
 # ----------------------------------------------------------------------------- divergence
 class _InfAt(GPT):
     """A GPT whose training loss turns into +inf from forward call ``AT`` on (an injected blow-up)."""
