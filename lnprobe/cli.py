@@ -3,9 +3,11 @@
 Distributed training: ``torchrun --nproc-per-node N -m lnprobe train [--fsdp] ...`` (DDP by default,
 FSDP2 with ``--fsdp``; ``--batch-size`` is the global batch). Only rank 0 prints.
 
-Bad input (unknown placement or preset, missing or short corpus, unavailable device, a directory that
-is not a run directory, a bad option) ends with ONE line on stderr, ``lnprobe: error: ...``, saying
-what to do, and exit code 2. Errors raised while training runs are real bugs and keep their traceback.
+This module parses arguments and prints; the work is done by :mod:`lnprobe.train`, :mod:`lnprobe.export`
+and :mod:`analysis.report`. Bad input (unknown placement or preset, missing or short corpus,
+unavailable device, a directory that is not a run directory, a bad option: a :class:`ConfigError`
+or a configuration's ValueError) ends with ONE line on stderr, ``lnprobe: error: ...``, saying what
+to do, and exit code 2. Errors raised while training runs are real bugs and keep their traceback.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+from .launch import ConfigError
 
 from .testing import HF_TYPES
 
@@ -34,65 +38,80 @@ class _Parser(argparse.ArgumentParser):
         _die(f"{message} (see '{self.prog} --help')")
 
 
-def _die(message: str) -> None:
+def _die(message: Any) -> None:
     line = " ".join(str(message).split())  # one line, whatever the message held
     print(f"lnprobe: error: {line}", file=sys.stderr)
     raise SystemExit(2)
 
 
 # ----------------------------------------------------------------------------- parser
-def _add_model_options(p: argparse.ArgumentParser, preset_default: str | None, placement: bool = True) -> None:
-    g = p.add_argument_group("model (override the preset)")
-    g.add_argument("--preset", default=preset_default,
-                   help="model shape preset: tiny, small, gpu, paper-400m, ... (default: %(default)s)")
-    if placement:
-        g.add_argument("--placement", default="pre", help="pre, peri, post, output or lns (default: %(default)s)")
-    g.add_argument("--d-model", type=int, help="width")
-    g.add_argument("--layers", type=int, help="number of blocks")
-    g.add_argument("--heads", type=int, help="attention heads (must divide the width)")
-    g.add_argument("--seq-len", type=int, help="context length (model and training)")
-    g.add_argument("--norm", help="layernorm or rmsnorm")
-    g.add_argument("--mlp", help="gelu or swiglu")
+# Argument groups shared by the subcommands: (flags, argparse keywords). A subcommand takes a group
+# with its own defaults (``_add_group(..., steps=DEMO_STEPS)``); "%(default)s" in a help shows it.
+MODEL_OPTIONS: tuple[tuple[str, dict], ...] = (
+    ("--preset", dict(default="tiny", help="model shape preset: tiny, small, gpu, paper-400m, ... "
+                                           "(default: %(default)s)")),
+    ("--placement", dict(default="pre", help="pre, peri, post, output or lns (default: %(default)s)")),
+    ("--d-model", dict(type=int, help="width")),
+    ("--layers", dict(type=int, help="number of blocks")),
+    ("--heads", dict(type=int, help="attention heads (must divide the width)")),
+    ("--seq-len", dict(type=int, help="context length (model and training)")),
+    ("--norm", dict(help="layernorm or rmsnorm")),
+    ("--mlp", dict(help="gelu or swiglu")),
+)
+TRAIN_OPTIONS: tuple[tuple[str, dict], ...] = (
+    ("--steps", dict(type=int, default=400, help="optimizer steps (default: %(default)s)")),
+    ("--lr", dict(type=float, default=1e-2, help="peak learning rate (default: %(default)s)")),
+    ("--batch-size", dict(type=int, default=16, help="sequences per step (default: %(default)s)")),
+    ("--seed", dict(type=int, default=0, help="model init and data order (default: %(default)s)")),
+    ("--device", dict(default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")),
+    ("--dtype", dict(default="auto", help="auto, fp32, bf16 or fp16 (default: %(default)s)")),
+    ("--every", dict(default="10", help="probe schedule: N, 'log' or 'log:K' (default: %(default)s)")),
+    ("--eval-every", dict(type=int, default=50, help="validation period in steps, 0: only at the end")),
+    ("--data", dict(default="stdlib", help="'stdlib', a text file or a .bin token file")),
+    ("--no-progress", dict(action="store_true", help="no progress bar")),
+)
 
 
-def _add_train_options(p: argparse.ArgumentParser, steps_default: int | None, every_default: str | None) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=steps_default, help="optimizer steps (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="model init and data order (default: %(default)s)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    g.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (default: %(default)s)")
-    g.add_argument("--every", default=every_default,
-                   help="probe schedule: N, 'log' or 'log:K' (default: %(default)s)")
-    g.add_argument("--eval-every", type=int, default=50, help="validation period in steps, 0: only at the end")
-    g.add_argument("--data", default="stdlib", help="'stdlib', a text file or a .bin token file")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+def _add_group(p: argparse.ArgumentParser, title: str, options: tuple[tuple[str, dict], ...],
+               skip: tuple[str, ...] = (), helps: dict[str, str] | None = None, **defaults: Any) -> None:
+    """Add ``options`` (less the flags in ``skip``) as one group; ``defaults`` and ``helps`` override by dest."""
+    g = p.add_argument_group(title)
+    for flag, kw in options:
+        if flag in skip:
+            continue
+        dest = flag.lstrip("-").replace("-", "_")
+        if dest in defaults:
+            kw = {**kw, "default": defaults[dest]}
+        if helps and dest in helps:
+            kw = {**kw, "help": helps[dest]}
+        g.add_argument(flag, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The one parser of the command line: a subcommand per command, built from the shared groups."""
     parser = _Parser(prog="lnprobe", description="Probe normalisation placement in Transformer training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,report,compare,inspect,export}")
 
     p = sub.add_parser("train", help="train a reference GPT with a probe attached")
-    _add_model_options(p, "tiny")
-    _add_train_options(p, 400, "10")
+    _add_group(p, "model (override the preset)", MODEL_OPTIONS)
+    _add_group(p, "training", TRAIN_OPTIONS)
     p.add_argument("--out", help="run directory (default: runs/<placement>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model with FSDP2 instead of DDP (no --resume)")
-    p.set_defaults(func=_cmd_train, fsdp=False)
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="train pre, peri and post with the same seed and data, then build a report")
-    _add_model_options(p, None, placement=False)
-    _add_train_options(p, DEMO_STEPS, str(DEMO_EVERY))
+    _add_group(p, "model (override the preset)", MODEL_OPTIONS, skip=("--placement",), preset=None,
+               helps={"preset": "model shape preset (default: gpu on CUDA, tiny elsewhere)"})
+    _add_group(p, "training", TRAIN_OPTIONS, steps=DEMO_STEPS, every=str(DEMO_EVERY))
     p.add_argument("--out", default="runs/demo", help="demo directory (default: %(default)s)")
     p.add_argument("--figures", default="figures",
                    help="where to copy the report's PNG figures (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs trained at once (default: all three in parallel, one CPU thread each, on CPU; "
                         "one at a time with every core on CUDA/MPS or with --jobs 1)")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo, fsdp=False)
 
     for name, help_ in (("report", "report on one or more run directories"),
                         ("compare", "compare two or more run directories")):
@@ -102,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("inspect", help="print blocks, norms, detected placement and sites of a model")
-    _add_model_options(p, "tiny")
+    _add_group(p, "model (override the preset)", MODEL_OPTIONS)
     p.add_argument("--hf", metavar="MODEL_TYPE", help=f"a tiny Hugging Face model instead: {', '.join(HF_TYPES)}")
     p.set_defaults(func=_cmd_inspect)
 
@@ -121,33 +140,17 @@ def _model_config(args: argparse.Namespace, placement: str, preset: str):
                  "seq_len": args.seq_len, "norm": args.norm, "mlp": args.mlp}
     try:
         return config_from_preset(preset, **{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as exc:
+    except ValueError as exc:  # an unknown preset or field value: the model config's message
         _die(exc)
-
-
-def _every(text: str):
-    return int(text) if text.isdigit() else text
 
 
 def _train_config(args: argparse.Namespace):
     from .train import TrainConfig
 
-    try:
-        return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                           device=args.device, dtype=args.dtype, every=_every(args.every),
-                           eval_every=args.eval_every, data=args.data, progress=not args.no_progress,
-                           fsdp=getattr(args, "fsdp", False))
-    except (TypeError, ValueError) as exc:
-        _die(exc)
-
-
-def _run_training(model_cfg, train_cfg, out: Path, resume: bool = False):
-    from .train import ConfigError, train
-
-    try:
-        return train(model_cfg, train_cfg, out, resume=resume)
-    except ConfigError as exc:
-        _die(exc)
+    every = int(args.every) if args.every.isdigit() else args.every
+    return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                       dtype=args.dtype, every=every, eval_every=args.eval_every, data=args.data,
+                       progress=not args.no_progress, fsdp=args.fsdp)
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -156,37 +159,33 @@ def _fmt(v: float | None, spec: str = ".4g") -> str:
 
 
 def summarize_run(run_dir: str | Path) -> list[str]:
-    """Three lines read back from a run directory with ``lnprobe.load_run``.
+    """Three lines read back from a run directory with ``analysis.io.load`` (the report's reader).
 
-    1. final training loss (last recorded step) and final validation loss;
+    1. final training loss (last recorded step) and final validation loss, and the run's status;
     2. per-token variance of the residual stream leaving the last block (site ``resid``, layer L)
-       at the last recorded step;
+       at the last recorded step of ``resid``;
     3. max |x| over the residual stream (all layers) at that step, with its layer, token and channel.
     """
-    import lnprobe
+    from analysis.io import load
 
-    run = lnprobe.load_run(run_dir)
-    r = run.records
-    status = run.meta.get("status", "?")
-    train_rows = r[r["site"] == "train"]
-    loss = train_rows[train_rows["stat"] == "loss"].sort_values("step")
-    val = train_rows[train_rows["stat"] == "val_loss"].sort_values("step")
+    run = load(run_dir)
+    loss, val = run.series("loss"), run.series("val_loss")
     if len(loss):
-        line1 = f"final loss {_fmt(float(loss['value'].iloc[-1]))} at step {int(loss['step'].iloc[-1])}"
+        line1 = f"final loss {_fmt(float(loss.iloc[-1]))} at step {int(loss.index[-1])}"
     else:
         line1 = "final loss n/a (no step recorded)"
     if len(val):
-        line1 += f", val loss {_fmt(float(val['value'].iloc[-1]))} at step {int(val['step'].iloc[-1])}"
-    line1 += f" [{status}]"
-    resid = r[r["site"] == "resid"]
-    if not len(resid):
+        line1 += f", val loss {_fmt(float(val.iloc[-1]))} at step {int(val.index[-1])}"
+    line1 += f" [{run.meta.get('status', '?')}]"
+    resid = {stat: run.frame("resid", stat) for stat in ("m2", "var", "absmax")}
+    recorded = [f for f in resid.values() if len(f)]
+    if not recorded:
         return [line1, "last-layer resid variance n/a (site resid not recorded)", "max |x| n/a"]
-    last = int(resid["step"].max())
-    at = resid[resid["step"] == last]
-    top = int(at["layer"].max())
-    var = at[(at["stat"] == "var") & (at["layer"] == top)]["value"]
+    last = max(int(f["step"].max()) for f in recorded)
+    top = max(int(f.loc[f["step"] == last, "layer"].max()) for f in recorded if (f["step"] == last).any())
+    var = resid["var"][(resid["var"]["step"] == last) & (resid["var"]["layer"] == top)]["value"]
     line2 = f"last-layer resid variance {_fmt(float(var.iloc[0]) if len(var) else None)} (layer {top}, step {last})"
-    absmax = at[at["stat"] == "absmax"]
+    absmax = resid["absmax"][resid["absmax"]["step"] == last]
     if len(absmax):
         row = absmax.loc[absmax["value"].idxmax()]
         line3 = (f"max |x| {_fmt(float(row['value']))} (resid layer {int(row['layer'])}, token {row['token']}, "
@@ -204,10 +203,12 @@ def _print_summary(name: str, run_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- commands
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
     model_cfg = _model_config(args, args.placement, args.preset)
     train_cfg = _train_config(args)
     out = Path(args.out or f"runs/{model_cfg.placement}")
-    result = _run_training(model_cfg, train_cfg, out, resume=args.resume)
+    result = train(model_cfg, train_cfg, out, resume=args.resume)
     if result.rank != 0:  # under torchrun only rank 0 prints (and only it wrote the run directory)
         return 0 if result.status != "diverged" else 1
     if result.world_size > 1:
@@ -220,12 +221,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .train import ConfigError, resolve_device
+    from .launch import resolve_device
+    from .train import train
 
-    try:
-        device = resolve_device(args.device)
-    except ConfigError as exc:
-        _die(exc)
+    device = resolve_device(args.device)
     preset = args.preset or ("gpu" if device.type == "cuda" else "tiny")
     configs = [_model_config(args, p, preset) for p in DEMO_PLACEMENTS]
     train_cfg = _train_config(args)
@@ -241,7 +240,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         for cfg in configs:
             run_dir = out / cfg.placement
             print(f"training {cfg.placement} ({shape}) -> {run_dir}", flush=True)
-            result = _run_training(cfg, train_cfg, run_dir)
+            result = train(cfg, train_cfg, run_dir)
             print(f"  {result.status}, {result.tokens_per_s:.0f} tokens/s, {result.elapsed_s:.1f} s", flush=True)
             runs.append(run_dir)
     report_dir = out / "report"
@@ -269,13 +268,12 @@ def _train_parallel(configs: list, train_cfg, out: Path, jobs: int, shape: str) 
     thread, 75 ms with 2, and about 10 times slower with 2 when other processes compete for the
     cores), so the cores are better used by training the runs side by side. Each run is the same as
     a sequential one with ``threads=1`` (its own seed, data order and thread count). Workers are
-    spawned, not forked: forking a process whose OpenMP pool has started can hang the child.
+    spawned, not forked: forking a process whose OpenMP pool has started can hang the child. A
+    worker's ConfigError comes back pickled and ends the command like one raised here.
     """
     import dataclasses
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    from .train import ConfigError
 
     cfg1 = dataclasses.replace(train_cfg, threads=1, progress=False)
     names = ", ".join(c.placement for c in configs)
@@ -284,10 +282,7 @@ def _train_parallel(configs: list, train_cfg, out: Path, jobs: int, shape: str) 
     with ProcessPoolExecutor(max_workers=min(jobs, len(configs)), mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(_train_job, c, cfg1, str(out / c.placement)): c for c in configs}
         for fut in as_completed(futures):  # report each run as it ends
-            try:
-                result = fut.result()
-            except ConfigError as exc:
-                _die(exc)
+            result = fut.result()
             print(f"  {futures[fut].placement}: {result.status}, {result.tokens_per_s:.0f} tokens/s, "
                   f"{result.elapsed_s:.1f} s", flush=True)
     return [out / c.placement for c in configs]
@@ -313,23 +308,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    """``lnprobe export --tensorboard RUN --out DIR``: ``lnprobe.export.main`` with the CLI's one-line errors."""
-    import contextlib
-    import io
-
-    from . import export
+    """``lnprobe export --tensorboard RUN --out DIR``: :func:`lnprobe.export.export_tensorboard`."""
+    from .export import export_tensorboard
 
     _check_run_dir(Path(args.tensorboard))
-    said = io.StringIO()
     try:
-        with contextlib.redirect_stdout(said):
-            code = export.main(["--tensorboard", args.tensorboard, "--out", args.out])
+        out = export_tensorboard(args.tensorboard, args.out)
+    except ImportError as exc:  # tensorboard is an optional dependency; the message says how to install it
+        _die(exc)
     except (ValueError, OSError) as exc:  # e.g. unreadable records, an --out that is a file
         _die(f"cannot export {args.tensorboard}: {exc}")
-    text = said.getvalue().strip()
-    if code != 0:
-        _die(text.removeprefix("lnprobe export: ") or f"export of {args.tensorboard} failed (exit code {code})")
-    print(text)
+    print(f"wrote TensorBoard events to {out}; view with: tensorboard --logdir {out}")
     return 0
 
 
@@ -398,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except ConfigError as exc:  # raised before any training step, by the module that found the problem
+        _die(exc)
     except KeyboardInterrupt:
         print("lnprobe: interrupted; the run directory keeps what was flushed (status 'interrupted')",
               file=sys.stderr)

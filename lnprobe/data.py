@@ -18,11 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["STDLIB_MAX_BYTES", "stdlib_files", "stdlib_corpus", "TokenData"]
+__all__ = ["STDLIB_MAX_BYTES", "CorpusError", "stdlib_files", "stdlib_corpus", "TokenData"]
 
 STDLIB_MAX_BYTES = 8 * 2**20
 # Directory names never entered: installed third-party packages and the standard library's test suites.
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be used: empty, not a regular file, the wrong dtype or vocabulary, too short.
+
+    A missing file raises ``FileNotFoundError`` instead. The message names the corpus and says what
+    to pass instead.
+    """
 
 
 def _stdlib_root() -> Path:
@@ -91,9 +99,9 @@ class TokenData:
 
     def __init__(self, tokens: np.ndarray, vocab_size: int, description: str = "", val_fraction: float = 0.05):
         if tokens.ndim != 1:
-            raise ValueError(f"TokenData expects a 1-D token array, got shape {tokens.shape}")
+            raise CorpusError(f"TokenData expects a 1-D token array, got shape {tokens.shape}")
         if len(tokens) == 0:
-            raise ValueError(f"TokenData: no tokens in {description or 'the given array'}; pass a non-empty corpus")
+            raise CorpusError(f"TokenData: no tokens in {description or 'the given array'}; pass a non-empty corpus")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"TokenData: val_fraction must be in [0, 1), got {val_fraction}")
         self.tokens = tokens
@@ -114,7 +122,7 @@ class TokenData:
     def from_bytes(cls, data: bytes, description: str = "bytes") -> "TokenData":
         """Byte-level tokens (vocabulary 256) of ``data``."""
         if len(data) == 0:
-            raise ValueError(f"TokenData.from_bytes: {description} is empty; pass a non-empty corpus")
+            raise CorpusError(f"TokenData.from_bytes: {description} is empty; pass a non-empty corpus")
         tokens = np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
         return cls(tokens, 256, f"{description}: {len(data)} bytes, byte-level (vocab 256)")
 
@@ -132,15 +140,15 @@ class TokenData:
         _require_file(path)
         dt = np.dtype(dtype)
         if dt.kind not in "ui":
-            raise ValueError(f"TokenData.from_bin: dtype must be an integer type such as 'uint16', got {dtype!r}")
+            raise CorpusError(f"TokenData.from_bin: dtype must be an integer type such as 'uint16', got {dtype!r}")
         if not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool) or vocab_size < 1:
-            raise ValueError(f"TokenData.from_bin: vocab_size must be a positive int, got {vocab_size!r}")
+            raise CorpusError(f"TokenData.from_bin: vocab_size must be a positive int, got {vocab_size!r}")
         vocab_size = int(vocab_size)
         size = path.stat().st_size
         if size == 0:
-            raise ValueError(f"{path} is empty: expected raw {dt.name} tokens")
+            raise CorpusError(f"{path} is empty: expected raw {dt.name} tokens")
         if size % dt.itemsize:
-            raise ValueError(
+            raise CorpusError(
                 f"{path} has {size} bytes, not a multiple of {dt.itemsize} ({dt.name}); "
                 f"pass the dtype it was written with"
             )
@@ -149,7 +157,7 @@ class TokenData:
         if hi >= vocab_size or lo < 0:
             bad = hi if hi >= vocab_size else lo
             pos = int(np.argmax(tokens == bad))
-            raise ValueError(
+            raise CorpusError(
                 f"{path}: token {bad} at position {pos} is outside the vocabulary [0, {vocab_size}); "
                 f"pass the tokenizer's vocab_size (or the right dtype)"
             )
@@ -164,7 +172,7 @@ class TokenData:
             )
         elif str(spec).endswith(".bin"):
             if vocab_size is None:
-                raise ValueError(
+                raise CorpusError(
                     f"loading {spec}: a .bin token file needs vocab_size (the tokenizer's vocabulary size)"
                 )
             return cls.from_bin(spec, vocab_size)
@@ -172,13 +180,13 @@ class TokenData:
             data = cls.from_text_file(spec)
         if vocab_size is not None:
             if vocab_size < 256:
-                raise ValueError(f"loading {spec}: byte-level text needs vocab_size >= 256, got {vocab_size}")
+                raise CorpusError(f"loading {spec}: byte-level text needs vocab_size >= 256, got {vocab_size}")
             data.vocab_size = int(vocab_size)
         return data
 
     # ----------------------------------------------------------------- batches
     def check_window(self, seq_len: int) -> None:
-        """Raise ``ValueError`` unless both splits hold at least one window of ``seq_len + 1`` tokens."""
+        """Raise :class:`CorpusError` unless both splits hold at least one window of ``seq_len + 1`` tokens."""
         for split in ("train", "val"):
             self._split(split, seq_len)
 
@@ -187,7 +195,7 @@ class TokenData:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         tokens = self.train if split == "train" else self.val
         if len(tokens) < seq_len + 1:
-            raise ValueError(
+            raise CorpusError(
                 f"{self.description}: the {split} split has {len(tokens)} tokens but one window of "
                 f"seq_len + 1 = {seq_len + 1} tokens is needed; use a longer corpus or a shorter seq_len"
             )
@@ -218,6 +226,6 @@ def _require_file(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"corpus file not found: {path}; pass 'stdlib' or the path of an existing file")
     if not path.is_file():
-        raise ValueError(f"{path} is not a regular file; pass the path of a text or .bin token file")
+        raise CorpusError(f"{path} is not a regular file; pass the path of a text or .bin token file")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty; pass a non-empty corpus file")
+        raise CorpusError(f"{path} is empty; pass a non-empty corpus file")

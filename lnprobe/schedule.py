@@ -1,7 +1,6 @@
 """Which optimizer steps a probe records."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 
@@ -76,3 +75,25 @@ class Schedule:
         if self.steps is not None:
             return {"steps": sorted(self.steps)}
         return {"log_per_decade": self.per_decade}
+
+    def with_last(self, last: int) -> "Schedule":
+        """This schedule plus step ``last`` (a run's last step, so the end of training is always recorded).
+
+        Returns ``self`` when it already records ``last``; otherwise a schedule that records the
+        steps of this one and ``last``, whose ``to_meta()`` is this one's plus ``{"plus_last": last}``.
+        """
+        return self if self(int(last)) else _PlusLast(self, int(last))
+
+
+class _PlusLast(Schedule):
+    """``base`` plus one step; see :meth:`Schedule.with_last`."""
+
+    def __init__(self, base: Schedule, last: int) -> None:
+        super().__init__()
+        self.base, self.last = base, last
+
+    def __call__(self, step: int) -> bool:
+        return step == self.last or self.base(step)
+
+    def to_meta(self) -> dict:
+        return {**self.base.to_meta(), "plus_last": self.last}

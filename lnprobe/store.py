@@ -482,3 +482,26 @@ def load_run(run_dir: str | Path) -> Run:
     meta = _meta_or_empty(path)
     records, skipped = read_records(run_dir)
     return Run(Path(run_dir), meta, records, skipped)
+
+
+def trim(run_dir: str | Path, from_step: int) -> int:
+    """Drop the records of steps ≥ ``from_step``; return the number of rows removed.
+
+    For a run resumed from a checkpoint of step ``from_step``: an interrupted run may have flushed
+    records past its last checkpoint, which the resumed run writes again. Each affected part is
+    rewritten atomically (a temporary file, then a rename) or deleted when no row of it remains.
+    """
+    dropped = 0
+    for part in sorted((Path(run_dir) / "records").glob("part-*.parquet")):
+        frame = pd.read_parquet(part)
+        keep = frame["step"] < from_step
+        if keep.all():
+            continue
+        dropped += int((~keep).sum())
+        if not keep.any():
+            part.unlink()
+            continue
+        tmp = part.with_name(f".{part.name}.tmp-{os.getpid()}")
+        frame[keep].to_parquet(tmp, index=False)
+        os.replace(tmp, part)
+    return dropped

@@ -19,16 +19,18 @@ Definitions:
 - data order: one CPU ``torch.Generator`` seeded with ``seed`` draws every training batch, so runs
   with the same seed see identical batches whatever the placement, model size or device.
 
-Checkpoints (``OUT/checkpoint.pt``, written atomically) hold the model, optimizer, step, GradScaler,
-data-generator state and torch RNG states; ``resume=True`` continues from one and gives the same
+Checkpoints (``OUT/checkpoint.pt``, :mod:`lnprobe.checkpoint`, written atomically) hold the model,
+optimizer, step, GradScaler, data-generator state and torch RNG states; ``resume=True`` continues
+from one, drops records past it (:func:`lnprobe.store.trim`) and gives the same
 losses as an uninterrupted run (bitwise on CPU). A non-finite loss stops the run cleanly: the step is
 recorded, ``meta.json`` gets ``status="diverged"`` and a ``divergence`` entry, and the result says so.
 
-Distributed (``torchrun --nproc-per-node N``, i.e. ``WORLD_SIZE > 1`` in the environment): the
-process group is initialised here (nccl on CUDA with device ``cuda:LOCAL_RANK``, gloo on CPU) unless
-the caller did so, and destroyed at the end (also on errors) when it was initialised here. The model
-is wrapped in DDP, or with ``fsdp=True`` sharded with FSDP2 (``fully_shard`` on each block, then on
-the model); the probe is attached after wrapping and reduces its statistics across ranks.
+Distributed (``torchrun --nproc-per-node N``, i.e. ``WORLD_SIZE > 1`` in the environment; the launch
+itself is :mod:`lnprobe.launch`): the process group is initialised for the run (nccl on CUDA with
+device ``cuda:LOCAL_RANK``, gloo on CPU) unless the caller did so, and destroyed at the end (also on
+errors) when it was initialised for it. The model is wrapped in DDP, or with ``fsdp=True`` sharded
+with FSDP2 (``fully_shard`` on each block, then on the model); the probe is attached after wrapping
+and reduces its statistics across ranks.
 ``batch_size`` is the GLOBAL batch: every rank draws the same global batch from the shared-seed
 generator and keeps its own ``batch_size / N`` rows, so N ranks together see exactly the batches of
 one process. The loss that is logged and checked for divergence is the mean of the ranks' losses
@@ -44,36 +46,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .data import TokenData
+from . import checkpoint, launch, store
+from .checkpoint import CHECKPOINT_NAME, CheckpointError
+from .data import CorpusError, TokenData
+from .launch import DTYPES, ConfigError, Launch, autocast, resolve_device, resolve_dtype
 from .models import GPT, GPTConfig
 from .probe import attach
 from .schedule import Schedule
-from .store import read_meta
 
-__all__ = ["TrainConfig", "TrainResult", "ConfigError", "resolve_device", "resolve_dtype", "lr_at", "probe_schedule",
-           "evaluate", "train", "CHECKPOINT_NAME"]
+# ConfigError, CheckpointError, resolve_device, resolve_dtype and CHECKPOINT_NAME live in launch and
+# checkpoint; they are named here too because they are part of what a caller of train() handles.
+__all__ = ["TrainConfig", "TrainResult", "ConfigError", "CheckpointError", "resolve_device", "resolve_dtype",
+           "lr_at", "probe_schedule", "evaluate", "train", "CHECKPOINT_NAME"]
 
-CHECKPOINT_NAME = "checkpoint.pt"
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 # Offset that separates the validation generator's seed from the training one.
 _VAL_SEED_OFFSET = 1_000_003
-
-
-class ConfigError(ValueError):
-    """A run cannot start as configured (bad option, missing or short corpus, no such device, no checkpoint).
-
-    The message says what was expected, what was found and what to do; the CLI prints it as one line.
-    """
 
 
 @dataclass
@@ -88,6 +83,7 @@ class TrainConfig:
     ``threads``: torch CPU threads (None: every core this process may use; never more than that).
     A resumed run reproduces the uninterrupted one bitwise on CPU when the thread count is the same.
     ``fsdp``: under torchrun, shard the model with FSDP2 instead of wrapping it in DDP.
+    An invalid field raises :class:`ConfigError` (a ValueError) saying what is accepted.
     """
 
     steps: int = 400
@@ -116,31 +112,34 @@ class TrainConfig:
         for name in ("steps", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
+                raise ConfigError(f"TrainConfig.{name} must be a positive int, got {v!r}")
         for name in ("eval_every", "ckpt_every", "seed"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"TrainConfig.{name} must be an int ≥ 0, got {v!r}")
+                raise ConfigError(f"TrainConfig.{name} must be an int ≥ 0, got {v!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"TrainConfig.threads must be a positive int or None, got {self.threads!r}")
+            raise ConfigError(f"TrainConfig.threads must be a positive int or None, got {self.threads!r}")
         if not isinstance(self.eval_batches, int) or self.eval_batches < 1:
-            raise ValueError(f"TrainConfig.eval_batches must be a positive int, got {self.eval_batches!r}")
+            raise ConfigError(f"TrainConfig.eval_batches must be a positive int, got {self.eval_batches!r}")
         if self.warmup is not None and (not isinstance(self.warmup, int) or self.warmup < 0):
-            raise ValueError(f"TrainConfig.warmup must be an int ≥ 0 or None, got {self.warmup!r}")
+            raise ConfigError(f"TrainConfig.warmup must be an int ≥ 0 or None, got {self.warmup!r}")
         if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
-            raise ValueError(f"TrainConfig.seq_len must be a positive int or None, got {self.seq_len!r}")
+            raise ConfigError(f"TrainConfig.seq_len must be a positive int or None, got {self.seq_len!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"TrainConfig.lr must be a positive finite number, got {self.lr!r}")
+            raise ConfigError(f"TrainConfig.lr must be a positive finite number, got {self.lr!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+            raise ConfigError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError(f"TrainConfig.grad_clip and weight_decay must be ≥ 0 (0 disables clipping), "
+            raise ConfigError(f"TrainConfig.grad_clip and weight_decay must be ≥ 0 (0 disables clipping), "
                              f"got {self.grad_clip!r} and {self.weight_decay!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+            raise ConfigError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"TrainConfig.dtype={self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        Schedule.parse(self.every)  # raises ValueError with the accepted forms
+            raise ConfigError(f"TrainConfig.dtype={self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        try:
+            Schedule.parse(self.every)
+        except ValueError as exc:  # the schedule's message lists the accepted forms
+            raise ConfigError(str(exc)) from None
 
     @property
     def warmup_steps(self) -> int:
@@ -183,57 +182,6 @@ class TrainResult:
     world_size: int = 1
 
 
-# ----------------------------------------------------------------------------- devices and dtypes
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"``: cuda if available, then mps, then cpu; an explicit device must be available.
-
-    Raises :class:`ConfigError` (a ValueError) for an unavailable or unknown device.
-    """
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine "
-                              f"(torch {torch.__version__}); use --device cpu or --device auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) "
-                              f"exist; use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type == "mps":
-        if not _mps_available():
-            raise ConfigError(f"device {device!r} requested but MPS is not available; use --device cpu or auto")
-    elif dev.type != "cpu":
-        raise ConfigError(f"unsupported device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
-    return dev
-
-
-def _mps_available() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps is not None and mps.is_available())
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """The concrete precision: "auto" is "bf16" on CUDA and "fp32" elsewhere."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if dtype == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return dtype
-
-
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step ``step``: linear warmup, then cosine to ``lr · min_lr_ratio``."""
     warmup = cfg.warmup_steps
@@ -245,31 +193,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-def _cpu_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-class _PlusLast(Schedule):
-    """A probe schedule plus the run's last step, so the end of training is always recorded."""
-
-    def __init__(self, base: Schedule, last: int) -> None:
-        super().__init__()
-        self.base, self.last = base, int(last)
-
-    def __call__(self, step: int) -> bool:
-        return step == self.last or self.base(step)
-
-    def to_meta(self) -> dict:
-        return {**self.base.to_meta(), "plus_last": self.last}
-
-
 def probe_schedule(cfg: TrainConfig) -> Schedule:
     """The steps the probe records: ``cfg.every`` (N, "log", "log:K" or a list) plus the last step."""
-    base = Schedule.parse(cfg.every)
-    return base if base(cfg.steps - 1) else _PlusLast(base, cfg.steps - 1)
+    return Schedule.parse(cfg.every).with_last(cfg.steps - 1)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -295,9 +221,7 @@ def _prepare(model_cfg: GPTConfig, cfg: TrainConfig) -> _Setup:
     try:
         data = TokenData.load(cfg.data, vocab_size=model_cfg.vocab_size)
         data.check_window(seq_len)
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from exc
-    except ValueError as exc:
+    except (FileNotFoundError, CorpusError) as exc:  # the corpus's own message says what to pass instead
         raise ConfigError(str(exc)) from exc
     if data.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"corpus {cfg.data!r} has vocabulary {data.vocab_size} but the model has "
@@ -335,198 +259,12 @@ def evaluate(model: GPT, data: TokenData, cfg: TrainConfig, seq_len: int, device
         for _ in range(cfg.eval_batches):
             x, y = data.batch("val", cfg.batch_size, seq_len, gen, device)  # (B, T) each
             x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]  # (B / world, T) each
-            with _autocast(device, dtype):
+            with autocast(device, dtype):
                 _, loss = model(x, y)
             total += loss.double()
     finally:
         model.train(was_training)
     return float(total.item()) / cfg.eval_batches
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_checkpoint(path: Path, *, step: int, model: GPT, opt, scaler, gen: torch.Generator,
-                     model_cfg: GPTConfig, cfg: TrainConfig, val_history: list, rank: int = 0) -> None:
-    """Write the checkpoint on rank 0. ``model`` is the unwrapped GPT (never the DDP wrapper).
-
-    Under FSDP2 this is a collective call: every rank gathers the full weights (one all-gather per
-    sharded tensor, in the same order everywhere) and rank 0 writes them, without the optimizer state
-    (such a checkpoint holds the final weights; it cannot be resumed, see :func:`train`).
-    """
-    fsdp = cfg.fsdp and any(hasattr(v, "full_tensor") for v in model.state_dict().values())
-    if fsdp:
-        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
-                 for k, v in model.state_dict().items()}
-    if rank != 0:
-        return
-    ckpt = {
-        "step": step,  # optimizer steps done; the next step to run
-        "model": state if fsdp else model.state_dict(),
-        "optimizer": None if fsdp else opt.state_dict(),
-        "fsdp": fsdp,
-        "scaler": scaler.state_dict(),
-        "data_generator": gen.get_state(),
-        "rng": _rng_state(),
-        "model_config": model_cfg.to_dict(),
-        "train_config": cfg.to_dict(),
-        "val_history": [list(v) for v in val_history],
-    }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, model_cfg: GPTConfig, cfg: TrainConfig) -> dict:
-    if not path.exists():
-        raise ConfigError(f"cannot resume: no checkpoint at {path}; run without --resume to start a new run there")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("fsdp"):
-        raise ConfigError(f"cannot resume from {path}: it was written by an --fsdp run and holds the model weights "
-                          f"only (no optimizer state); start a new run, or train with DDP (without --fsdp) to resume")
-    if ckpt["model_config"] != model_cfg.to_dict():
-        diff = sorted(k for k in set(ckpt["model_config"]) | set(model_cfg.to_dict())
-                      if ckpt["model_config"].get(k) != model_cfg.to_dict().get(k))
-        raise ConfigError(f"cannot resume from {path}: it was written for a different model (fields {diff} differ); "
-                          f"pass the same preset and overrides as the original run")
-    old = ckpt["train_config"]
-    for key in ("seed", "batch_size", "data"):
-        if old.get(key) != getattr(cfg, key):
-            raise ConfigError(f"cannot resume from {path}: {key} was {old.get(key)!r}, now {getattr(cfg, key)!r}; "
-                              f"pass the original {key} so the data order continues")
-    if ckpt["step"] >= cfg.steps:
-        raise ConfigError(f"cannot resume from {path}: the run already did {ckpt['step']} of {cfg.steps} steps; "
-                          f"pass a larger --steps to train further")
-    return ckpt
-
-
-def _trim_records(run_dir: Path, from_step: int) -> int:
-    """Drop records of steps ≥ ``from_step`` (written after the checkpoint by an interrupted run).
-
-    Rewrites each affected part atomically; returns the number of rows dropped.
-    """
-    import pandas as pd
-
-    dropped = 0
-    for part in sorted((run_dir / "records").glob("part-*.parquet")):
-        frame = pd.read_parquet(part)
-        keep = frame["step"] < from_step
-        if keep.all():
-            continue
-        dropped += int((~keep).sum())
-        if not keep.any():
-            part.unlink()
-            continue
-        tmp = part.with_name(f".{part.name}.tmp-{os.getpid()}")
-        frame[keep].to_parquet(tmp, index=False)
-        os.replace(tmp, part)
-    return dropped
-
-
-# ----------------------------------------------------------------------------- distributed
-@dataclass
-class _Dist:
-    """This process in a ``torchrun`` launch (``rank=0, world=1`` for a single process)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-    owns_group: bool = False  # initialised here, so destroyed here
-
-    @property
-    def on(self) -> bool:
-        return self.world > 1
-
-
-def _dist_from_env() -> _Dist:
-    """Rank and world size from torchrun's environment (or an already initialised process group)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        world, rank = dist.get_world_size(), dist.get_rank()
-    else:
-        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    return _Dist(rank, world, local_rank, max(1, local_world))
-
-
-def _check_distributed(ctx: _Dist, cfg: TrainConfig, device: torch.device, resume: bool) -> torch.device:
-    """The device of this rank; ConfigError for a distributed setup this trainer does not support."""
-    if cfg.fsdp and not ctx.on:
-        raise ConfigError("--fsdp shards the model over processes but this is a single process (WORLD_SIZE is "
-                          "not > 1); launch with 'torchrun --nproc-per-node N -m lnprobe train ...' (N ≥ 2) or "
-                          "drop --fsdp")
-    if not ctx.on:
-        return device
-    if cfg.batch_size % ctx.world:
-        raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must be divisible by the "
-                          f"{ctx.world} processes; pass a multiple of {ctx.world}")
-    if cfg.fsdp and resume:
-        raise ConfigError("--resume with --fsdp is not supported: FSDP2 checkpoints hold the model weights only, "
-                          "not the sharded optimizer state; start a new run, or use DDP (drop --fsdp) to resume")
-    if cfg.fsdp and resolve_dtype(cfg.dtype, device) == "fp16":
-        raise ConfigError("--fsdp with --dtype fp16 is not supported (the GradScaler does not handle sharded "
-                          "gradients); use --dtype bf16 or fp32")
-    if device.type == "cuda":
-        if ctx.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {ctx.local_rank} has no GPU: only {torch.cuda.device_count()} CUDA "
-                              f"device(s); pass --nproc-per-node ≤ {torch.cuda.device_count()}")
-        return torch.device("cuda", ctx.local_rank)  # each rank its own GPU, whatever index was asked
-    if device.type != "cpu":
-        raise ConfigError(f"distributed training runs on CUDA (nccl) or CPU (gloo), not on {device.type}; "
-                          f"pass --device cuda or --device cpu")
-    return device
-
-
-def _init_process_group(ctx: _Dist, device: torch.device) -> None:
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        ctx.owns_group = True
-
-
-def _wrap(model: GPT, ctx: _Dist, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """DDP (default) or FSDP2 (``fully_shard`` on each block, then on the model); the model itself alone."""
-    if not ctx.on:
-        return model
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)  # in place: the embeddings, final norm and head form the root group
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _mean_across_ranks(value: torch.Tensor, ctx: _Dist) -> torch.Tensor:
-    """Mean of a scalar over the ranks (float64; itself for one process). A NaN/Inf on any rank survives."""
-    v = value.detach().double().reshape(1)  # (1,)
-    if not ctx.on:
-        return v
-    import torch.distributed as dist
-
-    v = v.clone()
-    dist.all_reduce(v)  # SUM: gloo has no AVG
-    return v / ctx.world
 
 
 # ----------------------------------------------------------------------------- training
@@ -537,41 +275,37 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path, res
     ``resume``: continue from ``out_dir/checkpoint.pt`` (same model config, seed, batch size, data),
     appending to the run's records. ``stop_after``: stop once that many optimizer steps are done in
     total (checkpoint written, status "stopped"), e.g. to test resuming. Raises :class:`ConfigError`
-    before training when the configuration, corpus or device is unusable. Under ``torchrun``
-    (``WORLD_SIZE > 1``) every rank calls this; see the module docstring for what differs.
+    (:class:`CheckpointError` for a checkpoint that cannot be resumed) before training when the
+    configuration, corpus, device or checkpoint is unusable. Under ``torchrun`` (``WORLD_SIZE > 1``)
+    every rank calls this; see the module docstring for what differs.
     """
     out_dir = Path(out_dir)
     cfg = train_cfg
-    ctx = _dist_from_env()
+    ctx = Launch.from_env()
     setup = _prepare(model_cfg, cfg)
-    setup.device = _check_distributed(ctx, cfg, setup.device, resume)
+    setup.device = launch.rank_device(ctx, setup.device, batch_size=cfg.batch_size, dtype=cfg.dtype,
+                                      fsdp=cfg.fsdp, resume=resume)
     if stop_after is not None and stop_after < 0:
         raise ConfigError(f"stop_after must be ≥ 0, got {stop_after}")
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    ckpt = _load_checkpoint(ckpt_path, model_cfg, cfg) if resume else None
-    if resume and not (out_dir / "meta.json").exists():
-        raise ConfigError(f"cannot resume: {out_dir} has a checkpoint but no meta.json; start a new run instead")
-    if ctx.on:
-        _init_process_group(ctx, setup.device)
-    try:
+    ckpt = None
+    if resume:
+        ckpt = checkpoint.load_checkpoint(out_dir / CHECKPOINT_NAME, model_cfg.to_dict(), cfg.to_dict())
+        if not (out_dir / "meta.json").exists():
+            raise CheckpointError(f"cannot resume: {out_dir} has a checkpoint but no meta.json; start a new run "
+                                  f"instead")
+    with launch.process_group(ctx, setup.device):
         return _train(model_cfg, cfg, out_dir, setup, ctx, ckpt, stop_after)
-    finally:
-        if ctx.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
-def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup, ctx: _Dist, ckpt: dict | None,
+def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup, ctx: Launch, ckpt: dict | None,
            stop_after: int | None) -> TrainResult:
     device, dtype, seq_len, data = setup.device, setup.dtype, setup.seq_len, setup.data
     ckpt_path = out_dir / CHECKPOINT_NAME
-    main = ctx.rank == 0
-    if ckpt is None and main and ckpt_path.exists():
+    if ckpt is None and ctx.main and ckpt_path.exists():
         ckpt_path.unlink()  # a new run in an old directory: never resume later from the old run's state
     if device.type == "cpu":
         # Ranks on one machine share its cores (torchrun's OMP_NUM_THREADS=1 would be overridden here).
-        cores = max(1, _cpu_threads() // ctx.local_world)
+        cores = max(1, launch.cpu_threads() // ctx.local_world)
         torch.set_num_threads(cores if cfg.threads is None else min(cfg.threads, cores))
 
     torch.manual_seed(cfg.seed)  # model initialisation (on the CPU, so identical on every device)
@@ -583,26 +317,22 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
         base.load_state_dict(ckpt["model"])
     base.to(device)
     base.train()
-    model = _wrap(base, ctx, cfg, device)  # DDP wrapper, FSDP2-sharded `base` itself, or `base`
+    model = launch.wrap(base, ctx, device, fsdp=cfg.fsdp)  # DDP wrapper, FSDP2-sharded `base` itself, or `base`
     # DDP's forward is for training (it prepares the gradient all-reduce); evaluate the module under it.
     eval_model = model if cfg.fsdp else base
     opt = _optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     resumed_from: list[int] = []
     if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        gen.set_state(ckpt["data_generator"])
-        _set_rng_state(ckpt["rng"])
-        start = int(ckpt["step"])
+        start = checkpoint.restore(ckpt, opt=opt, scaler=scaler, gen=gen)
         val_history = [(int(s), float(v)) for s, v in ckpt["val_history"]]
-        if main:
-            _trim_records(out_dir, start)
-        old_meta = read_meta(out_dir)
-        resumed_from = list(old_meta.get("resumed_from", [])) + [start]
+        if ctx.main:
+            store.trim(out_dir, start)
+        resumed_from = list(store.read_meta(out_dir).get("resumed_from", [])) + [start]
 
+    schedule = probe_schedule(cfg)
     probe = attach(  # after wrapping: under DDP/FSDP2 it reduces across ranks and only rank 0 writes
-        model, out_dir, every=probe_schedule(cfg), scaler=scaler if dtype == "fp16" else None,
+        model, out_dir, every=schedule, scaler=scaler if dtype == "fp16" else None,
         config={"model": model_cfg.to_dict(), "train": cfg.to_dict(), "data": data.description,
                 "device": str(device), "dtype": dtype, "world_size": ctx.world,
                 "parallel": ("fsdp2" if cfg.fsdp else "ddp") if ctx.on else "none"},
@@ -614,12 +344,13 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
         probe.update_meta(resumed_from=resumed_from)
 
     def save(step: int) -> None:
-        _save_checkpoint(ckpt_path, step=step, model=base, opt=opt, scaler=scaler, gen=gen, model_cfg=model_cfg,
-                         cfg=cfg, val_history=val_history, rank=ctx.rank)
+        checkpoint.save_checkpoint(ckpt_path, step=step, model=base, opt=opt, scaler=scaler, gen=gen,
+                                   model_config=model_cfg.to_dict(), train_config=cfg.to_dict(),
+                                   val_history=val_history, rank=ctx.rank, fsdp=cfg.fsdp)
 
     def validate(step: int) -> None:
         local = evaluate(eval_model, data, cfg, seq_len, device, dtype, shard=(ctx.rank, ctx.world))
-        v = float(_mean_across_ranks(torch.tensor(local, device=device), ctx).item())
+        v = float(launch.mean_across_ranks(torch.tensor(local, device=device), ctx).item())
         val_history.append((step, v))
         probe.log_scalars({"val_loss": v}, step=step)
 
@@ -628,7 +359,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     status, diverged_step, last_loss = "finished", None, None
     t0 = time.perf_counter()
-    bar = _progress(cfg, start, end) if main else None
+    bar = _progress(cfg, start, end) if ctx.main else None
     step = start
     try:
         for step in range(start, end):
@@ -639,21 +370,24 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
                 group["lr"] = lr
             x, y = data.batch("train", cfg.batch_size, seq_len, gen, device)  # (B, T) each: the global batch
             x, y = x[ctx.rank * per:(ctx.rank + 1) * per], y[ctx.rank * per:(ctx.rank + 1) * per]  # (B / N, T)
-            with _autocast(device, dtype):
+            with autocast(device, dtype):
                 _, loss = model(x, y)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)  # a no-op when the scaler is disabled
             probe.step(loss=loss, lr=lr)  # records step `step` (if scheduled), before clipping and the update
             # The ranks' losses differ (their rows differ): decide on their mean, the same on every rank.
-            last_loss = float(_mean_across_ranks(loss, ctx).item())
+            last_loss = float(launch.mean_across_ranks(loss, ctx).item())
+            # The probe writes loss rows on the steps it records; the trainer writes the others, so
+            # the loss curve has every step (and the diverging step has its loss in any case).
+            probed = schedule(step)
             if not math.isfinite(last_loss):
                 status, diverged_step = "diverged", step
-                if not probe.schedule(step):  # the probe skipped this step: write the loss row ourselves
+                if not probed:
                     probe.log_scalars({"loss": last_loss, "nonfinite_loss": 1.0}, step=step)
                 reason = f"loss is {last_loss} at step {step}"
                 probe.update_meta(divergence={"step": step, "reason": reason, "loss": str(last_loss), "lr": lr})
                 break
-            if not probe.schedule(step):  # loss curve at every step, not only on probed steps
+            if not probed:
                 probe.log_scalars({"loss": last_loss, "lr": lr}, step=step)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

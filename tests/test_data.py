@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lnprobe.data import STDLIB_MAX_BYTES, TokenData, stdlib_corpus, stdlib_files
+from lnprobe.data import STDLIB_MAX_BYTES, CorpusError, TokenData, stdlib_corpus, stdlib_files
 
 EXCLUDED = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
 
@@ -146,29 +146,29 @@ def test_errors(tmp_path):
         TokenData.from_bin(tmp_path / "nope.bin", vocab_size=10)
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(CorpusError, match="empty"):
         TokenData.from_text_file(empty)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(CorpusError, match="empty"):
         TokenData.from_bin(empty, vocab_size=10)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(CorpusError, match="empty"):
         TokenData.from_bytes(b"")
     short = tmp_path / "short.txt"
     short.write_bytes(b"x" * 100)  # train 95, val 5 tokens
     data = TokenData.load(short)
-    with pytest.raises(ValueError, match=r"train split has 95 tokens .* 129 tokens"):
+    with pytest.raises(CorpusError, match=r"train split has 95 tokens .* 129 tokens"):
         data.batch("train", 2, 128, torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"val split has 5 tokens .* 9 tokens"):
+    with pytest.raises(CorpusError, match=r"val split has 5 tokens .* 9 tokens"):
         data.check_window(8)
     data.batch("val", 2, 4, torch.Generator().manual_seed(0))  # 5 tokens hold one window of 4 + 1
     oov = tmp_path / "oov.bin"
     np.array([1, 2, 300, 4], dtype=np.uint16).tofile(oov)
-    with pytest.raises(ValueError, match=r"token 300 at position 2 .*\[0, 256\)"):
+    with pytest.raises(CorpusError, match=r"token 300 at position 2 .*\[0, 256\)"):
         TokenData.from_bin(oov, vocab_size=256)
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(CorpusError, match="vocab_size"):
         TokenData.load(oov)
     odd = tmp_path / "odd.bin"
     odd.write_bytes(b"\x01\x02\x03")
-    with pytest.raises(ValueError, match="multiple of 2"):
+    with pytest.raises(CorpusError, match="multiple of 2"):
         TokenData.from_bin(odd, vocab_size=256)
     with pytest.raises(ValueError, match="split"):
         data.batch("test", 1, 2, torch.Generator())

@@ -11,7 +11,9 @@ import torch
 import lnprobe
 from lnprobe import train as T
 from lnprobe.data import TokenData
+from lnprobe.launch import cpu_threads
 from lnprobe.models import GPT, config_from_preset
+from lnprobe.schedule import Schedule
 
 
 def small_cfg(placement: str = "pre", **kw):
@@ -86,6 +88,32 @@ def test_last_step_always_recorded(tmp_path, corpus):
     assert train_rows(tmp_path / "r", "loss").loc[5] == pytest.approx(res.final_loss)
     log = T.probe_schedule(T.TrainConfig(steps=50, every="log:3"))
     assert [s for s in range(50) if log(s)][-1] == 49 and log(0) and log(1) and not log(48)
+
+
+def test_schedule_with_last():
+    every4 = Schedule.parse(4)
+    plus = every4.with_last(5)
+    assert [s for s in range(10) if plus(s)] == [0, 4, 5, 8]
+    assert plus.to_meta() == {"every": 4, "plus_last": 5}
+    assert every4.with_last(8) is every4  # already recorded: the schedule itself, meta unchanged
+    assert Schedule.parse(plus) is plus  # accepted wherever a schedule is (attach(every=...))
+
+
+def test_store_trim_drops_late_steps(tmp_path):
+    from lnprobe.store import RunWriter, read_records, records_frame, trim
+
+    writer = RunWriter(tmp_path / "run", {"run_name": "t"})
+    for steps in ([0, 1], [2, 3], [4, 5]):
+        n = len(steps)
+        writer.append(records_frame(np.array(steps), np.array(["train"] * n), np.full(n, -1), np.array(["loss"] * n),
+                                    np.arange(n, dtype=float), np.full(n, np.nan), np.full(n, np.nan)))
+    assert trim(tmp_path / "run", 3) == 3  # step 3 of the second part, both rows of the third
+    records, _ = read_records(tmp_path / "run")
+    assert sorted(records["step"]) == [0, 1, 2]
+    assert len(list((tmp_path / "run" / "records").glob("part-*.parquet"))) == 2  # the emptied part is gone
+    assert not list((tmp_path / "run" / "records").glob(".*"))  # no temporary file left behind
+    assert records["token"].dtype == "Int64"
+    assert trim(tmp_path / "run", 3) == 0
 
 
 def test_lr_schedule_closed_form():
@@ -199,6 +227,21 @@ def test_resume_refuses_a_different_model(tmp_path, corpus):
         T.train(small_cfg("pre"), tcfg(corpus, steps=4, seed=3), tmp_path / "r", resume=True)
 
 
+def test_checkpoint_written_atomically_and_its_errors(tmp_path, corpus):
+    from lnprobe.checkpoint import CheckpointError, load_checkpoint
+
+    mcfg, cfg = small_cfg("pre"), tcfg(corpus, steps=4)
+    T.train(mcfg, cfg, tmp_path / "r", stop_after=2)
+    assert [p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(".")] == []  # no temporary left
+    ckpt = load_checkpoint(tmp_path / "r" / T.CHECKPOINT_NAME, mcfg.to_dict(), cfg.to_dict())
+    assert ckpt["step"] == 2 and ckpt["optimizer"] is not None and not ckpt["fsdp"]
+    with pytest.raises(CheckpointError, match="already did 2 of 2"):
+        load_checkpoint(tmp_path / "r" / T.CHECKPOINT_NAME, mcfg.to_dict(), {**cfg.to_dict(), "steps": 2})
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        T.train(mcfg, cfg, tmp_path / "none", resume=True)
+    assert issubclass(CheckpointError, T.ConfigError)
+
+
 # ----------------------------------------------------------------------------- divergence
 class _InfAt(GPT):
     """A GPT whose training loss turns into +inf from forward call ``AT`` on (an injected blow-up)."""
@@ -295,7 +338,7 @@ def test_device_resolution():
 
 def test_threads_do_not_exceed_the_cpus(tmp_path, corpus):
     T.train(small_cfg("pre"), tcfg(corpus, steps=1), tmp_path / "thr")
-    assert 1 <= torch.get_num_threads() <= T._cpu_threads()
+    assert 1 <= torch.get_num_threads() <= cpu_threads()
 
 
 @pytest.mark.gpu

@@ -19,6 +19,7 @@ import torch
 import lnprobe
 from lnprobe import train as T
 from lnprobe.cli import main
+from lnprobe.launch import Launch, mean_across_ranks, rank_device
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -148,19 +149,19 @@ def test_fsdp_checkpoint_refuses_resume(runs, corpus, tmp_path, capsys):
 # ----------------------------------------------------------------------------- checks before any launch
 def test_distributed_config_errors():
     cpu = torch.device("cpu")
-    two = T._Dist(rank=0, world=2, local_rank=0, local_world=2)
+    two = Launch(rank=0, world=2, local_rank=0, local_world=2)
     with pytest.raises(T.ConfigError, match="divisible"):
-        T._check_distributed(two, T.TrainConfig(batch_size=5), cpu, resume=False)
+        rank_device(two, cpu, batch_size=5)
     with pytest.raises(T.ConfigError, match="--resume with --fsdp"):
-        T._check_distributed(two, T.TrainConfig(batch_size=4, fsdp=True), cpu, resume=True)
+        rank_device(two, cpu, batch_size=4, fsdp=True, resume=True)
     with pytest.raises(T.ConfigError, match="fp16"):
-        T._check_distributed(two, T.TrainConfig(batch_size=4, fsdp=True, dtype="fp16"), cpu, resume=False)
+        rank_device(two, cpu, batch_size=4, fsdp=True, dtype="fp16")
     with pytest.raises(T.ConfigError, match="single process"):
-        T._check_distributed(T._Dist(), T.TrainConfig(fsdp=True), cpu, resume=False)
-    assert T._check_distributed(two, T.TrainConfig(batch_size=4), cpu, resume=False) == cpu
-    assert T._check_distributed(T._Dist(), T.TrainConfig(batch_size=5), cpu, resume=True) == cpu  # one process
+        rank_device(Launch(), cpu, batch_size=16, fsdp=True)
+    assert rank_device(two, cpu, batch_size=4) == cpu
+    assert rank_device(Launch(), cpu, batch_size=5, resume=True) == cpu  # one process
 
 
 def test_mean_across_ranks_is_the_value_in_one_process():
-    v = T._mean_across_ranks(torch.tensor(2.5, dtype=torch.float32), T._Dist())
+    v = mean_across_ranks(torch.tensor(2.5, dtype=torch.float32), Launch())
     assert v.dtype == torch.float64 and v.item() == 2.5
