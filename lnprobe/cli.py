@@ -4,7 +4,7 @@ Distributed training: ``torchrun --nproc-per-node N -m lnprobe train [--fsdp] ..
 FSDP2 with ``--fsdp``; ``--batch-size`` is the global batch). Only rank 0 prints.
 
 This module parses arguments and prints; the work is done by :mod:`lnprobe.train`, :mod:`lnprobe.export`
-and :mod:`analysis.report`. Bad input (unknown placement or preset, missing or short corpus,
+and :mod:`lnprobe.analysis.report`. Bad input (unknown placement or preset, missing or short corpus,
 unavailable device, a directory that is not a run directory, a bad option: a :class:`ConfigError`
 or a configuration's ValueError) ends with ONE line on stderr, ``lnprobe: error: ...``, saying what
 to do, and exit code 2. Errors raised while training runs are real bugs and keep their traceback.
@@ -159,14 +159,14 @@ def _fmt(v: float | None, spec: str = ".4g") -> str:
 
 
 def summarize_run(run_dir: str | Path) -> list[str]:
-    """Three lines read back from a run directory with ``analysis.io.load`` (the report's reader).
+    """Three lines read back from a run directory with ``store.load_run`` (the report's reader).
 
     1. final training loss (last recorded step) and final validation loss, and the run's status;
     2. per-token variance of the residual stream leaving the last block (site ``resid``, layer L)
        at the last recorded step of ``resid``;
     3. max |x| over the residual stream (all layers) at that step, with its layer, token and channel.
     """
-    from analysis.io import load
+    from .store import load_run as load
 
     run = load(run_dir)
     loss, val = run.series("loss"), run.series("val_loss")
