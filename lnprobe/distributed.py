@@ -4,6 +4,9 @@ Every rank records its own micro-batches as in a single process; at each flush t
 are reduced across ranks so that rank 0 writes what one process would have recorded on the global
 batch. Per row (one ``(step, site, layer, stat)``), by the row's *kind*:
 
+Each statistic's kind is the ``merge`` column of its registry row (``lnprobe.stats.REGISTRY``),
+its weight the ``weight`` column:
+
 =========  =========================================================  ==============================
 kind       rows                                                       reduction
 =========  =========================================================  ==============================
@@ -56,18 +59,13 @@ from typing import Any
 import numpy as np
 import torch
 
-MEAN, RMS, SUM, SQSUM, MAX, LOC, DERIVED = range(7)
-KIND_NAMES = ("mean", "rms", "sum", "sqsum", "max", "loc", "derived")
+from . import stats as S
 
-ACTIVATION_KIND: dict[str, int] = {
-    "m2": MEAN, "var": MEAN, "rms": RMS, "kurtosis": MEAN, "median_abs": MEAN,
-    "absmax": LOC, "top1": LOC, "top2": LOC, "top3": LOC,
-    "nonfinite": SUM, "over_fp16": SUM, "massive": SUM,
-}
-PER_TOKEN_STATS = frozenset({"var", "kurtosis"})  # weighted by tokens; the others by elements
-GRADIENT_KIND: dict[str, int] = {"grad_rms": RMS, "grad_absmax": MAX}
-TRAIN_KIND: dict[str, int] = {"loss": MEAN, "nonfinite_loss": MAX, "grad_norm": DERIVED, "skipped": DERIVED, "lr": MEAN}
-_LOC_SLOT = {"absmax": 0, "top1": 0, "top2": 1, "top3": 2}
+# Merge kinds as small ints (rows carry them in int8 arrays); each statistic's kind is its registry row's
+# ``merge`` (``lnprobe.stats.REGISTRY``).
+KIND_NAMES = S.MERGE_KINDS
+MEAN, RMS, SUM, SQSUM, MAX, LOC, DERIVED = (KIND_NAMES.index(k) for k in
+                                            ("mean", "rms", "sum", "sqsum", "max", "loc", "derived"))
 
 
 class ProbeDistributedError(RuntimeError):
@@ -121,55 +119,6 @@ def param_norm_reduction(p: torch.Tensor) -> tuple[int, float]:
 
 
 @dataclass
-class LocalRows:
-    """One rank's buffered steps, flattened: keys on the host, values on the device."""
-
-    steps: list[int]
-    layouts: list[Any]  # per step: an object with site, layer, stat arrays and a crc
-    values: torch.Tensor  # (K,) float64
-    token: torch.Tensor  # (K,) float64, NaN when not located
-    channel: torch.Tensor  # (K,) float64
-    weights: np.ndarray  # (K,) float64
-    kinds: np.ndarray  # (K,) int8
-
-    @classmethod
-    def from_entries(cls, keys, values, locs, weights, kinds) -> "LocalRows":
-        steps = [k[0] for k in keys]
-        layouts = [k[1] for k in keys]
-        if values:
-            dev = values[0].device
-            flat = torch.cat([v.to(dev) for v in values])  # (K,)
-            loc = torch.cat([l.to(dev) for l in locs], 1)  # (2, K)
-            w = np.concatenate(weights)
-            kd = np.concatenate(kinds)
-        else:
-            flat = torch.zeros(0, dtype=torch.float64)
-            loc = torch.zeros((2, 0), dtype=torch.float64)
-            w, kd = np.zeros(0), np.zeros(0, dtype=np.int8)
-        if not (flat.numel() == loc.shape[1] == len(w) == len(kd)):
-            raise ValueError(f"inconsistent local rows: {flat.numel()} values, {loc.shape[1]} locations, "
-                             f"{len(w)} weights, {len(kd)} kinds")
-        return cls(steps, layouts, flat, loc[0], loc[1], w, kd)
-
-    @property
-    def n(self) -> int:
-        return int(self.values.numel())
-
-    def signature(self) -> int:
-        """A checksum of the row keys (steps and layouts), equal on ranks that hold the same rows."""
-        sig = 0x9E3779B1
-        for step, lay in zip(self.steps, self.layouts):
-            sig = (sig * 1000003 ^ (int(step) * 2654435761 + int(lay.crc))) & 0x7FFFFFFFFFFF
-        return sig
-
-    def keys(self) -> list[tuple[int, str, int, str]]:
-        out = []
-        for step, lay in zip(self.steps, self.layouts):
-            out.extend((int(step), str(a), int(b), str(c)) for a, b, c in zip(lay.site, lay.layer, lay.stat))
-        return out
-
-
-@dataclass
 class Reduced:
     """The reduced rows (rank 0), ready to be written."""
 
@@ -216,8 +165,9 @@ def _raise_failed(ctx: DistContext, failed: list[int], error: str | None, what: 
         "the last flush are not recorded")
 
 
-def reduce_rows(ctx: DistContext, rows: LocalRows | None, error: str | None = None) -> Reduced | None:
-    """Collective: reduce every rank's rows; return the result on rank 0, None elsewhere.
+def reduce_rows(ctx: DistContext, rows: Any, error: str | None = None) -> Reduced | None:
+    """Collective: reduce every rank's rows (``lnprobe.steprows.Rows``); return the result on rank 0,
+    None elsewhere.
 
     ``rows`` is None (and ``error`` set) on a rank whose local preparation failed: every rank then
     raises ``ProbeDistributedError`` naming it, after the same first collective.
@@ -319,7 +269,7 @@ def _loc_groups(keys: list[tuple], kinds: np.ndarray) -> tuple[np.ndarray, np.nd
     for i in np.flatnonzero(kinds == LOC):
         step, site, layer, stat = keys[i]
         group_of[i] = groups.setdefault((step, site, layer), len(groups))
-        slot_of[i] = _LOC_SLOT[stat]
+        slot_of[i] = S.LOC_SLOT[stat]
     return group_of, slot_of, len(groups)
 
 
@@ -367,7 +317,7 @@ def _finish(keys, kinds, sums, maxima, cand, group_of, slot_of, world_size) -> R
     # Hidden-state gradients: each rank differentiated its own loss L_r; the optimizer sees the gradient
     # of mean_r L_r (DDP and FSDP average gradients), whose derivative w.r.t. rank r's activations is
     # dL_r/dx / W.
-    value = np.where(np.isin(stat, tuple(GRADIENT_KIND)), value / world_size, value)
+    value = np.where(np.isin(stat, S.GRADIENT_STATS), value / world_size, value)
 
     # Derived train rows: the global gradient norm of a step from its reduced parameter norms.
     derived = np.flatnonzero(kinds == DERIVED)
