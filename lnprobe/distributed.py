@@ -104,6 +104,26 @@ def context(process_group: Any = None) -> DistContext | None:
     return DistContext(process_group, dist.get_rank(process_group), world, backend, device)
 
 
+def broadcast_from_writer(ctx: DistContext, compute) -> Any:
+    """Collective: ``compute()`` on rank 0 of the group (the writer), its result on every rank.
+
+    An exception on rank 0 is re-raised on every rank (as ``ProbeDistributedError`` elsewhere)."""
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if ctx.rank == 0:
+        try:
+            box[0] = ("ok", compute())
+        except Exception as exc:
+            box[0] = ("error", f"{type(exc).__name__}: {exc}")
+    src = dist.get_global_rank(ctx.group, 0) if ctx.group is not None else 0
+    dist.broadcast_object_list(box, src=src, group=ctx.group)
+    status, value = box[0]
+    if status == "error":
+        raise ProbeDistributedError(f"lnprobe: rank 0 could not read the run directory to resume: {value}")
+    return value
+
+
 def param_norm_reduction(p: torch.Tensor) -> tuple[int, float]:
     """(kind, weight) of a parameter's grad_norm/param_norm rows: SQSUM with weight 1/replicas for a
     sharded DTensor, MEAN with weight 1 for a replicated tensor (DDP)."""

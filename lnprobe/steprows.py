@@ -313,3 +313,15 @@ class StepRowsBuilder:
                          zlib.crc32("\x1f".join(f"{a}\x1e{b}\x1e{c}" for a, b, c in keys).encode()))
             self._layouts[keys] = lay
         return lay
+
+
+def scalar_frame(scalars: list[tuple[int, str, float]]):
+    """Host scalars (step, stat, value) as ``train`` rows of a records frame."""
+    from .store import records_frame
+
+    n = len(scalars)
+    return records_frame(
+        np.array([s[0] for s in scalars], dtype=np.int64), np.array(["train"] * n, dtype=object),
+        np.full(n, -1, dtype=np.int64), np.array([s[1] for s in scalars], dtype=object),
+        np.array([s[2] for s in scalars], dtype=np.float64), np.full(n, np.nan), np.full(n, np.nan),
+    )

@@ -246,7 +246,7 @@ def test_not_distributed_without_a_process_group(tmp_path):
 
 def test_empty_fsdp_shard_of_a_norm_carries_no_weight():
     from lnprobe import stats as S
-    from lnprobe.probe import _gain_values
+    from lnprobe.paramstats import gain_values as _gain_values
 
     w, b = torch.randn(8), torch.randn(8)
     torch.testing.assert_close(_gain_values(w, 1.0, b), S.gain_stats(w, 1.0, b))
