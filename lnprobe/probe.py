@@ -36,7 +36,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -55,8 +54,6 @@ DEFAULT_SITES = ALL_SITES
 DEFAULT_GRAD_SITES: tuple[str, ...] = S.default_sites("gradient")  # ("resid",), from the registry
 
 SiteKey = tuple[str, int]  # (site, layer)
-Every = "int | str | Iterable[int] | Schedule"
-StatsSpec = "Iterable[str] | str | dict[str, Iterable[str]] | None"
 
 
 class Probe:
@@ -72,10 +69,10 @@ class Probe:
         self,
         model: nn.Module,
         out: str | Path,
-        every: Every = 1,
+        every: int | str | Iterable[int] | Schedule = 1,
         *,
         sites: Iterable[str] | str | None = None,
-        stats: StatsSpec = None,
+        stats: Iterable[str] | str | dict[str, Iterable[str]] | None = None,
         grad_sites: Iterable[str] | str | None = DEFAULT_GRAD_SITES,
         blocks: str | None = None,
         placement: str | None = None,
@@ -479,10 +476,10 @@ def _full_norm_params_for_discovery():
 def attach(
     model: nn.Module,
     out: str | Path,
-    every: Every = 1,
+    every: int | str | Iterable[int] | Schedule = 1,
     *,
     sites: Iterable[str] | str | None = None,
-    stats: StatsSpec = None,
+    stats: Iterable[str] | str | dict[str, Iterable[str]] | None = None,
     grad_sites: Iterable[str] | str | None = DEFAULT_GRAD_SITES,
     blocks: str | None = None,
     placement: str | None = None,

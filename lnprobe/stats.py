@@ -82,33 +82,20 @@ STREAM = ("resid", "final")
 
 @dataclass(frozen=True)
 class Stat:
-    """One row of the statistic registry.
-
-    - ``kind``: what is reduced: ``activation`` (a hooked forward tensor), ``gradient`` (∂L/∂x of a
-      hooked tensor), ``parameter`` (a parameter and its ``.grad``), ``norm`` (a norm's γ and β),
-      ``train`` (per-step scalars).
-    - ``column``: column of the statistic in its kind's finalize output (``finalize_activations``
-      ``(G, 12)``, ``finalize_gradients`` ``(G, 2)``, parameter norms ``(P, 2)``, ``gain_stats``
-      ``(3,)``); None for ``train`` rows.
-    - ``merge``: cross-rank merge kind, one of ``MERGE_KINDS``.
-    - ``weight``: what weighs a rank's value in a mean: ``elements`` or ``tokens`` of the step on
-      that rank, ``numel`` (of the local shard), or ``one``.
-    - ``slot``: located statistics (value with token and channel): rank among the top 3 (absmax is
-      top1); None when not located.
-    - ``default``: sites where it is recorded unless ``stats=`` says otherwise (``EVERY_SITE``, a
-      tuple of sites, or ``()``: only on request).
-    - ``needs``: the partial-reduction work it needs (``StatPlan``), activation statistics only.
-    """
+    """One row of the statistic registry (``REGISTRY``)."""
 
     name: str
-    kind: str
-    column: int | None
-    merge: str
-    weight: str
-    slot: int | None
-    default: "str | tuple[str, ...]"
-    needs: frozenset = frozenset()
-    definition: str = ""
+    kind: str  # what is reduced: activation (a hooked forward tensor), gradient (its ∂L/∂x), parameter
+    #   (a parameter and its .grad), norm (a norm's γ and β), train (per-step scalars)
+    column: int | None  # column in the kind's finalize output: finalize_activations (G, 12),
+    #   finalize_gradients (G, 2), parameter norms (P, 2), gain_stats (3,); None for train rows
+    merge: str  # cross-rank merge kind, one of MERGE_KINDS
+    weight: str  # weight of a rank's value in a mean: its elements or tokens of the step, numel (of the
+    #   local shard) or one
+    default: "str | tuple[str, ...]"  # sites recorded unless stats= says otherwise: EVERY_SITE, a tuple, () none
+    definition: str
+    needs: frozenset = frozenset()  # activation statistics: the partial work they need (StatPlan)
+    slot: int | None = None  # located statistics (value, token, channel): rank in the top 3 (absmax = top1)
 
     @property
     def merge_code(self) -> int:
@@ -116,7 +103,7 @@ class Stat:
 
 
 def _row(name, kind, column, merge, weight, default, definition, needs=(), slot=None) -> Stat:
-    return Stat(name, kind, column, merge, weight, slot, default, frozenset(needs), definition)
+    return Stat(name, kind, column, merge, weight, default, definition, frozenset(needs), slot)
 
 
 _ALL = EVERY_SITE
