@@ -185,7 +185,8 @@ class StepRowsBuilder:
             locs.append(full_loc.reshape(2, -1).index_select(1, sel))
             for (site, layer), acc in act:
                 for s in acc.stats:
-                    add((site, layer, s), S.stat("activation", s), _weight(S.stat("activation", s), acc.n_elem, acc.n_tok))
+                    row = S.stat("activation", s)
+                    add((site, layer, s), row, _weight(row, acc.n_elem, acc.n_tok))
             device = full.device
         grads = [(key, acc) for key, acc in sites if acc.grads]
         if grads:
@@ -194,7 +195,8 @@ class StepRowsBuilder:
             locs.append(torch.full((2, g.numel()), float("nan"), dtype=torch.float64, device=g.device))
             for (site, layer), acc in grads:
                 for s in S.GRADIENT_STATS:
-                    add((site, layer, s), S.stat("gradient", s), acc.g_elem)
+                    row = S.stat("gradient", s)
+                    add((site, layer, s), row, _weight(row, acc.g_elem, acc.g_elem))
             device = device or g.device
 
         gn = self._param_rows(params, captured, values, keys, weights, kinds)
