@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 from . import distributed as D
 from . import stats as S
-from .store import read_meta, read_records
+from .store import read_meta
 
 BRANCH = "attn_out"  # a site with the branch defaults (statistics whose default is every site)
 
@@ -70,10 +70,20 @@ def first_step(out: str | Path, resume: bool | int, ctx: "D.DistContext | None")
 
 def _last_step_on_disk(out: str | Path) -> int:
     """The last step closed by the run in ``out``: meta.json's ``last_step`` (updated at every flush),
-    or the last step in its records for runs without it; -1 for an empty or missing run."""
+    or the last step in its records when that is later (a process killed between writing a part and
+    meta.json, or a run written without ``last_step``); -1 for an empty or missing run. Reads only the
+    ``step`` column of each part; unreadable parts are skipped, as ``load_run`` does."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     if not (Path(out) / "meta.json").exists():
         return -1
     last = read_meta(out).get("last_step")
-    records, _ = read_records(out)
-    on_disk = int(records["step"].max()) if len(records) else -1
+    on_disk = -1
+    for part in sorted((Path(out) / "records").glob("part-*.parquet")):
+        try:
+            top = pc.max(pq.read_table(part, columns=["step"])["step"]).as_py()
+        except Exception:
+            continue
+        on_disk = max(on_disk, -1 if top is None else int(top))
     return max(on_disk, int(last) if last is not None else -1)
