@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import torch
@@ -97,8 +98,8 @@ class Stat:
     needs: frozenset = frozenset()  # activation statistics: the partial work they need (StatPlan)
     slot: int | None = None  # located statistics (value, token, channel): rank in the top 3 (absmax = top1)
 
-    @property
-    def merge_code(self) -> int:
+    @cached_property
+    def merge_code(self) -> int:  # the small int of lnprobe.distributed (MEAN, RMS, ...)
         return MERGE_KINDS.index(self.merge)
 
 

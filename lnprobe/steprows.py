@@ -132,7 +132,9 @@ class Rows:
 
 
 def _weight(row: S.Stat, elements: float, tokens: float, numel: float = 1.0) -> float:
-    return {"elements": elements, "tokens": tokens, "numel": numel}.get(row.weight, 1.0)
+    """A row's weight in a cross-rank mean, by its registry ``weight``."""
+    w = row.weight
+    return elements if w == "elements" else tokens if w == "tokens" else numel if w == "numel" else 1.0
 
 
 class StepRowsBuilder:
