@@ -7,7 +7,7 @@
 
 Every name is imported on first use (PEP 562): ``import lnprobe`` imports neither torch nor pandas,
 and ``lnprobe.load_run`` / ``lnprobe.analysis`` work on a machine without torch. ``attach``,
-``Probe``, ``ALL_SITES`` (``lnprobe.probe``) and ``inspect`` need torch; ``Schedule`` does not.
+``Probe`` (``lnprobe.probe``), ``ALL_SITES`` (``lnprobe.sites``) and ``inspect`` need torch; ``Schedule`` does not.
 """
 from __future__ import annotations
 
@@ -19,17 +19,19 @@ __version__ = "0.1.0"
 
 # public name -> the submodule that defines it
 _LAZY_NAMES = {
-    "attach": "probe", "Probe": "probe", "ALL_SITES": "probe",
+    "attach": "probe", "Probe": "probe", "ALL_SITES": "sites",
     "Schedule": "schedule",
     "Run": "store", "load_run": "store",
 }
 # submodules reachable as attributes right after ``import lnprobe`` (lnprobe.integrations.hf, ...)
-_SUBMODULES = ("analysis", "cli", "constants", "data", "distributed", "export", "integrations", "models",
+_SUBMODULES = ("analysis", "checkpoint", "cli", "constants", "data", "discovery", "distributed", "export",
+               "integrations", "launch", "models", "testing",
                "probe", "schedule", "sites", "stats", "store", "train")
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time these load on first use
     from . import analysis, integrations  # noqa: F401
-    from .probe import ALL_SITES, Probe, attach  # noqa: F401
+    from .probe import Probe, attach  # noqa: F401
+    from .sites import ALL_SITES  # noqa: F401
     from .schedule import Schedule  # noqa: F401
     from .store import Run, load_run  # noqa: F401
 

@@ -4,6 +4,9 @@ Every rank records its own micro-batches as in a single process; at each flush t
 are reduced across ranks so that rank 0 writes what one process would have recorded on the global
 batch. Per row (one ``(step, site, layer, stat)``), by the row's *kind*:
 
+Each statistic's kind is the ``merge`` column of its registry row (``lnprobe.stats.REGISTRY``),
+its weight the ``weight`` column:
+
 =========  =========================================================  ==============================
 kind       rows                                                       reduction
 =========  =========================================================  ==============================
@@ -56,18 +59,13 @@ from typing import Any
 import numpy as np
 import torch
 
-MEAN, RMS, SUM, SQSUM, MAX, LOC, DERIVED = range(7)
-KIND_NAMES = ("mean", "rms", "sum", "sqsum", "max", "loc", "derived")
+from . import stats as S
 
-ACTIVATION_KIND: dict[str, int] = {
-    "m2": MEAN, "var": MEAN, "rms": RMS, "kurtosis": MEAN, "median_abs": MEAN,
-    "absmax": LOC, "top1": LOC, "top2": LOC, "top3": LOC,
-    "nonfinite": SUM, "over_fp16": SUM, "massive": SUM,
-}
-PER_TOKEN_STATS = frozenset({"var", "kurtosis"})  # weighted by tokens; the others by elements
-GRADIENT_KIND: dict[str, int] = {"grad_rms": RMS, "grad_absmax": MAX}
-TRAIN_KIND: dict[str, int] = {"loss": MEAN, "nonfinite_loss": MAX, "grad_norm": DERIVED, "skipped": DERIVED, "lr": MEAN}
-_LOC_SLOT = {"absmax": 0, "top1": 0, "top2": 1, "top3": 2}
+# Merge kinds as small ints (rows carry them in int8 arrays); each statistic's kind is its registry row's
+# ``merge`` (``lnprobe.stats.REGISTRY``).
+KIND_NAMES = S.MERGE_KINDS
+MEAN, RMS, SUM, SQSUM, MAX, LOC, DERIVED = (KIND_NAMES.index(k) for k in
+                                            ("mean", "rms", "sum", "sqsum", "max", "loc", "derived"))
 
 
 class ProbeDistributedError(RuntimeError):
@@ -106,6 +104,26 @@ def context(process_group: Any = None) -> DistContext | None:
     return DistContext(process_group, dist.get_rank(process_group), world, backend, device)
 
 
+def broadcast_from_writer(ctx: DistContext, compute) -> Any:
+    """Collective: ``compute()`` on rank 0 of the group (the writer), its result on every rank.
+
+    An exception on rank 0 is re-raised on every rank (as ``ProbeDistributedError`` elsewhere)."""
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if ctx.rank == 0:
+        try:
+            box[0] = ("ok", compute())
+        except Exception as exc:
+            box[0] = ("error", f"{type(exc).__name__}: {exc}")
+    src = dist.get_global_rank(ctx.group, 0) if ctx.group is not None else 0
+    dist.broadcast_object_list(box, src=src, group=ctx.group)
+    status, value = box[0]
+    if status == "error":
+        raise ProbeDistributedError(f"lnprobe: rank 0 could not read the run directory to resume: {value}")
+    return value
+
+
 def param_norm_reduction(p: torch.Tensor) -> tuple[int, float]:
     """(kind, weight) of a parameter's grad_norm/param_norm rows: SQSUM with weight 1/replicas for a
     sharded DTensor, MEAN with weight 1 for a replicated tensor (DDP)."""
@@ -118,55 +136,6 @@ def param_norm_reduction(p: torch.Tensor) -> tuple[int, float]:
         if pl.is_replicate():
             replicas *= mesh.size(dim)
     return SQSUM, 1.0 / replicas
-
-
-@dataclass
-class LocalRows:
-    """One rank's buffered steps, flattened: keys on the host, values on the device."""
-
-    steps: list[int]
-    layouts: list[Any]  # per step: an object with site, layer, stat arrays and a crc
-    values: torch.Tensor  # (K,) float64
-    token: torch.Tensor  # (K,) float64, NaN when not located
-    channel: torch.Tensor  # (K,) float64
-    weights: np.ndarray  # (K,) float64
-    kinds: np.ndarray  # (K,) int8
-
-    @classmethod
-    def from_entries(cls, keys, values, locs, weights, kinds) -> "LocalRows":
-        steps = [k[0] for k in keys]
-        layouts = [k[1] for k in keys]
-        if values:
-            dev = values[0].device
-            flat = torch.cat([v.to(dev) for v in values])  # (K,)
-            loc = torch.cat([l.to(dev) for l in locs], 1)  # (2, K)
-            w = np.concatenate(weights)
-            kd = np.concatenate(kinds)
-        else:
-            flat = torch.zeros(0, dtype=torch.float64)
-            loc = torch.zeros((2, 0), dtype=torch.float64)
-            w, kd = np.zeros(0), np.zeros(0, dtype=np.int8)
-        if not (flat.numel() == loc.shape[1] == len(w) == len(kd)):
-            raise ValueError(f"inconsistent local rows: {flat.numel()} values, {loc.shape[1]} locations, "
-                             f"{len(w)} weights, {len(kd)} kinds")
-        return cls(steps, layouts, flat, loc[0], loc[1], w, kd)
-
-    @property
-    def n(self) -> int:
-        return int(self.values.numel())
-
-    def signature(self) -> int:
-        """A checksum of the row keys (steps and layouts), equal on ranks that hold the same rows."""
-        sig = 0x9E3779B1
-        for step, lay in zip(self.steps, self.layouts):
-            sig = (sig * 1000003 ^ (int(step) * 2654435761 + int(lay.crc))) & 0x7FFFFFFFFFFF
-        return sig
-
-    def keys(self) -> list[tuple[int, str, int, str]]:
-        out = []
-        for step, lay in zip(self.steps, self.layouts):
-            out.extend((int(step), str(a), int(b), str(c)) for a, b, c in zip(lay.site, lay.layer, lay.stat))
-        return out
 
 
 @dataclass
@@ -216,8 +185,9 @@ def _raise_failed(ctx: DistContext, failed: list[int], error: str | None, what: 
         "the last flush are not recorded")
 
 
-def reduce_rows(ctx: DistContext, rows: LocalRows | None, error: str | None = None) -> Reduced | None:
-    """Collective: reduce every rank's rows; return the result on rank 0, None elsewhere.
+def reduce_rows(ctx: DistContext, rows: Any, error: str | None = None) -> Reduced | None:
+    """Collective: reduce every rank's rows (``lnprobe.steprows.Rows``); return the result on rank 0,
+    None elsewhere.
 
     ``rows`` is None (and ``error`` set) on a rank whose local preparation failed: every rank then
     raises ``ProbeDistributedError`` naming it, after the same first collective.
@@ -319,7 +289,7 @@ def _loc_groups(keys: list[tuple], kinds: np.ndarray) -> tuple[np.ndarray, np.nd
     for i in np.flatnonzero(kinds == LOC):
         step, site, layer, stat = keys[i]
         group_of[i] = groups.setdefault((step, site, layer), len(groups))
-        slot_of[i] = _LOC_SLOT[stat]
+        slot_of[i] = S.LOC_SLOT[stat]
     return group_of, slot_of, len(groups)
 
 
@@ -367,7 +337,7 @@ def _finish(keys, kinds, sums, maxima, cand, group_of, slot_of, world_size) -> R
     # Hidden-state gradients: each rank differentiated its own loss L_r; the optimizer sees the gradient
     # of mean_r L_r (DDP and FSDP average gradients), whose derivative w.r.t. rank r's activations is
     # dL_r/dx / W.
-    value = np.where(np.isin(stat, tuple(GRADIENT_KIND)), value / world_size, value)
+    value = np.where(np.isin(stat, S.GRADIENT_STATS), value / world_size, value)
 
     # Derived train rows: the global gradient norm of a step from its reduced parameter norms.
     derived = np.flatnonzero(kinds == DERIVED)

@@ -1,4 +1,11 @@
-"""Statistic registry: pure tensor reductions of one activation, one gradient or one parameter.
+"""Statistic registry and the pure tensor reductions of one activation, one gradient or one parameter.
+
+``REGISTRY`` is the one table of statistics: per row its name, kind (activation, gradient,
+parameter, norm, train), column in the finalize output, cross-rank merge kind, merge weight,
+top-3 slot (located statistics), default sites and the partial work it needs. Every other list
+(``ACTIVATION_STATS``, ``LOCATED_STATS``, the probe's defaults, ``check_stats``, the kinds, slots and
+weights of ``lnprobe.distributed``) is derived from it. Adding a statistic is one row, one reduction
+(a column of the kind's finalize function) and one reference test (``tests/test_stats.py``).
 
 Everything here runs on the tensor's own device and returns small device tensors: no host
 synchronisation (no ``.item()``, ``.cpu()``, ``bool(tensor)``, no tensors built from Python lists,
@@ -54,26 +61,120 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import torch
 
-FP16_MAX = 65504.0
-MASSIVE_ABS = 100.0
-MASSIVE_RATIO = 1000.0
+from .constants import FP16_MAX, MASSIVE_ABS, MASSIVE_RATIO
+
 MEDIAN_SAMPLE = 8192
 TOPK = 3
 
-ACTIVATION_STATS: tuple[str, ...] = (
-    "m2", "var", "rms", "absmax", "top1", "top2", "top3", "median_abs",
-    "kurtosis", "nonfinite", "over_fp16", "massive",
+# ------------------------------------------------------------------------------------ registry
+#: Cross-rank merge kinds (``lnprobe.distributed`` reduces each row by its statistic's kind):
+#: mean Σw·v/Σw; rms sqrt(Σw·v²/Σw); sum Σv; sqsum sqrt(Σw·v²) (sharded parameters); max; loc (the
+#: top 3 of all ranks' candidates, with location); derived (from other reduced rows of the step).
+MERGE_KINDS: tuple[str, ...] = ("mean", "rms", "sum", "sqsum", "max", "loc", "derived")
+#: Sites where a statistic is recorded by default: ``EVERY_SITE`` or a tuple of site names.
+EVERY_SITE = "*"
+STREAM = ("resid", "final")
+
+
+@dataclass(frozen=True)
+class Stat:
+    """One row of the statistic registry (``REGISTRY``)."""
+
+    name: str
+    kind: str  # what is reduced: activation (a hooked forward tensor), gradient (its ∂L/∂x), parameter
+    #   (a parameter and its .grad), norm (a norm's γ and β), train (per-step scalars)
+    column: int | None  # column in the kind's finalize output: finalize_activations (G, 12),
+    #   finalize_gradients (G, 2), parameter norms (P, 2), gain_stats (3,); None for train rows
+    merge: str  # cross-rank merge kind, one of MERGE_KINDS
+    weight: str  # weight of a rank's value in a mean: its elements or tokens of the step, numel (of the
+    #   local shard) or one
+    default: "str | tuple[str, ...]"  # sites recorded unless stats= says otherwise: EVERY_SITE, a tuple, () none
+    definition: str
+    needs: frozenset = frozenset()  # activation statistics: the partial work they need (StatPlan)
+    slot: int | None = None  # located statistics (value, token, channel): rank in the top 3 (absmax = top1)
+
+    @cached_property
+    def merge_code(self) -> int:  # the small int of lnprobe.distributed (MEAN, RMS, ...)
+        return MERGE_KINDS.index(self.merge)
+
+
+def _row(name, kind, column, merge, weight, default, definition, needs=(), slot=None) -> Stat:
+    return Stat(name, kind, column, merge, weight, default, definition, frozenset(needs), slot)
+
+
+_ALL = EVERY_SITE
+REGISTRY: tuple[Stat, ...] = (
+    # name           kind          col merge      weight      default  definition                                  needs / slot
+    _row("m2",         "activation", 0, "mean",    "elements", _ALL,    "mean of x² over all elements", {"moments"}),
+    _row("var",        "activation", 1, "mean",    "tokens",   _ALL,    "per-token variance over channels, mean over tokens", {"var"}),
+    _row("rms",        "activation", 2, "rms",     "elements", _ALL,    "sqrt(m2)", {"moments"}),
+    _row("absmax",     "activation", 3, "loc",     "one",      _ALL,    "max |x|, with token and channel", {"topk"}, slot=0),
+    _row("top1",       "activation", 4, "loc",     "one",      STREAM,  "largest |x|, with token and channel", {"topk"}, slot=0),
+    _row("top2",       "activation", 5, "loc",     "one",      STREAM,  "2nd largest |x|", {"topk", "top3"}, slot=1),
+    _row("top3",       "activation", 6, "loc",     "one",      STREAM,  "3rd largest |x|", {"topk", "top3"}, slot=2),
+    _row("median_abs", "activation", 7, "mean",    "elements", STREAM,  "median |x| (estimated, see above)", {"median"}),
+    _row("kurtosis",   "activation", 8, "mean",    "tokens",   (),      "per-token kurtosis over channels (3: Gaussian)", {"kurtosis"}),
+    _row("nonfinite",  "activation", 9, "sum",     "one",      _ALL,    "count of NaN/Inf", {"nonfinite"}),
+    _row("over_fp16",  "activation", 10, "sum",    "one",      STREAM,  f"count of |x| > {FP16_MAX:g}", {"over_fp16"}),
+    _row("massive",    "activation", 11, "sum",    "one",      STREAM,  f"count of |x| > {MASSIVE_ABS:g} and ≥ {MASSIVE_RATIO:g}·median_abs",
+         {"median", "massive"}),
+    _row("grad_rms",    "gradient",  0, "rms",     "elements", ("resid",), "rms of ∂L/∂x, divided by the AMP loss scale"),
+    _row("grad_absmax", "gradient",  1, "max",     "one",      ("resid",), "max |∂L/∂x|, divided by the AMP loss scale"),
+    # sqsum for a sharded (DTensor) parameter; a replicated one (DDP) has the same value on every rank
+    _row("grad_norm",  "parameter",  0, "sqsum",   "one",      _ALL,    "Frobenius norm of the parameter's gradient"),
+    _row("param_norm", "parameter",  1, "sqsum",   "one",      _ALL,    "Frobenius norm of the parameter"),
+    _row("gain_ms",    "norm",       0, "mean",    "numel",    _ALL,    "mean γ² of the effective gain"),
+    _row("gain_absmax", "norm",      1, "max",     "one",      _ALL,    "max |γ|"),
+    _row("bias_ms",    "norm",       2, "mean",    "numel",    _ALL,    "mean β²"),
+    _row("loss",       "train",   None, "mean",    "one",      _ALL,    "the step's loss (mean over ranks)"),
+    _row("nonfinite_loss", "train", None, "max",   "one",      _ALL,    "1 if the loss is NaN/Inf"),
+    _row("grad_norm",  "train",   None, "derived", "one",      _ALL,    "global gradient norm (from the parameters' grad_norm)"),
+    _row("skipped",    "train",   None, "derived", "one",      _ALL,    "1 if an enabled GradScaler skips the step (non-finite grad_norm)"),
+    _row("lr",         "train",   None, "mean",    "one",      _ALL,    "learning rate passed to probe.step()"),
 )
-GRADIENT_STATS: tuple[str, ...] = ("grad_rms", "grad_absmax")
-PARAM_STATS: tuple[str, ...] = ("grad_norm", "param_norm")
-NORM_STATS: tuple[str, ...] = ("gain_ms", "gain_absmax", "bias_ms")
-LOCATED_STATS = frozenset({"absmax", "top1", "top2", "top3"})
-# The default set leaves out only per-token kurtosis (it needs a centred copy of the tensor).
-DEFAULT_ACTIVATION_STATS: tuple[str, ...] = tuple(s for s in ACTIVATION_STATS if s != "kurtosis")
+_BY_KEY = {(s.kind, s.name): s for s in REGISTRY}
+
+
+def stat(kind: str, name: str) -> Stat:
+    """The registry row of statistic ``name`` of ``kind``."""
+    return _BY_KEY[(kind, name)]
+
+
+def _names(kind: str) -> tuple[str, ...]:
+    return tuple(s.name for s in sorted((s for s in REGISTRY if s.kind == kind), key=lambda s: s.column or 0))
+
+
+ACTIVATION_STATS: tuple[str, ...] = _names("activation")  # in finalize_activations column order
+GRADIENT_STATS: tuple[str, ...] = _names("gradient")
+PARAM_STATS: tuple[str, ...] = _names("parameter")
+NORM_STATS: tuple[str, ...] = _names("norm")
+TRAIN_STATS: tuple[str, ...] = _names("train")
+LOCATED_STATS = frozenset(s.name for s in REGISTRY if s.slot is not None)
+LOC_SLOT: dict[str, int] = {s.name: s.slot for s in REGISTRY if s.slot is not None}
+PER_TOKEN_STATS = frozenset(s.name for s in REGISTRY if s.weight == "tokens")
+
+
+def default_stats(site: str, kind: str = "activation") -> tuple[str, ...]:
+    """The statistics of ``kind`` recorded at ``site`` by default, in registry order."""
+    return tuple(s.name for s in REGISTRY if s.kind == kind and (s.default == EVERY_SITE or site in s.default))
+
+
+def default_sites(kind: str) -> tuple[str, ...]:
+    """The sites named in the defaults of ``kind`` (e.g. gradients: ``("resid",)``)."""
+    out: list[str] = []
+    for s in REGISTRY:
+        if s.kind == kind and s.default != EVERY_SITE:
+            out += [site for site in s.default if site not in out]
+    return tuple(out)
+
+
+# Every statistic but per-token kurtosis (it needs a centred copy of the tensor).
+DEFAULT_ACTIVATION_STATS: tuple[str, ...] = default_stats("resid")
 
 # Counting |x| > t with float arithmetic: for float32 a = |x| and a threshold t ≥ 64, a > t implies
 # a − t ≥ ulp(t) ≥ 2^-17, so clamp(2^17·a − 2^17·t, 0, 1) is exactly 1 where a > t and 0 elsewhere
@@ -145,17 +246,12 @@ class StatPlan:
     massive: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        s = set(self.stats)
-        self.moments = bool(s & {"m2", "rms"})
-        self.var = "var" in s
-        self.kurtosis = "kurtosis" in s
-        self.topk = bool(s & LOCATED_STATS)
-        self.rows = TOPK if s & {"top2", "top3"} else 1
-        self.median = bool(s & {"median_abs", "massive"})
-        self.counts = bool(s & {"nonfinite", "over_fp16", "massive"})
-        self.nonfinite = "nonfinite" in s
-        self.over_fp16 = "over_fp16" in s
-        self.massive = "massive" in s
+        needs = set().union(*(stat("activation", s).needs for s in self.stats))
+        self.moments, self.var, self.kurtosis = "moments" in needs, "var" in needs, "kurtosis" in needs
+        self.topk, self.median = "topk" in needs, "median" in needs
+        self.rows = TOPK if "top3" in needs else 1
+        self.nonfinite, self.over_fp16, self.massive = "nonfinite" in needs, "over_fp16" in needs, "massive" in needs
+        self.counts = self.nonfinite or self.over_fp16 or self.massive
 
 
 def _median_stride(numel: int, d: int) -> int:
@@ -352,6 +448,13 @@ def _medians(groups: Sequence[Sequence[ActivationPartial]], device: torch.device
     return torch.stack([nan if m is None else m for m in out])
 
 
+# Positional columns of finalize_activations, from the registry.
+_COL = {s: stat("activation", s).column for s in ACTIVATION_STATS}
+_TOP = slice(_COL["top1"], _COL["top3"] + 1)
+_LOCATED = slice(_COL["absmax"], _COL["top3"] + 1)
+_COUNTS = slice(_COL["nonfinite"], _COL["massive"] + 1)
+assert _COL["absmax"] + 1 == _COL["top1"] and _COL["nonfinite"] + 2 == _COL["over_fp16"] + 1 == _COL["massive"]
+
 def finalize_activations(groups: Sequence[Sequence[ActivationPartial]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the partials of one step for G sites at once.
 
@@ -386,25 +489,26 @@ def finalize_activations(groups: Sequence[Sequence[ActivationPartial]]) -> tuple
         tv, order = tv.topk(TOPK, dim=1)  # (G, 3)
         tt, tc = tt.gather(1, order), tc.gather(1, order)
 
-    # Columns in ACTIVATION_STATS order: m2 var rms absmax top1 top2 top3 median_abs kurtosis nonfinite
-    # over_fp16 massive. Written through ``out=`` and slice copies: a few kernels whatever G is.
+    # Columns from the registry (``_COL``). Written through ``out=`` and slice copies: a few kernels
+    # whatever G is. The located columns absmax, top1..top3 and the three counts are contiguous.
+    c = _COL
     values = torch.empty((n_groups, len(ACTIVATION_STATS)), dtype=torch.float64, device=dev)  # (G, 12)
-    torch.div(sums[:, 0], n[:, 0], out=values[:, 0])
-    torch.div(sums[:, 1], n[:, 0], out=values[:, 1])
-    torch.sqrt(values[:, 0], out=values[:, 2])
-    values[:, 3] = tv[:, 0]
-    values[:, 4:7] = tv
-    values[:, 7] = _medians(groups, dev)
-    torch.div(sums[:, 2], n[:, 1], out=values[:, 8])
-    values[:, 9:12] = counts
+    torch.div(sums[:, 0], n[:, 0], out=values[:, c["m2"]])
+    torch.div(sums[:, 1], n[:, 0], out=values[:, c["var"]])  # Σ_tok D·var / (N·D)
+    torch.sqrt(values[:, c["m2"]], out=values[:, c["rms"]])
+    values[:, c["absmax"]] = tv[:, 0]
+    values[:, _TOP] = tv
+    values[:, c["median_abs"]] = _medians(groups, dev)
+    torch.div(sums[:, 2], n[:, 1], out=values[:, c["kurtosis"]])
+    values[:, _COUNTS] = counts
     loc = torch.full((2, n_groups, len(ACTIVATION_STATS)), nan, dtype=torch.float64, device=dev)  # (2, G, 12)
     for i, idx in enumerate((tt, tc)):
-        loc[i, :, 3] = idx[:, 0]
-        loc[i, :, 4:7] = idx
+        loc[i, :, c["absmax"]] = idx[:, 0]
+        loc[i, :, _TOP] = idx
     pad = tv == -math.inf  # (G, 3): fewer than 3 elements, or top-k not in the plan
     pad4 = torch.cat([pad[:, :1], pad], 1)  # (G, 4) for absmax top1 top2 top3
-    values[:, 3:7].masked_fill_(pad4, nan)
-    loc[:, :, 3:7].masked_fill_(pad4, nan)
+    values[:, _LOCATED].masked_fill_(pad4, nan)
+    loc[:, :, _LOCATED].masked_fill_(pad4, nan)
     return values, loc
 
 
@@ -451,71 +555,5 @@ def finalize_gradient(parts: list[GradientPartial], loss_scale: torch.Tensor | N
     return finalize_gradients([parts], loss_scale)[0]
 
 
-def norms_of(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Frobenius norms of a list of tensors as one ``(P,)`` float64 tensor (fused where possible)."""
-    if not tensors:
-        return torch.zeros((0,), dtype=torch.float64)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    if len(by_device) == 1:
-        return torch.stack(torch._foreach_norm([t.detach().float() for t in tensors])).double()
-    # Model spread over devices: reduce per device, gather the small results on the first device.
-    first = tensors[0].device
-    out = torch.empty(len(tensors), dtype=torch.float64, device=first)
-    for dev, idx in by_device.items():
-        n = torch.stack(torch._foreach_norm([tensors[i].detach().float() for i in idx])).double()
-        out[torch.tensor(idx, device=first)] = n.to(first, non_blocking=True)
-    return out
-
-
-def gain_stats(weight: torch.Tensor | None, offset: float, bias: torch.Tensor | None) -> torch.Tensor:
-    """``(3,)`` float64: gain_ms = mean γ², gain_absmax = max |γ| with γ = offset + w, and bias_ms = mean β².
-
-    A norm without gain has γ = 1; without bias the bias entry is NaN (the row is not written).
-    """
-    dev = (weight if weight is not None else bias).device if (weight is not None or bias is not None) else None
-    if weight is not None:
-        g = weight.detach().float() + offset
-        gms, gmax = g.square().mean(), g.abs().amax()
-    else:
-        gms = gmax = torch.ones((), device=dev)
-    bms = bias.detach().float().square().mean() if bias is not None else torch.full((), float("nan"), device=dev)
-    return torch.stack([gms, gmax, bms]).double()
-
-
-def gain_stats_many(
-    weights: Sequence[torch.Tensor | None], offsets: Sequence[float], biases: Sequence[torch.Tensor | None]
-) -> torch.Tensor:
-    """``(P, 3)`` float64: ``gain_stats`` of P norms with fused multi-tensor kernels (one device).
-
-    Row p is ``gain_stats(weights[p], offsets[p], biases[p])``; at least one weight or bias overall.
-    """
-    present = [t for t in (*weights, *biases) if t is not None]
-    if not present:
-        raise ValueError("gain_stats_many: expected at least one norm weight or bias, found none")
-    dev = present[0].device
-    one = torch.ones((), dtype=torch.float64, device=dev)
-    nan = torch.full((), math.nan, dtype=torch.float64, device=dev)
-    gms, gmax, bms = [one] * len(weights), [one] * len(weights), [nan] * len(weights)
-
-    wi = [i for i, w in enumerate(weights) if w is not None]
-    if wi:
-        g = [weights[i].detach().float() for i in wi]
-        if any(offsets[i] != 0 for i in wi):
-            g = torch._foreach_add(g, [float(offsets[i]) for i in wi])  # new tensors: never touch params
-        # mean γ² = (‖γ‖ / sqrt(numel))²; dividing by a Scalar list needs no index/size tensor on the device
-        l2 = torch.stack(torch._foreach_div(torch._foreach_norm(g), [math.sqrt(t.numel()) for t in g]))
-        mx = torch.stack(torch._foreach_norm(g, math.inf))
-        ms = l2.double().square()
-        mx = mx.double()
-        for j, i in enumerate(wi):
-            gms[i], gmax[i] = ms[j], mx[j]
-    bi = [i for i, b in enumerate(biases) if b is not None]
-    if bi:
-        b = [biases[i].detach().float() for i in bi]
-        l2 = torch.stack(torch._foreach_div(torch._foreach_norm(b), [math.sqrt(t.numel()) for t in b]))
-        ms = l2.double().square()
-        for j, i in enumerate(bi):
-            bms[i] = ms[j]
-    return torch.stack([torch.stack(gms), torch.stack(gmax), torch.stack(bms)], 1)  # (P, 3)
+# Parameter and norm reductions live in their own module; re-exported so ``stats`` holds every reduction.
+from .paramstats import gain_stats, gain_stats_many, gain_values, norms_of  # noqa: E402,F401

@@ -336,7 +336,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
         config={"model": model_cfg.to_dict(), "train": cfg.to_dict(), "data": data.description,
                 "device": str(device), "dtype": dtype, "world_size": ctx.world,
                 "parallel": ("fsdp2" if cfg.fsdp else "ddp") if ctx.on else "none"},
-        run_name=out_dir.name, start_step=start, append=ckpt is not None, flush_every=20,
+        run_name=out_dir.name, resume=start if ckpt is not None else False, flush_every=20,
         # ∂L/∂a at the MLP output before its output norm feeds the Proposition 3.1 check of the report
         grad_sites=("resid", "mlp_raw"),
     )

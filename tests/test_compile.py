@@ -1,6 +1,6 @@
 """Probe on torch.compile'd models: same records as eager, no recompilation after warm-up.
 
-The hook bodies are ``torch.compiler.disable``d (lnprobe.probe._no_compile): the schedule flag is read
+The hook bodies are ``torch.compiler.disable``d (lnprobe.runtime.no_compile): the schedule flag is read
 outside traced code, so flipping it between scheduled and unscheduled steps never touches Dynamo's
 guards. Compilation is counted with a counting backend around ``aot_eager`` (fast on CPU): every new
 graph Dynamo produces (first compile or recompile) calls the backend once. The HF model uses the
@@ -104,7 +104,7 @@ def test_compiled_hf_llama_records_equal_eager_without_recompiles(tmp_path):
 
 
 def test_schedule_flag_stays_out_of_traced_code():
-    from lnprobe.probe import _no_compile
+    from lnprobe.runtime import no_compile as _no_compile
 
     calls = []
 

@@ -105,6 +105,15 @@ def worker(out: Path) -> int:
                 (out / "mismatch_lost.json").write_text(json.dumps(lost))
             train(model, probe, rank, WORLD)
 
+        # Resume: a second probe continues after the first one's last step on every rank (rank 0 reads
+        # meta.json and broadcasts the step).
+        model = DDP(make_model())
+        with lnprobe.attach(model, out / "resume", flush_every=2) as probe:
+            train(model, probe, rank, WORLD)
+        with lnprobe.attach(model, out / "resume", flush_every=2, resume=True) as probe:
+            (out / f"resume_first_step_rank{rank}.txt").write_text(str(probe.current_step))
+            train(model, probe, rank, WORLD)
+
         # A rank that raises inside the flush: every rank must raise, naming it, instead of hanging.
         model = DDP(make_model())
         try:
@@ -233,6 +242,12 @@ def test_a_rank_failing_in_flush_fails_every_rank_naming_it(launched):
     assert meta["status"] == "crashed"
 
 
+def test_resume_continues_the_step_numbering_on_every_rank(launched):
+    out, _, _ = launched
+    assert [(out / f"resume_first_step_rank{r}.txt").read_text() for r in range(WORLD)] == [str(STEPS)] * WORLD
+    assert sorted(lnprobe.load_run(out / "resume").records.step.unique()) == list(range(2 * STEPS))
+
+
 def test_not_distributed_without_a_process_group(tmp_path):
     from lnprobe import distributed as D
 
@@ -246,7 +261,7 @@ def test_not_distributed_without_a_process_group(tmp_path):
 
 def test_empty_fsdp_shard_of_a_norm_carries_no_weight():
     from lnprobe import stats as S
-    from lnprobe.probe import _gain_values
+    from lnprobe.paramstats import gain_values as _gain_values
 
     w, b = torch.randn(8), torch.randn(8)
     torch.testing.assert_close(_gain_values(w, 1.0, b), S.gain_stats(w, 1.0, b))

@@ -347,3 +347,52 @@ def test_held_bytes_is_partials_then_buffer_and_never_an_activation(tmp_path):
     probe.flush()
     assert probe.held_bytes == 0
     probe.close()
+
+
+def test_steps_are_counted_and_resume_continues_after_the_last_step(tmp_path):
+    model = make()
+    out = tmp_path / "run"
+    with lnprobe.attach(model, out, every=2) as probe:
+        assert probe.current_step == 0 and probe.recording
+        train(model, 5, probe)  # steps 0..4, recorded 0, 2, 4
+        assert probe.current_step == 5 and not probe.recording
+    assert lnprobe.load_run(out).meta["last_step"] == 4
+    with lnprobe.attach(model, out, every=2, resume=True) as probe:
+        assert probe.current_step == 5
+        probe.add_note("resumed by the test")
+        train(model, 2, probe)  # steps 5, 6
+    run = lnprobe.load_run(out)
+    assert sorted(run.records.step.unique()) == [0, 2, 4, 6]
+    assert "resumed by the test" in run.meta["notes"] and run.meta["last_step"] == 6
+    with lnprobe.attach(model, out, resume=3) as probe:  # e.g. restarted from a checkpoint of step 3
+        train(model, 1, probe)
+    assert sorted(lnprobe.load_run(out).records.step.unique()) == [0, 2, 3, 4, 6]
+    with lnprobe.attach(model, out) as probe:  # a new run replaces the old parts
+        train(model, 1, probe)
+    assert sorted(lnprobe.load_run(out).records.step.unique()) == [0]
+    assert not probe.recording  # closed
+
+
+def test_resume_after_a_kill_continues_after_the_last_flushed_step(tmp_path):
+    proc = run_probed_script(tmp_path / "run", 2, 7, "os.kill(os.getpid(), signal.SIGKILL)")
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert lnprobe.load_run(tmp_path / "run").meta["last_step"] == 5  # flushed after step 5
+    model = make()
+    with lnprobe.attach(model, tmp_path / "run", resume=True) as probe:
+        assert probe.current_step == 6
+        train(model, 1, probe)
+    assert sorted(lnprobe.load_run(tmp_path / "run").records.step.unique()) == list(range(7))
+
+
+def test_deprecated_start_step_and_append_still_resume(tmp_path):
+    model = make()
+    with lnprobe.attach(model, tmp_path / "run") as probe:
+        train(model, 2, probe)
+    with pytest.warns(DeprecationWarning, match="resume"):
+        probe = lnprobe.attach(model, tmp_path / "run", start_step=2, append=True)
+    with probe:
+        assert probe.current_step == 2
+        train(model, 1, probe)
+    assert sorted(lnprobe.load_run(tmp_path / "run").records.step.unique()) == [0, 1, 2]
+    with pytest.raises(ValueError, match="resume"):
+        lnprobe.attach(model, tmp_path / "x", resume=-1)

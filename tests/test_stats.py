@@ -266,3 +266,23 @@ def test_counts_in_a_token_that_also_holds_a_nan():
     x[1, 2, 6] = float("inf")
     v, _, _ = run_stats(x)
     assert v["nonfinite"] == 2 and v["over_fp16"] == 2
+
+
+def test_registry_is_the_one_source_of_the_statistic_lists():
+    from lnprobe import distributed as D
+
+    assert S.ACTIVATION_STATS == ("m2", "var", "rms", "absmax", "top1", "top2", "top3", "median_abs",
+                                  "kurtosis", "nonfinite", "over_fp16", "massive")
+    assert S.LOCATED_STATS == {"absmax", "top1", "top2", "top3"} and S.PER_TOKEN_STATS == {"var", "kurtosis"}
+    assert S.default_stats("attn_out") == BRANCH
+    assert S.DEFAULT_ACTIVATION_STATS == tuple(s for s in ALL if s != "kurtosis")
+    assert S.default_sites("gradient") == ("resid",)
+    for kind in ("activation", "gradient", "parameter", "norm"):
+        cols = [s.column for s in S.REGISTRY if s.kind == kind]
+        assert sorted(cols) == list(range(len(cols))), kind  # positional kernels: columns 0..n-1
+    for row in S.REGISTRY:
+        assert row.merge in D.KIND_NAMES and row.weight in ("elements", "tokens", "numel", "one")
+        assert (row.merge == "loc") == (row.slot is not None), row.name
+    assert D.KIND_NAMES[D.MEAN] == "mean" and D.KIND_NAMES[D.DERIVED] == "derived"
+    # every activation statistic asks for some partial work, so a plan of it alone computes it
+    assert all(S.stat("activation", s).needs for s in ALL)

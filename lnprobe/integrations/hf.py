@@ -40,7 +40,8 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("lnprobe.integrations.hf needs transformers: pip install transformers") from exc
 
-from ..probe import Probe, _no_compile, attach
+from ..probe import Probe, attach
+from ..runtime import loss_scale, no_compile
 
 
 class ProbeCallback(TrainerCallback):
@@ -62,6 +63,7 @@ class ProbeCallback(TrainerCallback):
         self._loss_sum: torch.Tensor | None = None
         self._loss_n = 0
         self._warned_fallback = False
+        self._warned_drift = False
         self._loss_is_share = False  # the model normalised by the step's token count (num_items_in_batch)
 
     # ----------------------------------------------------------------- Trainer events
@@ -75,8 +77,8 @@ class ProbeCallback(TrainerCallback):
         self._scaler = getattr(optimizer, "scaler", None)
         kw = dict(self.attach_kwargs)
         kw.setdefault("scaler", self._scaler)
-        kw.setdefault("start_step", state.global_step)
-        kw.setdefault("append", state.global_step > 0)  # resumed from a checkpoint: keep the earlier parts
+        # Resumed from a checkpoint: keep the earlier parts and number steps from the Trainer's global step.
+        kw.setdefault("resume", state.global_step if state.global_step > 0 else False)
         kw.setdefault("config", {"trainer": {
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -89,19 +91,23 @@ class ProbeCallback(TrainerCallback):
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.probe is not None and self.probe.current_step != state.global_step:
-            self.probe.set_step(state.global_step)
+        # The probe numbers steps by counting its step() calls (one per on_pre_optimizer_step), from
+        # the global step it was attached at; it should never drift from the Trainer's count.
+        if self.probe is not None and self.probe.current_step != state.global_step and not self._warned_drift:
+            self._warned_drift = True
+            self.probe.add_note(f"ProbeCallback: probe step {self.probe.current_step} != Trainer global_step "
+                                f"{state.global_step}; records are numbered by the probe's own count")
         self._loss_sum, self._loss_n = None, 0
         return control
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         if self.probe is None:
             return control
-        if self.probe._active and self.probe._captured is None and not self._warned_fallback:
+        if self.probe.recording and not self.probe.param_grads_captured and not self._warned_fallback:
             # The model's output never got a gradient (e.g. a custom compute_loss that ignores it).
             self._warned_fallback = True
-            self.probe._notes.append("ProbeCallback: no end-of-backward capture; parameter gradient norms read at "
-                                     "on_pre_optimizer_step, i.e. AFTER gradient clipping")
+            self.probe.add_note("ProbeCallback: no end-of-backward capture; parameter gradient norms read at "
+                                "on_pre_optimizer_step, i.e. AFTER gradient clipping")
         loss = None
         if self._loss_n:
             loss = self._loss_sum if self._loss_is_share else self._loss_sum / self._loss_n
@@ -128,8 +134,7 @@ class ProbeCallback(TrainerCallback):
         def capture() -> None:
             probe = self.probe
             if probe is not None:
-                scale = _enabled_scale(self._scaler)
-                probe.capture_param_grads(loss_scale=scale)
+                probe.capture_param_grads(loss_scale=loss_scale(self._scaler))
 
         def after_everything_queued_so_far() -> None:
             # Final callbacks run in queue order and may queue more: this runs after DDP's / FSDP's.
@@ -139,10 +144,10 @@ class ProbeCallback(TrainerCallback):
             engine.queue_callback(after_everything_queued_so_far)
             return None
 
-        @_no_compile
+        @no_compile
         def root_hook(module, args, kwargs, output):
             probe = self.probe
-            if probe is None or not probe._active or not module.training or not torch.is_grad_enabled():
+            if probe is None or not probe.recording or not module.training or not torch.is_grad_enabled():
                 return None
             loss = _loss_of(output)
             anchor = loss
@@ -174,13 +179,6 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
         return output
     values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
     return next((v for v in values if torch.is_tensor(v) and v.is_floating_point()), None)
-
-
-def _enabled_scale(scaler: Any) -> torch.Tensor | None:
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
-        return None
-    scale = getattr(scaler, "_scale", None)
-    return scale if torch.is_tensor(scale) else None
 
 
 def _current_lr(optimizer: Any, lr_scheduler: Any) -> float | None:

@@ -1,0 +1,94 @@
+"""Reductions of parameters and norm parameters (registry kinds ``parameter`` and ``norm``, see
+``lnprobe.stats``): Frobenius norms of values and gradients, and the gain/bias statistics of a norm.
+
+All return small float64 device tensors without host synchronisation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def norms_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Frobenius norms of a list of tensors as one ``(P,)`` float64 tensor (fused where possible)."""
+    if not tensors:
+        return torch.zeros((0,), dtype=torch.float64)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    if len(by_device) == 1:
+        return torch.stack(torch._foreach_norm([t.detach().float() for t in tensors])).double()
+    # Model spread over devices: reduce per device, gather the small results on the first device.
+    first = tensors[0].device
+    out = torch.empty(len(tensors), dtype=torch.float64, device=first)
+    for dev, idx in by_device.items():
+        n = torch.stack(torch._foreach_norm([tensors[i].detach().float() for i in idx])).double()
+        out[torch.tensor(idx, device=first)] = n.to(first, non_blocking=True)
+    return out
+
+
+def gain_stats(weight: torch.Tensor | None, offset: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """``(3,)`` float64: gain_ms = mean γ², gain_absmax = max |γ| with γ = offset + w, and bias_ms = mean β².
+
+    A norm without gain has γ = 1; without bias the bias entry is NaN (the row is not written).
+    """
+    dev = (weight if weight is not None else bias).device if (weight is not None or bias is not None) else None
+    if weight is not None:
+        g = weight.detach().float() + offset
+        gms, gmax = g.square().mean(), g.abs().amax()
+    else:
+        gms = gmax = torch.ones((), device=dev)
+    bms = bias.detach().float().square().mean() if bias is not None else torch.full((), float("nan"), device=dev)
+    return torch.stack([gms, gmax, bms]).double()
+
+
+def gain_stats_many(
+    weights: Sequence[torch.Tensor | None], offsets: Sequence[float], biases: Sequence[torch.Tensor | None]
+) -> torch.Tensor:
+    """``(P, 3)`` float64: ``gain_stats`` of P norms with fused multi-tensor kernels (one device).
+
+    Row p is ``gain_stats(weights[p], offsets[p], biases[p])``; at least one weight or bias overall.
+    """
+    present = [t for t in (*weights, *biases) if t is not None]
+    if not present:
+        raise ValueError("gain_stats_many: expected at least one norm weight or bias, found none")
+    dev = present[0].device
+    one = torch.ones((), dtype=torch.float64, device=dev)
+    nan = torch.full((), math.nan, dtype=torch.float64, device=dev)
+    gms, gmax, bms = [one] * len(weights), [one] * len(weights), [nan] * len(weights)
+
+    wi = [i for i, w in enumerate(weights) if w is not None]
+    if wi:
+        g = [weights[i].detach().float() for i in wi]
+        if any(offsets[i] != 0 for i in wi):
+            g = torch._foreach_add(g, [float(offsets[i]) for i in wi])  # new tensors: never touch params
+        # mean γ² = (‖γ‖ / sqrt(numel))²; dividing by a Scalar list needs no index/size tensor on the device
+        l2 = torch.stack(torch._foreach_div(torch._foreach_norm(g), [math.sqrt(t.numel()) for t in g]))
+        mx = torch.stack(torch._foreach_norm(g, math.inf))
+        ms = l2.double().square()
+        mx = mx.double()
+        for j, i in enumerate(wi):
+            gms[i], gmax[i] = ms[j], mx[j]
+    bi = [i for i, b in enumerate(biases) if b is not None]
+    if bi:
+        b = [biases[i].detach().float() for i in bi]
+        l2 = torch.stack(torch._foreach_div(torch._foreach_norm(b), [math.sqrt(t.numel()) for t in b]))
+        ms = l2.double().square()
+        for j, i in enumerate(bi):
+            bms[i] = ms[j]
+    return torch.stack([torch.stack(gms), torch.stack(gmax), torch.stack(bms)], 1)  # (P, 3)
+
+
+def gain_values(weight: torch.Tensor | None, offset: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """``gain_stats``, also for an empty local shard (FSDP2 with fewer rows than ranks): there the
+    means are NaN and the max is -inf; they carry weight 0 in the cross-rank reduction."""
+    if (weight is None or weight.numel()) and (bias is None or bias.numel()):
+        return gain_stats(weight, offset, bias)
+    dev = (weight if weight is not None else bias).device
+    nan = torch.full((), float("nan"), dtype=torch.float64, device=dev)
+    w = gain_stats(weight, offset, None)[:2] if weight is not None and weight.numel() else \
+        torch.stack([nan, torch.full_like(nan, float("-inf"))])
+    b = gain_stats(None, offset, bias)[2:] if bias is not None and bias.numel() else nan.reshape(1)
+    return torch.cat([w.to(dev), b.to(dev)])  # (3,)

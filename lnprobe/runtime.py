@@ -1,0 +1,78 @@
+"""Small adapters to the torch runtime that the probe and its integrations share: torch.compile
+exclusion of hook bodies, the AMP loss scale, the autograd engine's state, FSDP2 shards, and closing
+unclosed probes at interpreter exit."""
+from __future__ import annotations
+
+import atexit
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+def no_compile(fn):
+    """Keep ``fn`` (a hook body) out of torch.compile's tracing.
+
+    Why: a hook traced by Dynamo puts the schedule flag into the guards (flipping it recompiles), and
+    its tensor hooks / autograd-engine queries cannot be traced anyway. Disabled, the hook runs eagerly
+    on every call, reads the flag itself, and the compiled code around it never changes. Dynamo breaks
+    the graph at each hooked module call; when the model calls its blocks in a Python loop, Dynamo runs
+    that loop eagerly and compiles each block's forward as its own graph.
+    """
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+def loss_scale(scaler: Any) -> torch.Tensor | None:
+    """The current loss scale of an enabled ``torch.amp.GradScaler`` as its 0-d device tensor (no host
+    sync), None when there is no scaler or it is disabled."""
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return None
+    scale = getattr(scaler, "_scale", None)  # GradScaler keeps the scale on the device: read it there
+    return scale if torch.is_tensor(scale) else None
+
+
+def scaler_enabled(scaler: Any) -> bool:
+    return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: False)())
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs (e.g. a checkpointed forward being recomputed)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def is_fsdp2(m: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(m, FSDPModule)
+
+
+def close_at_exit(obj: Any, close: Callable[[Any], None]) -> Callable[[], None]:
+    """Register ``close(obj)`` to run at interpreter exit unless ``obj`` is gone by then; returns the
+    handler (pass it to ``atexit.unregister`` once ``obj`` is closed). Holds only a weak reference."""
+    ref = weakref.ref(obj)
+
+    def _close_at_exit() -> None:
+        o = ref()
+        if o is not None:
+            close(o)
+
+    atexit.register(_close_at_exit)
+    return _close_at_exit
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as _v
+
+        return _v("lnprobe")
+    except Exception:
+        return "0+unknown"
