@@ -1,4 +1,4 @@
-"""Growth of a per-layer profile (theory.md §2 "Growth classification") and per-sublayer
+"""Growth of a per-layer profile (docs/theory.md, "Growth classification") and per-sublayer
 attribution of the growth (κ_l, ρ_l).
 
 Models fitted to values v_l over layers l, all by least squares IN THE ORIGINAL SPACE:
@@ -34,7 +34,8 @@ _N_PARAMS = {"linear": 2, "quadratic": 2, "sq_linear": 2, "exponential": 3}
 class GrowthFit:
     """Result of :func:`classify_growth`.
 
-    best: "flat" | one of MODELS | "insufficient" (fewer than 4 finite points);
+    best: "flat" | one of MODELS | "sub_linear" (a curved winner that is concave or decreasing, e.g.
+    a saturating exponential with c < 1) | "insufficient" (fewer than 4 finite points);
     fit_best: the best growth model by AIC even when the verdict is flat;
     params: linear/quadratic/sq_linear -> (a, b), exponential -> (a, b, c); aic: model -> AIC (inf
     when a model cannot be fitted); ratios: r_l = v_{l+1}/v_l; slope: b of the linear fit;
@@ -159,6 +160,8 @@ def classify_growth(layers: Any, values: Any, flat_tol: float = 0.05, relative: 
         convex_up = p[1] > 0 and p[2] > 1
     else:
         convex_up = False
+    if label in SUPER_LINEAR and not convex_up:
+        label = "sub_linear"                  # e.g. a saturating a + b·c^l with c < 1
     return GrowthFit(best="flat" if flat else label, fit_best=fit_best, params=params, aic=aic,
                      ratios=ratios, slope=b, rel_change=float(rel_change), delta_aic=float(delta),
                      super_linear=bool(convex_up and not flat and label != "linear"), bend=float(bend))
@@ -196,7 +199,7 @@ def _m2_tables(records: Any) -> dict[str, pd.DataFrame]:
 
 
 def attribution(records: Any, placement: str | None = None) -> pd.DataFrame:
-    """Per-sublayer growth attribution [derived, theory.md §2, Pre-LN form]:
+    """Per-sublayer growth attribution [derived, docs/theory.md "Forward variance laws", Pre-LN form]:
 
     κ = v / m2(x_in),  ρ = (m2(x_out) − m2(x_in) − v) / (2·sqrt(m2(x_in)·v))
 

@@ -1,11 +1,12 @@
-"""Predictions of theory.md sections 2–3 as pure numpy functions of configuration numbers and
-measured parameters (γ, β). No torch.
+"""Predictions of docs/theory.md (sections "Forward variance laws" and "Gradients") as pure numpy
+functions of configuration numbers and measured parameters (γ, β). No torch, and no metadata:
+every number is an argument (analysis.compare reads them from a run's meta.json).
 
-Notation as in theory.md: ``D`` = d_model, ``L`` = blocks (2L sublayers, ordered attn_0, mlp_0,
+Notation as in docs/theory.md: ``D`` = d_model, ``L`` = blocks (2L sublayers, ordered attn_0, mlp_0,
 attn_1, mlp_1, ...), ``x_l`` = residual stream entering block l (``x_L`` = last block's output),
 ``m2(x)`` = mean of x² over tokens and channels. Profiles are arrays over l = 0..L (length L+1).
 Source tags: [paper] Peri-LN paper (Kim et al. 2025), [rel] a related paper, [derived] derived in
-theory.md and checked by simulation in tests/test_theory.py.
+docs/theory.md and checked by simulation in tests/test_theory.py.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _phi(z: np.ndarray, act: str) -> np.ndarray:
 
 
 def q_phi(s2: float | np.ndarray, act: str = "gelu") -> float | np.ndarray:
-    """q_φ(s²) = E_{z~N(0,s²)}[φ(z)²] [derived, theory.md §2 Pre-LN].
+    """q_φ(s²) = E_{z~N(0,s²)}[φ(z)²] [derived, docs/theory.md "Forward variance laws" Pre-LN].
 
     Computed by Gauss–Hermite quadrature (96 nodes) of the SYMMETRISED integrand
     ½(φ(z)² + φ(−z)²), which has the same expectation because z is symmetric. For ReLU it is z²/2,
@@ -112,7 +113,7 @@ def peri_init_m2(L: int, gains_out_ms: float | np.ndarray = 1.0, embed_norm: boo
 
 def peri_eps_m2(m2_0: float | np.ndarray, gain_ms: np.ndarray, branch_power: float | np.ndarray, eps: float,
                 bias_ms: np.ndarray | float | None = None, per_block: int = 2) -> np.ndarray:
-    """Peri-LN variance law with the output norm's ε [derived, theory.md §2 finite-size effect (1)].
+    """Peri-LN variance law with the output norm's ε [derived, docs/theory.md "Forward variance laws" finite-size effect (1)].
 
     Per token, a norm with gain γ turns a vector of power p (var for LayerNorm, m2 for RMSNorm) into
     one of m2 = mean(γ²)·p/(p + ε) (+ mean β²). Branch outputs of a small-init model are tiny
@@ -141,7 +142,7 @@ def peri_eps_m2(m2_0: float | np.ndarray, gain_ms: np.ndarray, branch_power: flo
 
 def peri_hard_bound_rms(rms_0: float | np.ndarray, gain_absmax: np.ndarray,
                         bias_ms: np.ndarray | float | None = None) -> np.ndarray:
-    """Peri-LN hard bound on the stream RMS at any step [derived, theory.md §2].
+    """Peri-LN hard bound on the stream RMS at any step [derived, docs/theory.md "Forward variance laws"].
 
     RMS(x_l) ≤ RMS(x_0) + Σ_{s < 2l} (max|γ_s| + RMS(β_s)),  RMS(β) = sqrt(mean β²) = sqrt(bias_ms).
 
@@ -208,7 +209,7 @@ def post_level(gain_ms: float | np.ndarray, bias_ms: float | np.ndarray = 0.0) -
 
 def norm_eps_factor(s: float | np.ndarray, eps: float) -> float | np.ndarray:
     """Per token, m2(Norm(a)) = mean(γ²)·s/(s + ε) with s = var(a) (LayerNorm) or m2(a) (RMSNorm)
-    [derived, theory.md §2 finite-size effect (1)]. Returns the factor s/(s + ε)."""
+    [derived, docs/theory.md "Forward variance laws" finite-size effect (1)]. Returns the factor s/(s + ε)."""
     s = np.asarray(s, np.float64)
     out = s / (s + eps)
     return float(out) if out.ndim == 0 else out
@@ -244,7 +245,7 @@ def attn_branch_power(D: int, sigma_v: float, sigma_o: float, T: int,
 
 def pre_init_increment_interval(D: int, d_ff: int, init_std: float, T: int, act: str = "gelu",
                                 scaled_init: bool = False, L: int | None = None) -> tuple[float, float, float]:
-    """Pre-LN per-block increment of m2 at init [derived, theory.md §2]: (v_mlp, v_attn_min, v_attn_max).
+    """Pre-LN per-block increment of m2 at init [derived, docs/theory.md "Forward variance laws"]: (v_mlp, v_attn_min, v_attn_max).
 
     m2(x_{l+1}) − m2(x_l) = v_attn + v_mlp at init (ρ = 0 in expectation; the normalised input makes
     v independent of x), with v_mlp = d_ff·σ2²·q_φ(D·σ1²) and
@@ -305,7 +306,7 @@ def output_init_interval(L: int, m2_0: float, D: int, d_ff: int, init_std: float
     v_attn(t) = (D σ_V²)(D σ_O²)·(1/t²)·Σ_{s≤t} m2(x_s) for uncorrelated tokens (low) or
     (D σ_V²)(D σ_O²)·mean_{s≤t} m2(x_s) for identical ones (high). The output norm (γ = 1) turns a
     raw power p into p/(p + ε) (:func:`norm_eps_factor`), so with small init and no input norm the
-    first sublayers add far less than 1 (theory.md §2 effect (1)); once the stream is O(1) each
+    first sublayers add far less than 1 (docs/theory.md "Forward variance laws" effect (1)); once the stream is O(1) each
     sublayer adds ≈ 1. The stream power is tracked per position t = 1..T (the early positions get
     most of the first attention output) and averaged at the end. Approximation: tokens at one
     position share one power; RMSNorm and LayerNorm alike (zero-mean branch outputs).
