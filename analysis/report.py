@@ -113,8 +113,9 @@ def _run_summary(run: Run) -> str:
         first, last = m2.index[0], m2.index[-1]
         parts.append(f"recorded steps {int(first)}–{int(last)} ({len(m2.index)} steps); last-layer mean x² "
                      f"{m2.loc[first, L]:.4g} at step {int(first)} and {m2.loc[last, L]:.4g} at step {int(last)}")
-        g = fits.growth_over_steps(m2.loc[[last]]).iloc[0]
-        parts.append(f"growth over layers 1..L at the last step: {g['best']} (best fit {g['fit_best']}, "
+        lo = 1 if run.placement == "post" else 0
+        g = fits.growth_over_steps(m2.loc[[last]], min_layer=lo).iloc[0]
+        parts.append(f"growth over layers {lo}..L at the last step: {g['best']} (best fit {g['fit_best']}, "
                      f"exponential rate {g['rate']:.3g}/layer)")
         att = fits.attribution(run.records[run.records["step"] == last], placement=run.placement)
         if len(att) and att["rho"].notna().any():

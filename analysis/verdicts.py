@@ -427,6 +427,28 @@ def check_grad_ordering(groups: dict[str, list[Run]], which: str, side: str) -> 
     return v
 
 
+def check_peri_flattest(groups: dict[str, list[Run]]) -> Verdict:
+    """grad.peri_flattest: sd over layers of log per-block ‖∇W‖ (all sublayer weights) at the last
+    step, Peri-LN < the smallest of the other placements'."""
+    spread = {}
+    for p in ("post", "pre", "peri"):
+        got = []
+        for r in groups.get(p, []):
+            row = compare.grad_profile(r, compare.INPUT_SIDE + compare.OUTPUT_SIDE, "end")
+            if row is not None and np.all(row.to_numpy() > 0):
+                got.append(float(np.std(np.log(row.to_numpy()))))
+        if got:
+            spread[p] = float(np.mean(got))
+    others = {p: v for p, v in spread.items() if p != "peri"}
+    vals = [("peri vs " + "/".join(others), spread["peri"], min(others.values()))] if "peri" in spread and others else []
+    v = make("grad.peri_flattest", "Peri-LN has the flattest per-layer gradient profile at the end of training",
+             "paper", "lt", 0.0, vals, group="post/pre/peri", unit="sd over layers of log‖∇W‖; predicted = "
+             "the flattest other placement's", detail={"spread": spread}, note="[paper, unconfirmed]",
+             why_na="needs a Peri-LN run and another placement with parameter grad_norm")
+    v.n_runs = sum(len(groups.get(p, [])) for p in spread) if vals else 0
+    return v
+
+
 def check_peri_damping(groups: dict[str, list[Run]]) -> Verdict:
     """prop31.peri_damping: max ‖∇W2‖ over layers in the 2nd half of training, Peri-LN / Pre-LN < 1."""
     def late_max(r: Run) -> float | None:
@@ -588,7 +610,7 @@ def all_verdicts(runs: list[Run]) -> list[Verdict]:
     if len([p for p in ("pre", "post", "peri") if p in placements]) >= 2:
         out.append(check_xiong_ratio(placements))
         out += [check_grad_ordering(placements, w, s) for w in ("init", "end") for s in ("input", "output")]
-        out.append(check_peri_damping(placements))
+        out += [check_peri_flattest(placements), check_peri_damping(placements)]
     if "pre" in placements and "peri" in placements:
         out += [check_paired(placements, "loss"), check_paired(placements, "variance"),
                 check_lr_robustness(placements), check_divergence(placements)]
