@@ -407,7 +407,7 @@ def post_over_pre_grad(m2_final_pre: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Dispatch on a run's metadata
+# Init profile by placement (numbers given by the caller)
 # ---------------------------------------------------------------------------------------------
 def default_d_ff(d_model: int, mlp: str = "gelu") -> int:
     """Reference GPT default MLP width: 4·D for GELU; SwiGLU 8/3·D rounded up to a multiple of 8."""

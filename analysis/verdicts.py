@@ -425,10 +425,12 @@ def check_divergence(groups: dict[str, list[Run]]) -> Verdict:
         fp = float(np.mean([compare.diverged(r) for r in peri]))
         fq = float(np.mean([compare.diverged(r) for r in pre]))
         vals = [("peri vs pre", fp, fq)]
+    untested = bool(vals) and vals[0][1] == 0 and vals[0][2] == 0
     v = make("sweep.divergence", "Peri-LN diverges no more often than Pre-LN over seeds / learning rates (the "
              "paper: Pre-LN diverged on some seeds, Peri-LN on none)", "paper", "le", 0.0, vals, group="sweep",
              unit="fraction of runs diverged; predicted = Pre-LN's fraction",
-             why_na="needs ≥ 2 runs per placement (Pre-LN and Peri-LN) differing in seed or lr")
+             why_na="needs ≥ 2 runs per placement (Pre-LN and Peri-LN) differing in seed or lr",
+             note="no run of either placement diverged: the set does not probe the unstable regime" if untested else "")
     if vals:
         v.n_runs = len(peri) + len(pre)
     return v
