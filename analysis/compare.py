@@ -158,8 +158,8 @@ def init_frame(run: Run) -> pd.DataFrame | None:
     Peri-LN: the additive law with the measured output-norm gains/biases at step 0 (γ = 1 when not
     recorded), the measured m2 at layer 0, and the norm's ε applied to the branch powers (measured at
     attn_raw/mlp_raw when recorded); attrs "predicted_no_eps" holds the ε-free law. Other placements:
-    theory.predict_init_profile. None when step 0 or the numbers are missing (attrs of the frame
-    say why through the returned None's absence: use :func:`init_row` for the reason).
+    theory.predict_init_profile. None when step 0 or the numbers are missing (:func:`init_row`
+    gives the reason for a missing step 0).
     """
     row, _ = init_row(run)
     if row is None:
