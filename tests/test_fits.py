@@ -149,3 +149,19 @@ def test_growth_over_steps_includes_layer_zero_and_flags_super_linear():
     g = growth_over_steps(table)
     assert g["super_linear"].tolist() == [False, True]
     assert growth_over_steps(table, min_layer=1)["last"].tolist() == g["last"].tolist()
+
+
+def test_rho_is_a_bounded_cosine():
+    # inconsistent statistics (stream m2 dropping by more than the branch power allows) gave ρ = −2.39
+    # before: the computed value is kept in rho_raw, rho is clipped to [−1, 1] or NaN when far outside
+    resid, mid, attn, mlp = [1.0, 1.0], [1.0 + 1e-4], [1e-4], [1.0]
+    att = attribution(_records(0, resid, mid, attn, mlp))
+    assert att["rho_raw"].notna().all()
+    assert ((att["rho"].dropna() >= -1) & (att["rho"].dropna() <= 1)).all()
+    bad = attribution(_records(0, [4.0, 4.0], [0.5], [0.3], [0.2]))      # resid_mid far below resid − v
+    assert bad["rho_raw"].iloc[0] < -1.05 and np.isnan(bad["rho"].iloc[0])
+    just_off = attribution(_records(0, [1.0, 1.0], [0.806], [1e-2], [1e-3]))   # ρ_raw = −1.02: rounding
+    assert just_off["rho_raw"].iloc[0] == pytest.approx(-1.02) and just_off["rho"].iloc[0] == -1.0
+    # Post-LN has no identity residual path: no attribution
+    post = attribution(_records(0, resid, mid, attn, mlp), placement="post")
+    assert post["rho"].isna().all() and post["kappa"].isna().all()
