@@ -6,7 +6,9 @@ numpy / pandas / scipy / matplotlib anywhere. Installed as ``lnprobe.analysis`` 
 ``Run`` type. Modules: ``io`` (load a run directory: ``lnprobe.load_run``), ``theory``
 (theory.md predictions), ``fits`` (growth classification, attribution), ``massive`` (massive
 activations, FP16 margin, spike score), ``plots`` (figures), ``verdicts`` (prediction checks),
-``report`` (report.md / report.html). ``plots``, ``verdicts`` and ``report`` load on first use so
+``compare`` (measured-vs-predicted frames), ``verdict_schema`` (the verdict record and verdicts.json),
+``render`` (Markdown and HTML tables), ``report`` (report.md / report.html). ``plots``, ``verdicts``,
+``render`` and ``report`` load on first use so
 that ``import lnprobe.analysis`` does not pull in matplotlib.
 """
 from __future__ import annotations
@@ -24,9 +26,10 @@ __all__ = [
     "Run", "load", "GrowthFit", "classify_growth", "attribution", "growth_over_steps",
     "massive_candidates", "track_massive", "fp16_margin", "spike_score", "predict_init_profile",
     "build_report", "run_report", "fits", "io", "massive", "theory", "plots", "verdicts", "report",
+    "compare", "render", "verdict_schema",
 ]
 
-_LAZY_MODULES = ("plots", "verdicts", "report")
+_LAZY_MODULES = ("compare", "plots", "verdicts", "verdict_schema", "render", "report")
 
 
 def __getattr__(name: str) -> Any:

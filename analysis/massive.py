@@ -1,4 +1,4 @@
-"""Massive activations (Sun et al. 2024, theory.md §4), the FP16 margin and spike scores (§5).
+"""Massive activations (Sun et al. 2024, docs/theory.md "Massive activations"), the FP16 margin and spike scores ("Training-instability signals").
 
 The run directory records, per (step, site, layer), the three largest |x| with their token
 (sequence position) and channel (``top1..top3``), the median of |x| (``median_abs``, estimated by the
@@ -95,7 +95,7 @@ def activation_sites(run: Any) -> list[str]:
 
 
 def fp16_margin(run: Any, sites: Sequence[str] | None = None) -> dict[str, Any]:
-    """Distance of the largest recorded |x| from the FP16 maximum 65504 (theory.md §4).
+    """Distance of the largest recorded |x| from the FP16 maximum 65504 (docs/theory.md, "Massive activations").
 
     Over ``sites`` (default: every activation site) and all steps and layers. Returns a dict:
     max_absmax, site, layer, step (where it occurred), ratio = max_absmax / 65504,
@@ -147,7 +147,7 @@ class SpikeResult:
 
 def spike_score(series: pd.Series | Sequence[float], window: int = 1000, threshold: float = 7.0,
                 min_periods: int = 10) -> SpikeResult:
-    """Spike score in the style of OLMo 2 (theory.md §5).
+    """Spike score in the style of OLMo 2 (docs/theory.md, "Training-instability signals").
 
     A step is a spike when its value is at least ``threshold`` standard deviations above the mean of
     the PREVIOUS ``window`` values (fewer at the start; no verdict before ``min_periods`` previous

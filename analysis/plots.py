@@ -18,8 +18,8 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from . import compare
 from . import massive as M
-from . import theory
 from .io import FP16_MAX, SUBLAYER_ROLES, Run
 
 RUN_COLORS = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown",
@@ -122,7 +122,7 @@ def plot_variance_by_layer(runs: Run | Iterable[Run], stat: str = "m2", site: st
                            notes: list[str] | None = None) -> Figure:
     """Hidden-state ``stat`` (m2 or var) of ``site`` against layer index, one curve per recorded step
     (coloured by step; at most ``max_curves`` evenly spaced steps, first and last included), one
-    panel per run; the theory's init profile (theory.predict_init_profile) overlaid as a band when
+    panel per run; the theory's init profile (analysis.compare.init_frame) overlaid as a band when
     ``stat`` is m2 — the paper's Figure 1."""
     runs = _runs(runs)
     have = [r for r in runs if not r.pivot(site, stat).empty]
@@ -140,12 +140,11 @@ def plot_variance_by_layer(runs: Run | Iterable[Run], stat: str = "m2", site: st
             ax.plot(row.index, row.to_numpy(), "-o", ms=2.5, lw=1.2, color=cmap(norm(s)),
                     label=f"step {s}" if s in (steps[0], steps[-1]) else None)
         if theory_overlay and stat == "m2" and site == "resid":
-            first = t.iloc[0]
-            pred = theory.predict_init_profile(run.meta, m2_0=float(first.get(0, np.nan)) if 0 in first.index else None)
+            pred = compare.init_frame(run)
             if pred is not None:
                 ax.fill_between(pred["layer"], pred["low"], pred["high"], color="k", alpha=0.15,
-                                label=f"theory at init {pred.attrs['source']}")
-                ax.plot(pred["layer"], pred["mid"], "k--", lw=1.2)
+                                label=f"theory at init {pred.attrs.get('source', '')}")
+                ax.plot(pred["layer"], pred["predicted"], "k--", lw=1.2)
         _log_if_span(ax, t.to_numpy())
         ax.set_xlabel("layer index l")
         _integer_ticks(ax.xaxis)
@@ -380,19 +379,8 @@ def plot_loss(runs: Run | Iterable[Run], window: int = 1000, threshold: float = 
 # (h) Proposition 3.1 scatter
 # ---------------------------------------------------------------------------------------------
 def prop31_frame(run: Run) -> pd.DataFrame:
-    """Per (step, layer): mlp.out grad_norm, rms of mlp_act (h) and of mlp_raw (a), and h/a."""
-    g = run.role_table("grad_norm", "mlp.out")
-    h = run.rms_table("mlp_act")
-    if g.empty or h.empty:
-        return pd.DataFrame(columns=["step", "layer", "grad_norm", "rms_h", "rms_a", "h_over_a"])
-    a = run.rms_table("mlp_raw")
-    out = g.stack().rename("grad_norm").to_frame().join(h.stack().rename("rms_h"), how="inner")
-    out = out.join(a.stack().rename("rms_a"), how="left") if not a.empty else out.assign(rms_a=np.nan)
-    out = out.reset_index()
-    out.columns = ["step", "layer", "grad_norm", "rms_h", "rms_a"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out["h_over_a"] = out["rms_h"] / out["rms_a"]
-    return out
+    """The Proposition 3.1 inputs per (step, layer); see analysis.compare.prop31_frame."""
+    return compare.prop31_frame(run)
 
 
 def plot_prop31(runs: Run | Iterable[Run], notes: list[str] | None = None) -> Figure:
@@ -400,7 +388,7 @@ def plot_prop31(runs: Run | Iterable[Run], notes: list[str] | None = None) -> Fi
     ``mlp_act`` (left; Pre-LN: ‖∇W2‖ = ‖h‖‖g‖ grows with h) and against rms(h)/rms(a) with a =
     ``mlp_raw`` (right; Peri-LN: ‖∇W2‖ ≤ max|γ|·sqrt(D)·‖h‖‖g‖/‖a‖). One point per (step, layer)."""
     runs = _runs(runs)
-    frames = {r.name: prop31_frame(r) for r in runs}
+    frames = {r.name: compare.prop31_frame(r) for r in runs}
     have = [r for r in runs if len(frames[r.name])]
     if not have:
         raise MissingData("Proposition 3.1 needs mlp.out grad_norm and rms (or m2) of mlp_act; no run has both")

@@ -9,8 +9,6 @@ does the same from a shell; ``run_report`` is the entry the lnprobe CLI calls.
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ import pandas as pd
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from . import fits, massive, plots, verdicts
+from . import fits, massive, plots, render, verdicts
 from .io import Run, load
 
 HONESTY = (
@@ -32,7 +30,8 @@ HONESTY = (
     "massive activations, FP16 overflow, loss spikes, gradient orderings marked 'paper, unconfirmed') "
     "may simply not be reached: a 'fail' there says the effect did not appear at this scale, not that "
     "the paper is wrong, and a 'pass' is one observation, not a confirmation. One weight draw on "
-    "correlated text tokens scatters an init profile by about ±10 % (theory.md §2); compare averages "
+    "correlated text tokens scatters an init profile by about ±10 % (docs/theory.md, section 'Forward "
+    "variance laws'); compare averages "
     "over seeds before reading much into a near-miss. Gradient-scale predictions from Xiong et al. are "
     "orders of magnitude only."
 )
@@ -42,11 +41,13 @@ HONESTY = (
 class ReportResult:
     """What :func:`build_report` wrote. ``figures``: name -> {"png": path, "svg": path};
     ``missing``: figure name -> why it could not be made; ``partial``: notes of figures drawn
-    without some runs; ``verdicts``: the verdict table; ``summary``: one paragraph per run."""
+    without some runs; ``verdicts``: the verdict records as a DataFrame (analysis.verdicts.Verdict
+    columns); ``verdicts_json``: where they were written; ``summary``: one paragraph per run."""
 
     out_dir: Path
     report_md: Path
     report_html: Path
+    verdicts_json: Path | None = None
     figures: dict[str, dict[str, Path]] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
     partial: dict[str, list[str]] = field(default_factory=dict)
@@ -112,10 +113,11 @@ def _run_summary(run: Run) -> str:
         first, last = m2.index[0], m2.index[-1]
         parts.append(f"recorded steps {int(first)}–{int(last)} ({len(m2.index)} steps); last-layer mean x² "
                      f"{m2.loc[first, L]:.4g} at step {int(first)} and {m2.loc[last, L]:.4g} at step {int(last)}")
-        g = fits.growth_over_steps(m2.loc[[last]]).iloc[0]
-        parts.append(f"growth over layers 1..L at the last step: {g['best']} (best fit {g['fit_best']}, "
+        lo = 1 if run.placement == "post" else 0
+        g = fits.growth_over_steps(m2.loc[[last]], min_layer=lo).iloc[0]
+        parts.append(f"growth over layers {lo}..L at the last step: {g['best']} (best fit {g['fit_best']}, "
                      f"exponential rate {g['rate']:.3g}/layer)")
-        att = fits.attribution(run.records[run.records["step"] == last])
+        att = fits.attribution(run.records[run.records["step"] == last], placement=run.placement)
         if len(att) and att["rho"].notna().any():
             parts.append(f"growth attribution at the last step: mean κ = v/m2(x) {att['kappa'].mean():.3g}, "
                          f"mean ρ (stream–branch cosine) {att['rho'].mean():.3g}")
@@ -148,80 +150,13 @@ def _run_summary(run: Run) -> str:
     return "; ".join(parts) + "."
 
 
-def _md_cell(x: object) -> str:
-    return str(x).replace("|", "\\|").replace("\n", " ")
-
-
-def _markdown(result: ReportResult, runs: list[Run], load_notes: list[str], captions: dict[str, str]) -> str:
-    lines = ["# lnprobe report", "", "Runs: " + ", ".join(f"`{r.name}` ({r.placement}, {r.path})" for r in runs), ""]
-    lines += ["## Verdicts", ""]
-    cols = ["run", "check", "source", "measured", "predicted", "tolerance", "status", "note"]
-    lines.append("| " + " | ".join(cols) + " |")
-    lines.append("|" + "---|" * len(cols))
-    for _, v in result.verdicts.iterrows():
-        cells = [_md_cell(v[c]) for c in cols]
-        cells[6] = f"**{cells[6].upper()}**"
-        lines.append("| " + " | ".join(cells) + " |")
-    counts = result.verdicts["status"].value_counts().to_dict() if len(result.verdicts) else {}
-    lines += ["", f"{counts.get('pass', 0)} pass, {counts.get('fail', 0)} fail, {counts.get('n/a', 0)} not applicable.", ""]
-    lines += ["## Summary", ""] + [f"- {s}" for s in result.summary] + [""]
-    lines += ["## Honest limits", "", HONESTY, ""]
-    lines += ["## Figures", ""]
-    for name, paths in result.figures.items():
-        lines += [f"### {name}", "", captions.get(name, ""), "", f"![{name}]({paths['png'].name}) "
-                  f"([SVG]({paths['svg'].name}))" if "svg" in paths else f"![{name}]({paths['png'].name})", ""]
-        if name in result.partial:
-            lines += [f"Not shown in this figure: {'; '.join(result.partial[name])}.", ""]
-    if result.missing:
-        lines += ["## Figures that could not be made", ""]
-        lines += [f"- `{k}`: {v}" for k, v in result.missing.items()] + [""]
-    if load_notes:
-        lines += ["## Loading notes", ""] + [f"- {n}" for n in load_notes] + [""]
-    return "\n".join(lines)
-
-
-def _html(result: ReportResult, runs: list[Run], load_notes: list[str], captions: dict[str, str]) -> str:
-    e = html.escape
-    colour = {"pass": "#c8f7c5", "fail": "#f7c5c5", "n/a": "#e8e8e8"}
-    out = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>lnprobe report</title><style>",
-           "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
-           "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #aaa;padding:3px 6px;"
-           "vertical-align:top}th{background:#eee}img{max-width:100%}",
-           "</style></head><body><h1>lnprobe report</h1>",
-           "<p>Runs: " + ", ".join(f"<code>{e(r.name)}</code> ({e(r.placement)}, {e(str(r.path))})" for r in runs) + "</p>",
-           "<h2>Verdicts</h2><table><tr>"]
-    cols = ["run", "check", "source", "measured", "predicted", "tolerance", "status", "note"]
-    out.append("".join(f"<th>{c}</th>" for c in cols) + "</tr>")
-    for _, v in result.verdicts.iterrows():
-        st = str(v["status"])
-        out.append("<tr>" + "".join(
-            f"<td style='background:{colour.get(st, '#fff')}'><b>{e(st)}</b></td>" if c == "status"
-            else f"<td>{e(str(v[c]))}</td>" for c in cols) + "</tr>")
-    out.append("</table><h2>Summary</h2><ul>")
-    out += [f"<li>{e(s).replace('**', '')}</li>" for s in result.summary]
-    out += ["</ul>", "<h2>Honest limits</h2>", f"<p>{e(HONESTY)}</p>", "<h2>Figures</h2>"]
-    for name, paths in result.figures.items():
-        data = base64.b64encode(paths["png"].read_bytes()).decode("ascii")
-        out.append(f"<h3>{e(name)}</h3><p>{e(captions.get(name, ''))}</p>"
-                   f"<img alt='{e(name)}' src='data:image/png;base64,{data}'>")
-        if name in result.partial:
-            out.append(f"<p><i>Not shown in this figure: {e('; '.join(result.partial[name]))}.</i></p>")
-    if result.missing:
-        out.append("<h2>Figures that could not be made</h2><ul>")
-        out += [f"<li><code>{e(k)}</code>: {e(v)}</li>" for k, v in result.missing.items()]
-        out.append("</ul>")
-    if load_notes:
-        out.append("<h2>Loading notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in load_notes) + "</ul>")
-    out.append("</body></html>")
-    return "\n".join(out)
-
-
 def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, formats: Sequence[str] = ("png", "svg"),
                  dpi: int = 110) -> ReportResult:
     """Analyse ``run_dirs`` together and write the report into ``out_dir`` (created if needed).
 
-    Writes ``<figure>.png`` and ``<figure>.svg`` for every figure that can be made, ``report.md``
-    (figures linked) and ``report.html`` (PNGs embedded as base64, no external files). Raises
+    Writes ``<figure>.png`` and ``<figure>.svg`` for every figure that can be made, ``verdicts.json``
+    (the verdict records, analysis.verdicts), and from them ``report.md`` (figures linked) and
+    ``report.html`` (PNGs embedded as base64, no external files), rendered by analysis.render. Raises
     ValueError for an empty ``run_dirs``; FileNotFoundError for a path that is not a directory.
     """
     if not run_dirs:
@@ -257,10 +192,17 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, formats: S
         captions[name] = caption
         if notes:
             result.partial[name] = notes
-    result.verdicts = verdicts.all_verdicts(runs)
+    records = verdicts.all_verdicts(runs)
+    result.verdicts = verdicts.verdicts_frame(records)
+    result.verdicts_json = verdicts.write_json(records, out / "verdicts.json", runs)
     result.summary = [_run_summary(r) for r in runs]
-    result.report_md.write_text(_markdown(result, runs, load_notes, captions), encoding="utf-8")
-    result.report_html.write_text(_html(result, runs, load_notes, captions), encoding="utf-8")
+    # tables are rendered from the file just written, so the report shows exactly what it holds
+    parts = dict(runs=[{"name": r.name, "placement": r.placement, "path": str(r.path)} for r in runs],
+                 records=verdicts.read_json(result.verdicts_json), summary=result.summary, honesty=HONESTY,
+                 figures=result.figures, captions=captions, partial=result.partial, missing=result.missing,
+                 load_notes=load_notes)
+    result.report_md.write_text(render.markdown_report(**parts), encoding="utf-8")
+    result.report_html.write_text(render.html_report(**parts), encoding="utf-8")
     return result
 
 
@@ -278,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     res = build_report(args.runs, args.out)
     counts = res.verdicts["status"].value_counts().to_dict() if len(res.verdicts) else {}
-    print(f"wrote {res.report_md} and {res.report_html}: {len(res.figures)} figures, "
+    print(f"wrote {res.report_md}, {res.report_html} and {res.verdicts_json}: {len(res.figures)} figures, "
           f"{len(res.missing)} not made; verdicts {counts}")
     return 0
 

@@ -1,11 +1,12 @@
-"""Predictions of theory.md sections 2–3 as pure numpy functions of configuration numbers and
-measured parameters (γ, β). No torch.
+"""Predictions of docs/theory.md (sections "Forward variance laws" and "Gradients") as pure numpy
+functions of configuration numbers and measured parameters (γ, β). No torch, and no metadata:
+every number is an argument (analysis.compare reads them from a run's meta.json).
 
-Notation as in theory.md: ``D`` = d_model, ``L`` = blocks (2L sublayers, ordered attn_0, mlp_0,
+Notation as in docs/theory.md: ``D`` = d_model, ``L`` = blocks (2L sublayers, ordered attn_0, mlp_0,
 attn_1, mlp_1, ...), ``x_l`` = residual stream entering block l (``x_L`` = last block's output),
 ``m2(x)`` = mean of x² over tokens and channels. Profiles are arrays over l = 0..L (length L+1).
 Source tags: [paper] Peri-LN paper (Kim et al. 2025), [rel] a related paper, [derived] derived in
-theory.md and checked by simulation in tests/test_theory.py.
+docs/theory.md and checked by simulation in tests/test_theory.py.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _phi(z: np.ndarray, act: str) -> np.ndarray:
 
 
 def q_phi(s2: float | np.ndarray, act: str = "gelu") -> float | np.ndarray:
-    """q_φ(s²) = E_{z~N(0,s²)}[φ(z)²] [derived, theory.md §2 Pre-LN].
+    """q_φ(s²) = E_{z~N(0,s²)}[φ(z)²] [derived, docs/theory.md "Forward variance laws" Pre-LN].
 
     Computed by Gauss–Hermite quadrature (96 nodes) of the SYMMETRISED integrand
     ½(φ(z)² + φ(−z)²), which has the same expectation because z is symmetric. For ReLU it is z²/2,
@@ -85,14 +86,18 @@ def peri_additive_m2(m2_0: float | np.ndarray, gain_ms: np.ndarray,
 
 
 def peri_init_m2(L: int, gains_out_ms: float | np.ndarray = 1.0, embed_norm: bool = True,
-                 m2_0: float | None = None, bias_out_ms: float | np.ndarray = 0.0) -> np.ndarray:
+                 m2_0: float | None = None, bias_out_ms: float | np.ndarray = 0.0,
+                 branch_power: float | np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
     """Peri-LN residual-stream profile at init [paper: linear growth; derived: exact form].
 
-    m2(x_l) = m2(x_0) + Σ_{s < 2l} mean(γ_out,s²)  → 1 + 2l with an embedding norm and γ = 1,
-    whatever D, init std, activation or norm type. ``gains_out_ms``: scalar or (2L,) per sublayer.
-    ``m2_0``: m2 of the stream entering block 0; default 1.0 with ``embed_norm`` (a norm with γ = 1
-    outputs m2 = 1); without an embedding norm it must be given (e.g. the measured value).
-    Assumes the branch power before the output norm ≫ ε (see :func:`norm_eps_factor`).
+    m2(x_l) = m2(x_0) + Σ_{s < 2l} (mean(γ_out,s²)·f_s + mean(β_out,s²)),  f_s = p_s/(p_s + ε)
+
+    → 1 + 2l with an embedding norm, γ = 1 and branch powers p_s ≫ ε, whatever D, init std,
+    activation or norm type. ``gains_out_ms``: scalar or (2L,) per sublayer. ``m2_0``: m2 of the
+    stream entering block 0; default 1.0 with ``embed_norm``; without an embedding norm it must be
+    given (e.g. the measured value). ``branch_power`` (scalar, (2L,) or (2L, T) per position): the
+    power the output norm sees — var of the raw branch output for LayerNorm, m2 for RMSNorm — and
+    ``eps`` that norm's ε; see :func:`peri_eps_m2`.
     """
     if m2_0 is None:
         if not embed_norm:
@@ -100,12 +105,44 @@ def peri_init_m2(L: int, gains_out_ms: float | np.ndarray = 1.0, embed_norm: boo
                              "output, e.g. the measured resid m2 at layer 0)")
         m2_0 = 1.0
     gains = np.broadcast_to(np.asarray(gains_out_ms, np.float64), (2 * L,))
-    return peri_additive_m2(m2_0, gains, np.broadcast_to(np.asarray(bias_out_ms, np.float64), (2 * L,)))
+    bias = np.broadcast_to(np.asarray(bias_out_ms, np.float64), (2 * L,))
+    if branch_power is None or eps == 0.0:
+        return peri_additive_m2(m2_0, gains, bias)
+    return peri_eps_m2(m2_0, gains, branch_power, eps, bias)
+
+
+def peri_eps_m2(m2_0: float | np.ndarray, gain_ms: np.ndarray, branch_power: float | np.ndarray, eps: float,
+                bias_ms: np.ndarray | float | None = None, per_block: int = 2) -> np.ndarray:
+    """Peri-LN variance law with the output norm's ε [derived, docs/theory.md "Forward variance laws" finite-size effect (1)].
+
+    Per token, a norm with gain γ turns a vector of power p (var for LayerNorm, m2 for RMSNorm) into
+    one of m2 = mean(γ²)·p/(p + ε) (+ mean β²). Branch outputs of a small-init model are tiny
+    (~1e-4 to 1e-5 for σ = 0.02, D = 64), so the ε-free 1 + 2l law overestimates. Sublayer s adds
+    mean(γ_s²)·mean_t f(p_{s,t}) + mean(β_s²), f(p) = p/(p + ε); the cross term is zero at init.
+
+    ``gain_ms``, ``bias_ms``: (..., S) with S = per_block·L sublayers (attn_0, mlp_0, ...);
+    ``branch_power``: broadcastable to (..., S) or (..., S, T) — the last axis then holds per-token
+    (or per-position) powers averaged after the ε factor (f is concave: averaging first would
+    overestimate). Returns (..., L+1).
+    """
+    g = np.asarray(gain_ms, dtype=np.float64)
+    p = np.asarray(branch_power, dtype=np.float64)
+    f = norm_eps_factor(p, eps)
+    f = np.asarray(f, np.float64)
+    if f.ndim == g.ndim + 1:
+        f = f.mean(-1)
+    f = np.broadcast_to(f, g.shape)
+    b = np.zeros_like(g) if bias_ms is None else np.broadcast_to(np.asarray(bias_ms, np.float64), g.shape)
+    if g.shape[-1] % per_block:
+        raise ValueError(f"expected {per_block}·L sublayer entries on the last axis, got shape {g.shape}")
+    per = (g * f + b).reshape(*g.shape[:-1], -1, per_block).sum(-1)        # (..., L)
+    zeros = np.zeros(g.shape[:-1] + (1,))
+    return np.asarray(m2_0, dtype=np.float64)[..., None] + np.concatenate([zeros, np.cumsum(per, -1)], -1)
 
 
 def peri_hard_bound_rms(rms_0: float | np.ndarray, gain_absmax: np.ndarray,
                         bias_ms: np.ndarray | float | None = None) -> np.ndarray:
-    """Peri-LN hard bound on the stream RMS at any step [derived, theory.md §2].
+    """Peri-LN hard bound on the stream RMS at any step [derived, docs/theory.md "Forward variance laws"].
 
     RMS(x_l) ≤ RMS(x_0) + Σ_{s < 2l} (max|γ_s| + RMS(β_s)),  RMS(β) = sqrt(mean β²) = sqrt(bias_ms).
 
@@ -172,7 +209,7 @@ def post_level(gain_ms: float | np.ndarray, bias_ms: float | np.ndarray = 0.0) -
 
 def norm_eps_factor(s: float | np.ndarray, eps: float) -> float | np.ndarray:
     """Per token, m2(Norm(a)) = mean(γ²)·s/(s + ε) with s = var(a) (LayerNorm) or m2(a) (RMSNorm)
-    [derived, theory.md §2 finite-size effect (1)]. Returns the factor s/(s + ε)."""
+    [derived, docs/theory.md "Forward variance laws" finite-size effect (1)]. Returns the factor s/(s + ε)."""
     s = np.asarray(s, np.float64)
     out = s / (s + eps)
     return float(out) if out.ndim == 0 else out
@@ -208,7 +245,7 @@ def attn_branch_power(D: int, sigma_v: float, sigma_o: float, T: int,
 
 def pre_init_increment_interval(D: int, d_ff: int, init_std: float, T: int, act: str = "gelu",
                                 scaled_init: bool = False, L: int | None = None) -> tuple[float, float, float]:
-    """Pre-LN per-block increment of m2 at init [derived, theory.md §2]: (v_mlp, v_attn_min, v_attn_max).
+    """Pre-LN per-block increment of m2 at init [derived, docs/theory.md "Forward variance laws"]: (v_mlp, v_attn_min, v_attn_max).
 
     m2(x_{l+1}) − m2(x_l) = v_attn + v_mlp at init (ρ = 0 in expectation; the normalised input makes
     v independent of x), with v_mlp = d_ff·σ2²·q_φ(D·σ1²) and
@@ -269,7 +306,7 @@ def output_init_interval(L: int, m2_0: float, D: int, d_ff: int, init_std: float
     v_attn(t) = (D σ_V²)(D σ_O²)·(1/t²)·Σ_{s≤t} m2(x_s) for uncorrelated tokens (low) or
     (D σ_V²)(D σ_O²)·mean_{s≤t} m2(x_s) for identical ones (high). The output norm (γ = 1) turns a
     raw power p into p/(p + ε) (:func:`norm_eps_factor`), so with small init and no input norm the
-    first sublayers add far less than 1 (theory.md §2 effect (1)); once the stream is O(1) each
+    first sublayers add far less than 1 (docs/theory.md "Forward variance laws" effect (1)); once the stream is O(1) each
     sublayer adds ≈ 1. The stream power is tracked per position t = 1..T (the early positions get
     most of the first attention output) and averaged at the end. Approximation: tokens at one
     position share one power; RMSNorm and LayerNorm alike (zero-mean branch outputs).
@@ -341,28 +378,36 @@ def xiong_grad_profile(placement: str, L: int, D: int, m2_final: float = 1.0) ->
     """Per-layer scale of the W2 gradient norm at init [rel: Xiong et al. 2020] — RELATIVE profiles,
     orders of magnitude only (constants unknown), shape (L,).
 
-    Pre-LN: D·sqrt(ln D / L)·1/sqrt(m2(x_L)) at every layer (flat; the final norm divides every
-    gradient by the stream RMS it sees). Post-LN: D·sqrt(ln D) at the LAST layer, independent of L,
-    and growing with layer index below it; the shape of that growth is not given, so layers < L−1
+    Pre-LN: D·sqrt(ln D)/sqrt(m2(x_L)) at every layer (flat; the final norm divides every gradient
+    by the stream RMS it sees — Xiong's 1/sqrt(L) is this factor at their init, where m2(x_L) ∝ L).
+    Post-LN: D·sqrt(ln D) at the LAST layer, independent of L, and growing with layer index below it; the shape of that growth is not given, so layers < L−1
     are NaN. Other placements: NaN (no such result).
     """
     out = np.full(L, np.nan)
     if placement in ("pre", "lns"):
-        out[:] = D * math.sqrt(math.log(D) / L) / math.sqrt(m2_final)
+        out[:] = D * math.sqrt(math.log(D)) / math.sqrt(m2_final)
     elif placement == "post":
         out[-1] = D * math.sqrt(math.log(D))
     return out
 
 
-def post_over_pre_grad(L: int, m2_final_pre: float) -> float:
-    """Predicted ratio ‖∇W2‖_Post / ‖∇W2‖_Pre of the last layer at init from :func:`xiong_grad_profile`:
-    sqrt(L·m2(x_L)) — above 1 (Post > Pre, the paper's ordering) only when m2(x_L) of the Pre-LN run
-    exceeds 1/L, which small init (σ = 0.02) can violate [rel; derived]."""
-    return math.sqrt(L * m2_final_pre)
+def post_over_pre_grad(m2_final_pre: float) -> float:
+    """Predicted ratio ‖∇W2‖_Post / ‖∇W2‖_Pre of the last layer at init [rel: Xiong et al. 2020; derived]:
+    sqrt(m2_Pre(x_L)).
+
+    Xiong's Pre-LN scale D·sqrt(ln D / L) carries 1/sqrt(L) only because at their init (weights
+    N(0, 1/D)) m2(x_L) grows ∝ L: the factor IS the final norm's 1/sqrt(m2(x_L)). The general form
+    is ‖∇W‖_Pre ≈ D·sqrt(ln D)/sqrt(m2_Pre(x_L)) against ‖∇W‖_Post ≈ D·sqrt(ln D), so the ratio is
+    sqrt(m2_Pre(x_L)) — L must not be multiplied in again. Above 1 (the paper's Post > Pre) only
+    when m2_Pre(x_L) > 1; small init (σ = 0.02) gives m2(x_L) < 1 and flips the ordering.
+    """
+    if not m2_final_pre > 0:
+        raise ValueError(f"post_over_pre_grad needs m2(x_L) > 0 of the Pre-LN run, got {m2_final_pre}")
+    return math.sqrt(m2_final_pre)
 
 
 # ---------------------------------------------------------------------------------------------
-# Dispatch on a run's metadata
+# Init profile by placement (numbers given by the caller)
 # ---------------------------------------------------------------------------------------------
 def default_d_ff(d_model: int, mlp: str = "gelu") -> int:
     """Reference GPT default MLP width: 4·D for GELU; SwiGLU 8/3·D rounded up to a multiple of 8."""
@@ -371,56 +416,37 @@ def default_d_ff(d_model: int, mlp: str = "gelu") -> int:
     return 4 * d_model
 
 
-def _model_numbers(meta: dict[str, Any]) -> dict[str, Any] | None:
-    """Numbers the Pre-LN-family formulas need, from meta.config.model; None when absent."""
-    cfg = ((meta.get("config") or {}).get("model") or {}) if isinstance(meta.get("config"), dict) else {}
-    D = cfg.get("d_model") or meta.get("d_model")
-    L = cfg.get("n_layers") or meta.get("n_layers")
-    if not cfg or D is None or L is None:
-        return None
-    act = str(cfg.get("mlp") or "gelu")
-    return dict(D=int(D), L=int(L), d_ff=int(cfg.get("d_ff") or default_d_ff(int(D), act)),
-                init_std=float(cfg.get("init_std", 0.02)), T=int(cfg.get("seq_len") or 128), act=act,
-                scaled_init=bool(cfg.get("scaled_init", False)), eps=float(cfg.get("norm_eps", 1e-5)),
-                embed_norm=cfg.get("embed_norm"), pos=str(cfg.get("pos", "learned")))
-
-
-def _embedding_m2(num: dict[str, Any]) -> float:
+def embedding_m2(init_std: float, learned_pos: bool = True) -> float:
     """m2 of token (+ learned position) embeddings drawn N(0, σ²): σ² per table."""
-    return (2.0 if num["pos"] == "learned" else 1.0) * num["init_std"] ** 2
+    return (2.0 if learned_pos else 1.0) * init_std ** 2
 
 
-def predict_init_profile(meta: dict[str, Any], m2_0: float | None = None) -> pd.DataFrame | None:
-    """Predicted m2(x_l) of ``resid`` at init for a run's metadata: DataFrame(layer, low, mid, high).
+def predict_init_profile(placement: str, L: int, *, numbers: dict[str, Any] | None = None,
+                         m2_0: float | None = None, embed_norm: bool | None = None) -> pd.DataFrame | None:
+    """Predicted m2(x_l) of ``resid`` at init: DataFrame(layer, low, mid, high), l = 0..L.
 
-    Dispatch on the placement (config.model.placement, else meta placement):
-    peri → 1 + 2l law (m2_0 = 1 with an embedding norm, else ``m2_0``), low = mid = high;
-    post → m2_0 at layer 0 (NaN if unknown), 1 at layers 1..L;
-    pre / lns → interval from the branch powers (needs config.model: d_model, d_ff, init_std, seq_len,
-    mlp, scaled_init); output → the ε-effect interval (same needs, plus norm_eps).
+    Every input is an argument (the caller reads them from the run's metadata, see
+    ``analysis.compare.model_numbers``). ``numbers``: D, d_ff, init_std, T, act, scaled_init, eps,
+    pos ("learned" or not) — needed by pre/lns/output, and by peri/post only to compute m2_0.
+    peri → the additive law m2_0 + 2l (m2_0 = 1 with ``embed_norm``; ε ignored here — the ε law
+    needs measured or predicted branch powers, :func:`peri_eps_m2`); post → m2_0 at layer 0, 1 at
+    layers 1..L; pre/lns → interval from the branch powers; output → the ε-effect interval.
     ``m2_0`` (measured m2 of resid at layer 0) replaces the computed embedding m2 when given.
     Returns None for placements without a theory (none, mixed, unknown) or without the numbers;
     ``attrs`` holds "placement", "source" and "note".
     """
-    cfg = ((meta.get("config") or {}).get("model") or {}) if isinstance(meta.get("config"), dict) else {}
-    placement = str(cfg.get("placement") or meta.get("placement") or "unknown")
-    L = meta.get("n_layers") or cfg.get("n_layers")
-    if L is None or placement in ("none", "mixed", "unknown"):
+    if placement in ("none", "mixed", "unknown") or L is None:
         return None
     L = int(L)
-    layers = np.arange(L + 1)
-    num = _model_numbers(meta)
+    num = numbers
+    start = m2_0 if m2_0 is not None else (embedding_m2(num["init_std"], num.get("pos", "learned") == "learned")
+                                           if num else None)
     note, source = "", "[derived]"
     if placement == "peri":
-        embed = cfg.get("embed_norm")
-        if embed is None:
-            roles = [n.get("role") for n in meta.get("norms") or [] if isinstance(n, dict)]
-            embed = "norm.embed" in roles if roles else True
-        if embed:
+        if embed_norm is None or embed_norm:
             mid = peri_init_m2(L, 1.0, embed_norm=True)
             note = "1 + 2l (embedding norm, γ = 1)"
         else:
-            start = m2_0 if m2_0 is not None else (_embedding_m2(num) if num else None)
             if start is None:
                 return None
             mid = peri_init_m2(L, 1.0, embed_norm=False, m2_0=start)
@@ -428,15 +454,13 @@ def predict_init_profile(meta: dict[str, Any], m2_0: float | None = None) -> pd.
         low = high = mid
         source = "[paper]/[derived]"
     elif placement == "post":
-        start = m2_0 if m2_0 is not None else (_embedding_m2(num) if num else np.nan)
-        mid = np.r_[start, np.ones(L)]
+        mid = np.r_[start if start is not None else np.nan, np.ones(L)]
         low = high = mid
         note = "flat 1 after every block (γ = 1, β = 0)"
         source = "[paper]/[derived]"
     elif placement in ("pre", "lns", "output"):
         if num is None:
             return None
-        start = m2_0 if m2_0 is not None else _embedding_m2(num)
         if placement == "pre":
             v_mlp, lo, hi = pre_init_increment_interval(num["D"], num["d_ff"], num["init_std"], num["T"],
                                                         num["act"], num["scaled_init"], L)
@@ -454,7 +478,7 @@ def predict_init_profile(meta: dict[str, Any], m2_0: float | None = None) -> pd.
         mid = 0.5 * (low + high)
     else:
         return None
-    out = pd.DataFrame({"layer": layers, "low": np.asarray(low, float), "mid": np.asarray(mid, float),
+    out = pd.DataFrame({"layer": np.arange(L + 1), "low": np.asarray(low, float), "mid": np.asarray(mid, float),
                         "high": np.asarray(high, float)})
     out.attrs.update(placement=placement, source=source, note=note)
     return out

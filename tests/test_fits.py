@@ -32,7 +32,8 @@ def test_classifies_linear_quadratic_exponential_and_flat(seed):
 def test_fit_parameters_and_ratios():
     v = 0.5 * 1.6 ** LAYERS
     fit = classify_growth(LAYERS, v)
-    assert fit.params["exponential"] == pytest.approx((0.5, 1.6))
+    # exponential with offset a + b·c^l (changed from the offset-free (a, r)): exact data, a = 0
+    assert fit.params["exponential"] == pytest.approx((0.0, 0.5, 1.6), abs=1e-6)
     assert fit.growth_rate == pytest.approx(1.6)
     np.testing.assert_allclose(fit.ratios, 1.6)
     assert fit.super_linear
@@ -54,8 +55,9 @@ def test_flat_when_relative_change_is_small_and_insufficient_points():
     v = 1 + 2 * LAYERS.astype(float)
     v[3] = np.nan
     assert classify_growth(LAYERS, v).best == "linear"
+    # the offset exponential fits profiles that cross zero too (the old log-linear one could not)
     neg = classify_growth(LAYERS, -1 + 2 * LAYERS)
-    assert neg.aic["exponential"] == np.inf and neg.best == "linear"
+    assert neg.best == "linear" and not neg.super_linear
     with pytest.raises(ValueError, match="same length"):
         classify_growth([0, 1, 2], [1, 2])
 
@@ -106,14 +108,60 @@ def test_growth_over_steps_tracks_a_change_of_class():
 
 
 def test_aic_is_computed_from_original_space_residuals():
+    # changed: the exponential is a + b·c^l fitted in the original space (no log-linear fit), and
+    # every model is fitted and scored on the same relative residuals (v − f)/v, k + 1 parameters
     rng = np.random.default_rng(3)
     v = (1 + 2 * LAYERS) * (1 + 0.05 * rng.standard_normal(13))
     fit = classify_growth(LAYERS, v)
     n = len(v)
-    a, r = fit.params["exponential"]
-    logfit = np.polyfit(LAYERS, np.log(v), 1)                       # independent log-linear fit
-    assert (a, r) == pytest.approx((np.exp(logfit[1]), np.exp(logfit[0])))
-    rss = np.sum((v - a * r ** LAYERS) ** 2)
-    assert fit.aic["exponential"] == pytest.approx(n * np.log(rss / n) + 6)
+    a, b, c = fit.params["exponential"]
+    rss = np.sum(((v - a - b * c ** LAYERS) / v) ** 2)
+    assert fit.aic["exponential"] == pytest.approx(n * np.log(rss / n) + 8)
+    b1, a1 = np.polyfit(LAYERS, v, 1, w=1 / v)                       # independent weighted fit
+    assert fit.aic["linear"] == pytest.approx(n * np.log(np.sum(((v - a1 - b1 * LAYERS) / v) ** 2) / n) + 6)
+    # plain residuals on request
+    plain = classify_growth(LAYERS, v, relative=False)
     b1, a1 = np.polyfit(LAYERS, v, 1)
-    assert fit.aic["linear"] == pytest.approx(n * np.log(np.sum((v - a1 - b1 * LAYERS) ** 2) / n) + 6)
+    assert plain.aic["linear"] == pytest.approx(n * np.log(np.sum((v - a1 - b1 * LAYERS) ** 2) / n) + 6)
+
+
+def test_offset_exponential_and_squared_linear_models():
+    # a linear start with a geometric tail: only the offset model fits it
+    v = 3.0 + 0.1 * 1.5 ** LAYERS
+    fit = classify_growth(LAYERS, v)
+    assert fit.best == "exponential" and fit.super_linear
+    assert fit.params["exponential"] == pytest.approx((3.0, 0.1, 1.5), rel=1e-5)
+    sq = classify_growth(LAYERS, (1 + 0.5 * LAYERS) ** 2)
+    assert sq.best == "sq_linear" and sq.super_linear
+    assert sq.params["sq_linear"] == pytest.approx((1.0, 0.5), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_noisy_straight_profile_is_never_super_linear(seed):
+    # an offset exponential with c ≈ 1 can win AIC on the noise of a straight line: it must not
+    # make the profile super-linear
+    fit = classify_growth(LAYERS, _noisy(1 + 2 * LAYERS, seed))
+    assert fit.best == "linear" and not fit.super_linear, (fit.fit_best, fit.params, fit.bend)
+
+
+def test_growth_over_steps_includes_layer_zero_and_flags_super_linear():
+    table = pd.DataFrame([1 + 2 * LAYERS, 0.05 * 2.0 ** LAYERS], index=[0, 10], columns=LAYERS)
+    g = growth_over_steps(table)
+    assert g["super_linear"].tolist() == [False, True]
+    assert growth_over_steps(table, min_layer=1)["last"].tolist() == g["last"].tolist()
+
+
+def test_rho_is_a_bounded_cosine():
+    # inconsistent statistics (stream m2 dropping by more than the branch power allows) gave ρ = −2.39
+    # before: the computed value is kept in rho_raw, rho is clipped to [−1, 1] or NaN when far outside
+    resid, mid, attn, mlp = [1.0, 1.0], [1.0 + 1e-4], [1e-4], [1.0]
+    att = attribution(_records(0, resid, mid, attn, mlp))
+    assert att["rho_raw"].notna().all()
+    assert ((att["rho"].dropna() >= -1) & (att["rho"].dropna() <= 1)).all()
+    bad = attribution(_records(0, [4.0, 4.0], [0.5], [0.3], [0.2]))      # resid_mid far below resid − v
+    assert bad["rho_raw"].iloc[0] < -1.05 and np.isnan(bad["rho"].iloc[0])
+    just_off = attribution(_records(0, [1.0, 1.0], [0.806], [1e-2], [1e-3]))   # ρ_raw = −1.02: rounding
+    assert just_off["rho_raw"].iloc[0] == pytest.approx(-1.02) and just_off["rho"].iloc[0] == -1.0
+    # Post-LN has no identity residual path: no attribution
+    post = attribution(_records(0, resid, mid, attn, mlp), placement="post")
+    assert post["rho"].isna().all() and post["kappa"].isna().all()

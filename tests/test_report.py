@@ -147,10 +147,10 @@ def report(tmp_path_factory):
     return res, runs
 
 
-def _status(res, run, prefix):
+def _status(res, id_, group=None):
     v = res.verdicts
-    hit = v[(v["run"] == run) & v["check"].str.startswith(prefix)]
-    assert len(hit) == 1, (run, prefix, v[["run", "check"]])
+    hit = v[(v["id"] == id_) & ((v["group"] == group) if group is not None else True)]
+    assert len(hit) == 1, (id_, group, v[["id", "group"]])
     return hit["status"].iloc[0]
 
 
@@ -168,31 +168,53 @@ def test_report_files_exist(report):
     assert html.count("data:image/png;base64,") == len(res.figures)
     assert "src='http" not in html and "<img src=\"" not in html              # self-contained
     md = res.report_md.read_text()
-    assert "| run | check |" in md and "## Summary" in md
+    assert "| id | claim |" in md and "## Summary" in md and "## Instrument checks" in md
     for name in res.figures:
         assert f"({name}.png)" in md
+    # the tables are rendered from verdicts.json, written next to report.md
+    doc = json.loads((res.out_dir / "verdicts.json").read_text())
+    assert res.verdicts_json == res.out_dir / "verdicts.json"
+    assert [v["id"] for v in doc["verdicts"]] == res.verdicts["id"].tolist()
+    for v in doc["verdicts"]:
+        assert f"`{v['id']}`" in md and v["id"] in html
 
 
 def test_verdicts_per_placement(report):
+    # changed with the verdict records: one record per (id, configuration group) instead of one row per
+    # run and check name; the "peri" and "sparse" runs share a configuration and form one Peri-LN
+    # group. Expected statuses are those of the former per-run rows.
     res, _ = report
     expect = {
-        ("peri", "Peri-LN init m2"): "pass", ("peri", "Peri-LN hard bound"): "pass",
-        ("peri", "growth class"): "pass", ("peri", "no FP16 overflow"): "pass", ("peri", "Prop. 3.1 batched"): "pass",
-        ("pre", "Pre-LN init increment"): "pass", ("pre", "growth class"): "pass", ("pre", "Prop. 3.1 batched"): "pass",
-        ("post", "Post-LN init m2 flat"): "pass", ("post", "Post-LN trained level"): "pass", ("post", "growth class"): "pass",
-        ("plain", "theory checks"): "n/a",
-        ("sparse", "Peri-LN init m2"): "pass", ("sparse", "Peri-LN hard bound"): "n/a",
-        ("sparse", "no FP16 overflow"): "n/a", ("sparse", "Prop. 3.1 batched"): "n/a",
-        ("sparse", "growth class"): "pass",
+        ("peri.init_law", "peri"): "pass", ("peri.hard_bound", "peri"): "pass",
+        ("peri.growth_linear", "peri"): "pass", ("peri.fp16_margin", "peri"): "pass",
+        ("prop31.batched_bound", "peri"): "pass",
+        ("pre.init_slope", "pre"): "pass", ("pre.growth_superlinear", "pre"): "pass",
+        ("prop31.batched_bound", "pre"): "pass", ("prop31.pre_identity", "pre"): "pass",
+        ("post.init_level", "post"): "pass", ("post.flat", "post"): "pass",
+        ("post.grad_vanishing", "post"): "pass",
+        ("none.theory", "none"): "n/a",
     }
-    for (run, prefix), want in expect.items():
-        assert _status(res, run, prefix) == want, (run, prefix, res.verdicts.query("run == @run").to_string())
-    label = "peri, pre, post, plain, sparse"
-    assert _status(res, label, "gradient ordering Post > Pre > Peri (init)") == "pass"
-    assert _status(res, label, "gradient ordering Post > Pre > Peri (end)") == "pass"
-    assert _status(res, label, "Peri-LN gradient profile flattest") == "pass"
-    assert _status(res, label, "Prop. 3.1 ordering") == "pass"
+    for (id_, group), want in expect.items():
+        assert _status(res, id_, group) == want, (id_, group, res.verdicts.query("group == @group").to_string())
+    v = res.verdicts.set_index(["id", "group"])
+    assert v.loc[("peri.init_law", "peri"), "n_runs"] == 2                 # peri and sparse
+    assert v.loc[("peri.hard_bound", "peri"), "n_runs"] == 1               # sparse has no gains
+    for side in ("input", "output"):
+        assert _status(res, f"grad.ordering_init_{side}") == "pass"
+        assert _status(res, f"grad.ordering_end_{side}") == "pass"
+    assert _status(res, "grad.peri_flattest") == "pass"
+    assert _status(res, "prop31.peri_damping") == "pass"
+    assert _status(res, "paired.peri_lower_loss") == "n/a"                # no seed in these metas
     assert set(res.verdicts["status"]) <= {"pass", "fail", "n/a"}
+    assert set(res.verdicts["tag"]) <= {"paper", "derived", "related", "instrument"}
+
+
+def test_sparse_run_alone_is_not_applicable_where_stats_are_missing(tmp_path):
+    runs = make_runs(tmp_path)
+    res = build_report([runs["sparse"]], tmp_path / "out")
+    for id_ in ("peri.hard_bound", "peri.fp16_margin", "prop31.batched_bound"):
+        assert _status(res, id_) == "n/a", id_
+    assert _status(res, "peri.init_law") == "pass" and _status(res, "peri.growth_linear") == "pass"
 
 
 def test_missing_stats_listed_not_fatal(report):
@@ -221,8 +243,8 @@ def test_failures_are_reported_as_fail(tmp_path):
         grad_scale=1.0, grad_shape=np.ones(L), gains=lambda s: (1.0, 1.0),
         top1=lambda s, l: (1e5, 0, 3) if s == 100 and l == L else (5.0, 1, 1), prop31_factor=2.0))
     res = build_report([bad], tmp_path / "out")
-    for prefix in ("Peri-LN init m2", "Peri-LN hard bound", "growth class", "no FP16 overflow", "Prop. 3.1 batched"):
-        assert _status(res, "bad", prefix) == "fail", prefix
+    for id_ in ("peri.init_law", "peri.hard_bound", "peri.growth_linear", "peri.fp16_margin", "prop31.batched_bound"):
+        assert _status(res, id_) == "fail", id_
     assert "| **FAIL** |" in res.report_md.read_text()
 
 

@@ -10,7 +10,7 @@ import pytest
 from scipy.integrate import quad
 from scipy.special import erf
 
-from lnprobe.analysis import theory
+from lnprobe.analysis import compare, theory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,15 +354,81 @@ def test_scale_invariance_peri_vs_pre(norm):
 # gradient-scale profile and dispatch on meta
 # ---------------------------------------------------------------------------------------------
 def test_xiong_profiles_are_relative_shapes():
+    # changed with the Xiong fix: the Pre-LN scale is D·sqrt(ln D)/sqrt(m2(x_L)) (no extra 1/sqrt(L):
+    # Xiong's 1/sqrt(L) IS the final-norm factor at their init), and the ratio is sqrt(m2_Pre(x_L))
     pre = theory.xiong_grad_profile("pre", 8, 256, m2_final=4.0)
-    assert np.allclose(pre, pre[0]) and pre[0] == pytest.approx(256 * math.sqrt(math.log(256) / 8) / 2)
+    assert np.allclose(pre, pre[0]) and pre[0] == pytest.approx(256 * math.sqrt(math.log(256)) / 2)
     post = theory.xiong_grad_profile("post", 8, 256)
     assert np.isnan(post[:-1]).all() and post[-1] == pytest.approx(256 * math.sqrt(math.log(256)))
     assert np.isnan(theory.xiong_grad_profile("peri", 8, 256)).all()
-    # Post > Pre only when m2(x_L) of the Pre-LN run exceeds 1/L
-    assert theory.post_over_pre_grad(8, 0.5) > 1 > theory.post_over_pre_grad(8, 0.1)
+    # Post > Pre only when m2(x_L) of the Pre-LN run exceeds 1 (the old threshold 1/L was the error)
+    assert theory.post_over_pre_grad(4.0) == pytest.approx(2.0)
+    assert theory.post_over_pre_grad(1.5) > 1 > theory.post_over_pre_grad(0.5)
     assert post[-1] / theory.xiong_grad_profile("pre", 8, 256, m2_final=0.5)[-1] == pytest.approx(
-        theory.post_over_pre_grad(8, 0.5))
+        theory.post_over_pre_grad(0.5))
+    with pytest.raises(ValueError, match="m2"):
+        theory.post_over_pre_grad(0.0)
+    # Xiong's own init: m2(x_L) ∝ L recovers their sqrt(L) ratio
+    assert theory.post_over_pre_grad(8 * 1.0) / theory.post_over_pre_grad(2 * 1.0) == pytest.approx(2.0)
+
+
+def _last_w2_grad(placement, seed, L=8, D=64, sigma=0.02):
+    """‖∇W2‖ of the last block of an MLP-only stack at init, torch autograd, float64. Pre-LN:
+    x + W2 φ(W1 Norm x) with a final norm; Post-LN: Norm(x + W2 φ(W1 x)), no final norm. Same
+    weights, inputs and loss (a fixed random linear read-out of the normalised output)."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    x = torch.randn(16, D, generator=g, dtype=f64) * sigma * math.sqrt(2)
+    ws = [(torch.randn(D, 4 * D, generator=g, dtype=f64) * sigma, torch.randn(4 * D, D, generator=g, dtype=f64) * sigma)
+          for _ in range(L)]
+    c = torch.randn(16, D, generator=g, dtype=f64)
+    w2_last = ws[-1][1].clone().requires_grad_(True)
+    norm = lambda a: torch.nn.functional.layer_norm(a, (D,), eps=1e-5)
+    for i, (w1, w2) in enumerate(ws):
+        w2 = w2_last if i == L - 1 else w2
+        if placement == "pre":
+            x = x + torch.nn.functional.gelu(norm(x) @ w1) @ w2
+        else:
+            x = norm(x + torch.nn.functional.gelu(x @ w1) @ w2)
+    m2_L = float((x.detach() ** 2).mean())
+    y = norm(x) if placement == "pre" else x
+    (y * c).sum().backward()
+    return float(w2_last.grad.norm()), m2_L
+
+
+def test_xiong_ratio_matches_a_small_simulation():
+    ratios, preds = [], []
+    for seed in range(4):
+        post, _ = _last_w2_grad("post", seed)
+        pre, m2_L = _last_w2_grad("pre", seed)
+        ratios.append(post / pre)
+        preds.append(theory.post_over_pre_grad(m2_L))
+    ratio, pred = float(np.mean(ratios)), float(np.mean(preds))
+    assert pred < 0.2                                   # small init: m2_Pre(x_L) ≪ 1, so Pre > Post
+    assert ratio == pytest.approx(pred, rel=0.25), (ratios, preds)
+    # the former formula sqrt(L·m2) is off by sqrt(L) = 2.8
+    assert abs(ratio / (pred * math.sqrt(8)) - 1) > 0.5
+
+
+def test_peri_eps_law_matches_simulation_at_small_branch_outputs():
+    # MLP-only Peri-LN blocks with raw branch power ≈ ε: each output norm adds p/(p + ε) ≈ 1/2, not 1
+    L, D, eps = 6, 256, 1e-5
+    v_unit = float(theory.mlp_branch_power(D, 4 * D, 0.02, 0.02, "gelu"))
+    scale = math.sqrt(eps / v_unit)                     # output projection std 0.02·scale -> p = ε
+    p = float(theory.mlp_branch_power(D, 4 * D, 0.02, 0.02 * scale, "gelu"))
+    assert p == pytest.approx(eps)
+    sims = np.mean([simulate("peri", L=L, D=D, T=32, B=2, seed=s, mlp_only=True, branch_scale=scale)[0]
+                    for s in range(3)], axis=0)
+    law = theory.peri_eps_m2(sims[0], np.ones(L), p, eps, per_block=1)
+    np.testing.assert_allclose(law[1:] - law[:-1], 0.5)
+    np.testing.assert_allclose(sims, law, rtol=0.03)
+    assert sims[-1] < 0.7 * (sims[0] + L)                                 # the ε-free law adds 1 per sublayer
+    # per-token powers are averaged after the ε factor (concave): a spread lowers the sum
+    spread = theory.peri_eps_m2(0.0, np.ones(2), np.array([[0.1 * eps, 1.9 * eps]] * 2), eps)
+    assert spread[-1] < theory.peri_eps_m2(0.0, np.ones(2), eps, eps)[-1]
+    # large branch outputs: the ε law reduces to the additive law
+    big = theory.peri_init_m2(L, 1.0, branch_power=1.0, eps=eps)
+    np.testing.assert_allclose(big, theory.peri_init_m2(L), rtol=1e-4)
 
 
 def _meta(placement, **model):
@@ -373,28 +439,42 @@ def _meta(placement, **model):
             "config": {"model": cfg, "train": {}}}
 
 
+def _predict(meta, m2_0=None):
+    # theory takes numbers, not metadata (changed: predict_init_profile no longer parses meta.json);
+    # the run-side reading lives in analysis.compare
+    cfg = (meta.get("config") or {}).get("model") or {}
+    placement = cfg.get("placement") or meta.get("placement")
+    roles = [n.get("role") for n in meta.get("norms") or []]
+    embed = cfg.get("embed_norm", ("norm.embed" in roles) if roles else None)
+    return theory.predict_init_profile(placement, meta.get("n_layers"), numbers=compare.model_numbers(meta),
+                                       m2_0=m2_0, embed_norm=embed)
+
+
 def test_predict_init_profile_dispatch():
-    peri = theory.predict_init_profile(_meta("peri"))
+    peri = _predict(_meta("peri"))
     assert list(peri.columns) == ["layer", "low", "mid", "high"]
     np.testing.assert_allclose(peri["mid"], 1 + 2 * np.arange(5))
-    post = theory.predict_init_profile(_meta("post"), m2_0=8e-4)
+    post = _predict(_meta("post"), m2_0=8e-4)
     np.testing.assert_allclose(post["mid"], [8e-4, 1, 1, 1, 1])
-    pre = theory.predict_init_profile(_meta("pre"), m2_0=8e-4)
+    pre = _predict(_meta("pre"), m2_0=8e-4)
     v, lo, hi = theory.pre_init_increment_interval(128, 512, 0.02, 64, "gelu")
     np.testing.assert_allclose(pre["low"], 8e-4 + np.arange(5) * (v + lo))
     np.testing.assert_allclose(pre["high"], 8e-4 + np.arange(5) * (v + hi))
-    lns = theory.predict_init_profile(_meta("lns"))
+    lns = _predict(_meta("lns"))
     assert lns["high"].iloc[-1] < pre["high"].iloc[-1]
-    assert theory.predict_init_profile(_meta("output")) is not None
+    assert _predict(_meta("output")) is not None
     # placement from config wins over the detected one ("lns" is detected as "pre")
     m = _meta("lns")
     m["placement"] = "pre"
-    assert theory.predict_init_profile(m).attrs["placement"] == "lns"
+    assert _predict(m).attrs["placement"] == "lns"
     for p in ("none", "mixed"):
-        assert theory.predict_init_profile(_meta(p)) is None
+        assert _predict(_meta(p)) is None
     # Pre-LN without the reference GPT config (e.g. a HF model): no numbers, no prediction
-    assert theory.predict_init_profile({"placement": "pre", "n_layers": 4, "d_model": 64}) is None
+    assert _predict({"placement": "pre", "n_layers": 4, "d_model": 64}) is None
     # Peri-LN of a HF model: law from the norms list
     hf = {"placement": "peri", "n_layers": 2, "d_model": 64, "norms": [{"role": "norm.embed"}]}
-    np.testing.assert_allclose(theory.predict_init_profile(hf)["mid"], [1, 3, 5])
+    np.testing.assert_allclose(_predict(hf)["mid"], [1, 3, 5])
     assert theory.default_d_ff(96, "swiglu") % 8 == 0 and theory.default_d_ff(96, "gelu") == 384
+    # the norm's ε comes from the config, else the norms list
+    assert compare.model_numbers(_meta("pre", norm_eps=1e-6))["eps"] == 1e-6
+    assert compare.norm_eps({"norms": [{"eps": 1e-6}]}) == 1e-6 and compare.norm_eps({}) == 1e-5
