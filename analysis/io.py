@@ -10,8 +10,17 @@ select one (site, stat) at a time through an index built once, so analysis never
 from __future__ import annotations
 
 from ..constants import FP16_MAX
-from ..store import (PARAM_PREFIX, RECORD_COLUMNS, RECORD_SCHEMA, SUBLAYER_ROLES, Run, guess_role,
-                     load_run, model_config, train_config)
+from ..store import (
+                     PARAM_PREFIX,
+                     RECORD_COLUMNS,
+                     RECORD_SCHEMA,
+                     SUBLAYER_ROLES,
+                     Run,
+                     guess_role,
+                     load_run,
+                     model_config,
+                     train_config,
+)
 
 load = load_run
 

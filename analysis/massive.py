@@ -1,4 +1,5 @@
-"""Massive activations (Sun et al. 2024, docs/theory.md "Massive activations"), the FP16 margin and spike scores ("Training-instability signals").
+"""Massive activations (Sun et al. 2024, docs/theory.md "Massive activations"), the FP16 margin and
+spike scores (docs/theory.md "Training-instability signals").
 
 The run directory records, per (step, site, layer), the three largest |x| with their token
 (sequence position) and channel (``top1..top3``), the median of |x| (``median_abs``, estimated by the
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..constants import FP16_MAX, MASSIVE_ABS, MASSIVE_RATIO
+
 _NON_ACTIVATION = ("train",)
 
 

@@ -113,7 +113,9 @@ def peri_init_m2(L: int, gains_out_ms: float | np.ndarray = 1.0, embed_norm: boo
 
 def peri_eps_m2(m2_0: float | np.ndarray, gain_ms: np.ndarray, branch_power: float | np.ndarray, eps: float,
                 bias_ms: np.ndarray | float | None = None, per_block: int = 2) -> np.ndarray:
-    """Peri-LN variance law with the output norm's ε [derived, docs/theory.md "Forward variance laws" finite-size effect (1)].
+    """Peri-LN variance law with the output norm's ε.
+
+    [derived, docs/theory.md "Forward variance laws", finite-size effect (1)]
 
     Per token, a norm with gain γ turns a vector of power p (var for LayerNorm, m2 for RMSNorm) into
     one of m2 = mean(γ²)·p/(p + ε) (+ mean β²). Branch outputs of a small-init model are tiny
@@ -245,7 +247,9 @@ def attn_branch_power(D: int, sigma_v: float, sigma_o: float, T: int,
 
 def pre_init_increment_interval(D: int, d_ff: int, init_std: float, T: int, act: str = "gelu",
                                 scaled_init: bool = False, L: int | None = None) -> tuple[float, float, float]:
-    """Pre-LN per-block increment of m2 at init [derived, docs/theory.md "Forward variance laws"]: (v_mlp, v_attn_min, v_attn_max).
+    """Pre-LN per-block increment of m2 at init: (v_mlp, v_attn_min, v_attn_max).
+
+    [derived, docs/theory.md "Forward variance laws"]
 
     m2(x_{l+1}) − m2(x_l) = v_attn + v_mlp at init (ρ = 0 in expectation; the normalised input makes
     v independent of x), with v_mlp = d_ff·σ2²·q_φ(D·σ1²) and
@@ -306,7 +310,8 @@ def output_init_interval(L: int, m2_0: float, D: int, d_ff: int, init_std: float
     v_attn(t) = (D σ_V²)(D σ_O²)·(1/t²)·Σ_{s≤t} m2(x_s) for uncorrelated tokens (low) or
     (D σ_V²)(D σ_O²)·mean_{s≤t} m2(x_s) for identical ones (high). The output norm (γ = 1) turns a
     raw power p into p/(p + ε) (:func:`norm_eps_factor`), so with small init and no input norm the
-    first sublayers add far less than 1 (docs/theory.md "Forward variance laws" effect (1)); once the stream is O(1) each
+    first sublayers add far less than 1 (docs/theory.md "Forward variance laws" effect (1)); once the stream
+    is O(1) each
     sublayer adds ≈ 1. The stream power is tracked per position t = 1..T (the early positions get
     most of the first attention output) and averaged at the end. Approximation: tokens at one
     position share one power; RMSNorm and LayerNorm alike (zero-mean branch outputs).
@@ -359,7 +364,8 @@ def prop31_paper_bound(h_norm: float | np.ndarray, a_norm: float | np.ndarray, g
                        D: int) -> float | np.ndarray:
     """The paper's form of the Peri-LN bound [paper, second-hand]: ≤ 4γ·sqrt(D)·‖h‖/‖a‖ (the
     gradient ‖g‖ at the output is taken as bounded)."""
-    return 4.0 * np.asarray(gamma, np.float64) * math.sqrt(D) * np.asarray(h_norm, np.float64) / np.asarray(a_norm, np.float64)
+    gamma, h_norm, a_norm = (np.asarray(v, np.float64) for v in (gamma, h_norm, a_norm))
+    return 4.0 * gamma * math.sqrt(D) * h_norm / a_norm
 
 
 def prop31_batched_bound(n_tokens: int, d_ff: int, D: int, rms_h: float | np.ndarray,
@@ -380,7 +386,8 @@ def xiong_grad_profile(placement: str, L: int, D: int, m2_final: float = 1.0) ->
 
     Pre-LN: D·sqrt(ln D)/sqrt(m2(x_L)) at every layer (flat; the final norm divides every gradient
     by the stream RMS it sees — Xiong's 1/sqrt(L) is this factor at their init, where m2(x_L) ∝ L).
-    Post-LN: D·sqrt(ln D) at the LAST layer, independent of L, and growing with layer index below it; the shape of that growth is not given, so layers < L−1
+    Post-LN: D·sqrt(ln D) at the LAST layer, independent of L, and growing with layer index below it;
+    the shape of that growth is not given, so layers < L−1
     are NaN. Other placements: NaN (no such result).
     """
     out = np.full(L, np.nan)

@@ -37,6 +37,8 @@ SCHEMA_VERSION = 1
 
 @dataclass
 class Verdict:
+    """One checked claim: the numbers, the rule that decided it and its status (see the module docstring)."""
+
     id: str
     claim: str
     tag: str
@@ -55,6 +57,7 @@ class Verdict:
     detail: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; NaN and infinities become None."""
         return _clean(asdict(self))
 
 

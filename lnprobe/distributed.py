@@ -83,6 +83,7 @@ class DistContext:
     device: torch.device  # where collective payloads live
 
     def to_meta(self) -> dict:
+        """The meta.json ``distributed`` entry."""
         return {"world_size": self.world_size, "backend": self.backend,
                 "reduction": "once per flush; see lnprobe.distributed", "writer_rank": 0}
 
@@ -151,6 +152,7 @@ class Reduced:
     channel: np.ndarray
 
     def frame(self):
+        """The reduced rows as a long-format records frame (store schema)."""
         from .store import records_frame
 
         return records_frame(self.step, self.site, self.layer, self.stat, self.value, self.token, self.channel)

@@ -54,7 +54,8 @@ def export_tensorboard(run_dir: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     writer = _summary_writer(out)
     try:
-        writer.add_text("lnprobe/meta", "```\n" + json.dumps(run.meta, indent=2, sort_keys=True, default=str) + "\n```", 0)
+        meta_text = json.dumps(run.meta, indent=2, sort_keys=True, default=str)
+        writer.add_text("lnprobe/meta", "```\n" + meta_text + "\n```", 0)
         r = run.records.sort_values(["step", "site", "layer", "stat"], kind="stable")
         for step, site, layer, stat, value in zip(r.step.to_numpy(), r.site.to_numpy(), r.layer.to_numpy(),
                                                   r.stat.to_numpy(), r.value.to_numpy()):
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     """``lnprobe export --tensorboard RUN --out DIR``."""
     ap = argparse.ArgumentParser(prog="lnprobe export", description="Export a run directory.")
     ap.add_argument("--tensorboard", metavar="RUN", required=True, help="run directory to export as TensorBoard events")
-    ap.add_argument("--out", metavar="DIR", required=True, help="directory for the event files (tensorboard --logdir DIR)")
+    ap.add_argument("--out", metavar="DIR", required=True,
+                    help="directory for the event files (tensorboard --logdir DIR)")
     a = ap.parse_args(argv)
     try:
         out = export_tensorboard(a.tensorboard, a.out)

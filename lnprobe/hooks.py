@@ -34,6 +34,7 @@ class SiteObserver:
         self.plans: dict[Any, S.StatPlan] = {}  # hook point -> what its reduction computes
 
     def pre_hook(self, entries):
+        """A forward pre-hook observing the block inputs of ``entries`` [(point, keys)]."""
         @no_compile
         def pre_hook(module, args, kwargs):
             if self.is_on():
@@ -44,6 +45,7 @@ class SiteObserver:
         return pre_hook
 
     def fwd_hook(self, entries):
+        """A forward hook observing the module outputs of ``entries`` [(point, keys)]."""
         @no_compile
         def fwd_hook(module, args, kwargs, output):
             if self.is_on():
@@ -54,6 +56,7 @@ class SiteObserver:
         return fwd_hook
 
     def observe(self, point: Any, x: Any, keys: list[SiteKey]) -> None:
+        """Reduce ``x`` into the open step's partials for ``keys``; arm its gradient hook if asked."""
         if point in self.failed_points or not torch.is_tensor(x) or not x.is_floating_point():
             return
         try:
@@ -87,6 +90,7 @@ class SiteObserver:
             self.fail(point, exc)
 
     def grad_hook(self, point: Any, keys: list[SiteKey]):
+        """A tensor hook reducing the hidden-state gradient at ``point`` (divided by the AMP loss scale)."""
         def grad_hook(g):
             if point in self.failed_points:
                 return None
@@ -102,6 +106,7 @@ class SiteObserver:
         return grad_hook
 
     def fail(self, point: Any, exc: BaseException) -> None:
+        """Disable ``point`` after ``exc`` with one warning and a note; training goes on."""
         self.failed_points.add(point)
         msg = f"lnprobe: disabled hook point {point} after {type(exc).__name__}: {exc}; training continues"
         self.notes.append(msg)

@@ -172,6 +172,7 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal multi-head self-attention: (B, T, D) -> (B, T, D)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=-1)  # 3 × (B, T, D)
         q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
@@ -197,6 +198,7 @@ class MLP(nn.Module):
         self.fc_out = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU or SwiGLU MLP: (B, T, D) -> (B, T, D)."""
         if self.fc_gate is None:
             h = self.act(self.fc_in(x))  # (B, T, d_ff)
         else:
@@ -222,6 +224,7 @@ class Block(nn.Module):
         self.in_scale = 1.0 / math.sqrt(layer + 1) if config.placement == "lns" else 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        """One block with the configured norm placement (see the module docstring)."""
         p = self.placement
         if p == "pre":
             x = x + self.attn(self.norm_attn_in(x))

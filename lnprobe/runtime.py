@@ -34,6 +34,7 @@ def loss_scale(scaler: Any) -> torch.Tensor | None:
 
 
 def scaler_enabled(scaler: Any) -> bool:
+    """True for a GradScaler that is enabled (its loss scale multiplies the gradients)."""
     return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: False)())
 
 
@@ -48,6 +49,7 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
 
 
 def is_fsdp2(m: nn.Module) -> bool:
+    """True for a module wrapped by FSDP2 (``fully_shard``)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch without FSDP2
@@ -70,6 +72,7 @@ def close_at_exit(obj: Any, close: Callable[[Any], None]) -> Callable[[], None]:
 
 
 def version() -> str:
+    """The installed lnprobe version, ``0+unknown`` when run from an uninstalled checkout."""
     try:
         from importlib.metadata import version as _v
 

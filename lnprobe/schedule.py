@@ -24,6 +24,7 @@ class Schedule:
 
     @classmethod
     def parse(cls, spec: "int | str | Iterable[int] | Schedule") -> "Schedule":
+        """A Schedule from an int N, ``"log"``/``"log:K"``, a list of steps or a Schedule (returned as is)."""
         if isinstance(spec, Schedule):
             return spec
         if isinstance(spec, bool):
@@ -61,6 +62,7 @@ class Schedule:
             self._log_cache.add(self._log_upto)
 
     def __call__(self, step: int) -> bool:
+        """True when ``step`` is recorded."""
         if self.every is not None:
             return step % self.every == 0
         if self.steps is not None:
@@ -70,6 +72,7 @@ class Schedule:
         return step in self._log_cache
 
     def to_meta(self) -> dict:
+        """The meta.json ``schedule`` entry."""
         if self.every is not None:
             return {"every": self.every}
         if self.steps is not None:
