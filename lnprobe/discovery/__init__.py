@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..sites import PLACEMENTS, DiscoveryError, ModelMap
-from .blocks import describe_lists, describe_norms, find_blocks, map_block
+from .blocks import describe_lists, describe_norms, find_blocks, map_block, other_block_lists
 from .modules import unwrap
 from .norms import outside_norms, residual_norms
 from .roles import embed_and_head, parameter_roles
@@ -68,6 +68,19 @@ def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None 
     notes: list[str] = []
     results = [map_block(i, n, tr, notes) for i, (n, _) in enumerate(block_list)]
     failed = [r for r in results if not r.mapped]
+    if failed and blocks is None and placement is None:
+        # e.g. the decoder of an encoder–decoder (self-attention, cross-attention, MLP): map the
+        # next list of identical blocks that does map, and say so
+        for path, blist in other_block_lists(root, blocks_path):
+            if not all(n in tr.by_name for n, _ in blist):
+                continue
+            trial: list[str] = []
+            alt = [map_block(i, n, tr, trial) for i, (n, _) in enumerate(blist)]
+            if all(r.mapped for r in alt):
+                notes += trial + [f"blocks '{blocks_path}' not mapped ({failed[0].why}); mapped '{path}' "
+                                  f"instead (pass blocks='{blocks_path}' with placement= to force it)"]
+                blocks_path, block_list, results, failed = path, blist, alt, []
+                break
     if failed and (placement is None or all(r.x is None for r in results)):
         raise DiscoveryError(
             f"cannot map the residual structure of {type(root).__name__} (blocks='{blocks_path}', "

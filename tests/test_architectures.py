@@ -1,0 +1,84 @@
+"""Standard models without overrides: the example input comes from the model's declared input
+(`main_input_name`, `config.is_encoder_decoder`), and the recorded `resid` statistics equal those
+computed from the model's own hidden states (the oracle of tests/test_oracle.py)."""
+import numpy as np
+import pytest
+import torch
+
+import lnprobe
+from lnprobe.discovery import discover
+
+transformers = pytest.importorskip("transformers")
+
+
+def reference_stats(h: np.ndarray) -> dict:
+    d = h.shape[-1]
+    flat = h.reshape(-1, d).astype(np.float64)
+    a = np.abs(flat).reshape(-1)
+    i = int(np.argmax(a))
+    return {"m2": (flat ** 2).mean(), "var": flat.var(-1).mean(), "absmax": a[i],
+            "token": (i // d) % h.shape[-2], "channel": i % d}
+
+
+def vit():
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                                 image_size=16, patch_size=4)
+    model = transformers.ViTModel(cfg)
+    x = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
+    return model, x, "hidden_states", "layers", "pre"
+
+
+def whisper():
+    cfg = transformers.WhisperConfig(d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                     num_mel_bins=16, max_source_positions=16, max_target_positions=32,
+                                     vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                     decoder_start_token_id=1)
+    model = transformers.WhisperModel(cfg)
+    gen = torch.Generator().manual_seed(1)
+    x = {"input_features": torch.randn(2, 16, 32, generator=gen),
+         "decoder_input_ids": torch.randint(0, 100, (2, 5), generator=gen)}
+    return model, x, "encoder_hidden_states", "encoder.layers", "pre"
+
+
+def t5():
+    cfg = transformers.T5Config(d_model=32, d_ff=64, num_layers=3, num_decoder_layers=2, num_heads=4, d_kv=8,
+                                vocab_size=100)
+    model = transformers.T5Model(cfg)
+    gen = torch.Generator().manual_seed(1)
+    x = {"input_ids": torch.randint(0, 100, (2, 7), generator=gen),
+         "decoder_input_ids": torch.randint(0, 100, (2, 5), generator=gen)}
+    return model, x, "encoder_hidden_states", "encoder.block", "pre"
+
+
+ARCHS = {"vit": vit, "whisper": whisper, "t5": t5}
+
+
+@pytest.mark.parametrize("kind", list(ARCHS))
+def test_discovered_without_overrides(kind):
+    torch.manual_seed(0)
+    model, _, _, blocks, placement = ARCHS[kind]()
+    m = discover(model)
+    assert (m.blocks_path, m.placement, m.n_layers) == (blocks, placement, 3)
+    assert all("attn_out" in b.points and "mlp_out" in b.points for b in m.blocks)
+
+
+@pytest.mark.parametrize("kind", list(ARCHS))
+def test_resid_records_equal_hidden_states(tmp_path, kind):
+    torch.manual_seed(0)
+    model, x, hidden, _, placement = ARCHS[kind]()
+    model.eval()
+    with lnprobe.attach(model, tmp_path / kind, record="all") as probe:
+        with torch.no_grad():
+            out = model(**x, output_hidden_states=True)
+        probe.step()
+    run = lnprobe.load_run(tmp_path / kind)
+    assert run.meta["placement"] == placement
+    r = run.records[run.records.site == "resid"]
+    states = getattr(out, hidden)
+    for layer in range(3):
+        ref = reference_stats(states[layer].numpy())
+        rows = r[r.layer == layer].set_index("stat")
+        for stat in ("m2", "var", "absmax"):
+            assert rows.loc[stat, "value"] == pytest.approx(ref[stat], rel=1e-5), (kind, layer, stat)
+        assert (rows.loc["absmax", "token"], rows.loc["absmax", "channel"]) == (ref["token"], ref["channel"])
