@@ -51,7 +51,17 @@ def t5():
     return model, x, "encoder_hidden_states", "encoder.block", "pre"
 
 
-ARCHS = {"vit": vit, "whisper": whisper, "t5": t5}
+def modernbert():
+    # layer 0 has nn.Identity as attention norm (its input comes out of the embedding norm)
+    cfg = transformers.ModernBertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        cls_token_id=1, sep_token_id=2, attn_implementation="eager")
+    model = transformers.ModernBertModel(cfg)
+    x = {"input_ids": torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))}
+    return model, x, "hidden_states", "layers", "pre"
+
+
+ARCHS = {"vit": vit, "whisper": whisper, "t5": t5, "modernbert": modernbert}
 
 
 @pytest.mark.parametrize("kind", list(ARCHS))
