@@ -10,6 +10,7 @@ final norm (layer L).
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -46,6 +47,10 @@ PARAM_ROLES = (
 )
 
 
+# (B, T) of the last 3-D tensor fetched by a hook point, per thread (see HookPoint.fetch)
+_LAST = threading.local()
+
+
 class DiscoveryError(ValueError):
     """The model could not be mapped; the message lists what was found and which override to pass."""
 
@@ -64,10 +69,16 @@ class HookPoint:
     module: str
     kind: str
     arg: int | str | None
+    flat: bool = False  # the tensor is (B·T, D) where the stream is (B, T, D) (OPT's MLP)
 
     def fetch(self, args: tuple, kwargs: dict | None, output: Any = None) -> torch.Tensor | None:
         """Pull this point's tensor out of a hook call: `args, kwargs` of the pre-hook (kind "in")
-        or `args, kwargs, output` of the forward hook (kind "out"). None if absent."""
+        or `args, kwargs, output` of the forward hook (kind "out"). None if absent.
+
+        A `flat` point's (B·T, D) tensor is returned as a (B, T, D) view, B and T being those of
+        the last 3-D tensor fetched on this thread (the block input, fetched before the sublayers
+        of its block), so that token indices are sequence positions; it stays (B·T, D) when no
+        such shape is known or it does not fit."""
         if self.kind == "in":
             if isinstance(self.arg, int):
                 value = args[self.arg] if self.arg < len(args) else None
@@ -81,7 +92,15 @@ class HookPoint:
             value = output[self.arg] if self.arg < len(output) else None
         else:
             value = None
-        return value if isinstance(value, torch.Tensor) else None
+        if not isinstance(value, torch.Tensor):
+            return None
+        if value.dim() == 3:
+            _LAST.bt = (value.shape[0], value.shape[1])
+        elif self.flat and value.dim() == 2:
+            bt = getattr(_LAST, "bt", None)
+            if bt is not None and bt[0] * bt[1] == value.shape[0]:
+                value = value.view(bt[0], bt[1], value.shape[-1])
+        return value
 
     def __str__(self) -> str:
         where = self.module or "<root>"

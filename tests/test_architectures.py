@@ -92,3 +92,31 @@ def test_resid_records_equal_hidden_states(tmp_path, kind):
         for stat in ("m2", "var", "absmax"):
             assert rows.loc[stat, "value"] == pytest.approx(ref[stat], rel=1e-5), (kind, layer, stat)
         assert (rows.loc["absmax", "token"], rows.loc["absmax", "channel"]) == (ref["token"], ref["channel"])
+
+
+def test_opt_flattened_mlp_records_sequence_positions(tmp_path):
+    """OPT runs its MLP on (B·T, D): the located statistics there still name positions 0..T-1."""
+    cfg = transformers.OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                 max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2,
+                                 eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.OPTModel(cfg).eval()
+    ids = torch.randint(3, 100, (3, 10), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    h = model.decoder.layers[0].fc2.register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
+    with lnprobe.attach(model, tmp_path / "opt", record="all", sites="all") as probe:
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+        probe.step()
+    h.remove()
+    r = lnprobe.load_run(tmp_path / "opt").records
+    located = r[r.stat.isin(["absmax", "top1", "top2", "top3"])]
+    assert located.token.max() < 10
+    for site, t in (("mlp_out", seen["y"]), ("mlp_act", seen["x"])):
+        ref = reference_stats(t.reshape(3, 10, -1).numpy())
+        row = r[(r.site == site) & (r.layer == 0) & (r.stat == "absmax")].iloc[0]
+        assert (row.value, row.token, row.channel) == (pytest.approx(ref["absmax"], rel=1e-6), ref["token"],
+                                                       ref["channel"])
+    ref = reference_stats(out.hidden_states[1].numpy())
+    row = r[(r.site == "resid") & (r.layer == 1) & (r.stat == "absmax")].iloc[0]
+    assert (row.token, row.channel) == (ref["token"], ref["channel"])

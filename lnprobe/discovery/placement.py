@@ -7,6 +7,7 @@ that sublayer. The placement of the block follows from the set of roles found: p
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -99,7 +100,10 @@ def label_sublayers(blk: Block, ranges, res: BlockResult, tr: Trace, notes: list
             continue
         info.mlp_out_proj = None if last is None else last.name
         if last is not None and tr.count[last.name] == 1 and last.in_points():
-            info.points["mlp_act"] = last.in_points()[0].point
+            act = last.in_points()[0]
+            # (B·T, hidden) while the stream is (B, T, D): fetched as (B, T, hidden)
+            flat = act.t.dim() == 2 and blk.x.t.dim() == 3
+            info.points["mlp_act"] = replace(act.point, flat=True) if flat else act.point
         else:
             notes.append(f"block {index}: mlp_act not found: no Linear-like projection back to "
                          f"width {width} ran (once) in the MLP sublayer")

@@ -288,7 +288,7 @@ def shaped(points: list[Pt], shape: torch.Size) -> list[Pt]:
         if p.t.shape == shape:
             found.append(p)
         elif p.t.dim() >= 2 and p.t.shape[-1] == shape[-1] and p.t.numel() == shape.numel():
-            found.append(replace(p, t=p.t.reshape(shape)))
+            found.append(replace(p, t=p.t.reshape(shape), point=replace(p.point, flat=True)))
     return found
 
 
