@@ -41,9 +41,11 @@ NORM_ROLES = (
     "norm.pre_attn", "norm.post_attn", "norm.pre_mlp", "norm.post_mlp", "norm.embed", "norm.final",
 )
 # role of every parameter in ModelMap.param_roles: sublayer projections, QK-norms, residual norms,
-# embeddings, the lm head (a head tied to the embedding keeps "embed"), and "other"
+# embeddings, the lm head (a head tied to the embedding keeps "embed"), mixture-of-experts parts
+# (router, experts, shared expert; lnprobe.discovery.moe), and "other"
 PARAM_ROLES = (
-    "embed", "attn.qkv", "attn.out", "attn.qk_norm", "mlp.in", "mlp.out", *NORM_ROLES, "head", "other",
+    "embed", "attn.qkv", "attn.out", "attn.qk_norm", "mlp.in", "mlp.out", "mlp.router", "mlp.experts", "mlp.shared",
+    *NORM_ROLES, "head", "other",
 )
 
 

@@ -120,3 +120,36 @@ def test_opt_flattened_mlp_records_sequence_positions(tmp_path):
     ref = reference_stats(out.hidden_states[1].numpy())
     row = r[(r.site == "resid") & (r.layer == 1) & (r.stat == "absmax")].iloc[0]
     assert (row.token, row.channel) == (ref["token"], ref["channel"])
+
+
+MOE = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+       "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=48)}
+
+
+@pytest.mark.parametrize("kind", list(MOE))
+def test_mixture_of_experts_roles(tmp_path, kind):
+    cfg = transformers.AutoConfig.for_model(kind, vocab_size=100, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                            max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                                            eos_token_id=2, attn_implementation="eager", **MOE[kind])
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(cfg).eval()
+    m = discover(model)
+    assert m.placement == "pre"
+    roles = {n: v["role"] for n, v in m.param_roles.items() if n.startswith("layers.0.mlp")}
+    assert roles["layers.0.mlp.gate.weight"] == "mlp.router"
+    assert {r for n, r in roles.items() if ".experts." in n} == {"mlp.experts"}
+    shared = {r for n, r in roles.items() if "shared" in n}
+    assert shared == ({"mlp.shared"} if kind == "qwen2_moe" else set())
+    assert "mlp_act" not in m.blocks[0].points and "mlp_out" in m.blocks[0].points
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with lnprobe.attach(model, tmp_path / kind, record="all") as probe:
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+        probe.step()
+    r = lnprobe.load_run(tmp_path / kind).records
+    for layer in range(2):
+        ref = reference_stats(out.hidden_states[layer].numpy())
+        row = r[(r.site == "resid") & (r.layer == layer) & (r.stat == "m2")].iloc[0]
+        assert row.value == pytest.approx(ref["m2"], rel=1e-5)

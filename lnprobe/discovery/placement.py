@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from .modules import is_attention
+from .moe import label_moe
 from .trace import amax, close, outermost_linears
 
 if TYPE_CHECKING:
@@ -99,6 +100,8 @@ def label_sublayers(blk: Block, ranges, res: BlockResult, tr: Trace, notes: list
                              f"or nn.MultiheadAttention) ran in the first sublayer")
             continue
         info.mlp_out_proj = None if last is None else last.name
+        if label_moe(blk, calls, res, width, notes):
+            continue
         if last is not None and tr.count[last.name] == 1 and last.in_points():
             act = last.in_points()[0]
             # (B·T, hidden) while the stream is (B, T, D): fetched as (B, T, hidden)
