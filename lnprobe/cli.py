@@ -90,7 +90,8 @@ def _add_group(p: argparse.ArgumentParser, title: str, options: tuple[tuple[str,
 def build_parser() -> argparse.ArgumentParser:
     """The one parser of the command line: a subcommand per command, built from the shared groups."""
     parser = _Parser(prog="lnprobe", description="Probe normalisation placement in Transformer training.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,report,compare,inspect,export,scan}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,demo,report,compare,inspect,export,scan}")
 
     p = sub.add_parser("train", help="train a reference GPT with a probe attached")
     _add_group(p, "model (override the preset)", MODEL_OPTIONS)
@@ -130,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", required=True, help="directory for the event files (tensorboard --logdir DIR)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("scan", help="scan Hugging Face checkpoints (eval mode, no gradients) for massive activations")
+    p = sub.add_parser("scan", help="scan Hugging Face checkpoints (eval mode, no gradients) for massive "
+                                    "activations")
     p.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint directories (model + tokenizer, local files)")
     text = p.add_mutually_exclusive_group()
     text.add_argument("--text", metavar="FILE", help="UTF-8 text file to run (default: the built-in stdlib corpus)")
