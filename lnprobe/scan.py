@@ -78,7 +78,7 @@ def text_ids(tokenizer: Any, text: str | None = None, *, sequences: int = DEFAUL
     # tokenise only as much text as needed (a generous byte budget per token), then widen if short
     budget = max(4096, 16 * sequences * body)
     while True:
-        ids = tokenizer(text[:budget], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text[:budget], add_special_tokens=False, verbose=False)["input_ids"]
         if len(ids) >= sequences * body or budget >= len(text):
             break
         budget *= 4

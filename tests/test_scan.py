@@ -54,8 +54,8 @@ def word_tokenizer(words):
                                                 eos_token="</s>")
 
 
-def plant(model, token_id, layer, channel, c0=0, value=3000.0):
-    """Edit the weights of a Llama so that block `layer`'s MLP writes `value`-ish into `channel` of
+def plant(model, token_id, layer, channel, c0=0, value=30.0):
+    """Edit the weights of a Llama so that block `layer`'s MLP writes about 64 × `value` into `channel` of
     the residual stream at every position holding `token_id`, and nowhere else: embedding channel
     c0 is 1 for that token only (zero for all others), blocks before `layer` never write c0, and one
     hidden unit of block `layer`'s MLP reads c0 and writes to `channel`."""
@@ -72,7 +72,8 @@ def plant(model, token_id, layer, channel, c0=0, value=3000.0):
         mlp.gate_proj.weight[0, c0] = 1.0
         mlp.up_proj.weight[0, c0] = 1.0
         mlp.down_proj.weight[:, 0] = 0.0
-        # normalised input at c0 is about sqrt(d) / norm weight 1; silu(a) * a with a ≈ 1..8
+        # the RMS-normalised input at c0 is about sqrt(d) = 8 (c0 is the token's only large channel),
+        # so the hidden unit is silu(8) * 8 ≈ 64
         mlp.down_proj.weight[channel, 0] = value
 
 
