@@ -1,4 +1,4 @@
-"""Command line: ``lnprobe train | demo | report | compare | inspect | export`` (also ``python -m lnprobe``).
+"""Command line: ``lnprobe train | demo | report | compare | inspect | export | scan`` (also ``python -m lnprobe``).
 
 Distributed training: ``torchrun --nproc-per-node N -m lnprobe train [--fsdp] ...`` (DDP by default,
 FSDP2 with ``--fsdp``; ``--batch-size`` is the global batch). Only rank 0 prints.
@@ -90,7 +90,8 @@ def _add_group(p: argparse.ArgumentParser, title: str, options: tuple[tuple[str,
 def build_parser() -> argparse.ArgumentParser:
     """The one parser of the command line: a subcommand per command, built from the shared groups."""
     parser = _Parser(prog="lnprobe", description="Probe normalisation placement in Transformer training.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,report,compare,inspect,export}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,demo,report,compare,inspect,export,scan}")
 
     p = sub.add_parser("train", help="train a reference GPT with a probe attached")
     _add_group(p, "model (override the preset)", MODEL_OPTIONS)
@@ -129,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", metavar="RUN", required=True, help="run directory to export as TensorBoard events")
     p.add_argument("--out", metavar="DIR", required=True, help="directory for the event files (tensorboard --logdir DIR)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("scan", help="scan Hugging Face checkpoints (eval mode, no gradients) for massive "
+                                    "activations")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint directories (model + tokenizer, local files)")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--text", metavar="FILE", help="UTF-8 text file to run (default: the built-in stdlib corpus)")
+    text.add_argument("--prompt", metavar="STR", help="a text given on the command line")
+    p.add_argument("--sequences", type=int, default=8, help="sequences (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence, special tokens included "
+                                                             "(default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="load the weights in this dtype")
+    p.add_argument("--device", default="cpu", help="device (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", required=True, help="run directory of the scan")
+    p.set_defaults(func=_cmd_scan)
     return parser
 
 
@@ -319,6 +334,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:  # e.g. unreadable records, an --out that is a file
         _die(f"cannot export {args.tensorboard}: {exc}")
     print(f"wrote TensorBoard events to {out}; view with: tensorboard --logdir {out}")
+    return 0
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    """``lnprobe scan PATH ... --out DIR``: :func:`lnprobe.scan.scan`."""
+    from .scan import scan
+
+    for p in args.paths:
+        if not (Path(p) / "config.json").is_file():
+            _die(f"{p} is not a Hugging Face checkpoint directory (no config.json)")
+    text = args.prompt
+    if args.text:
+        if not Path(args.text).is_file():
+            _die(f"--text {args.text}: no such file")
+        text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+    try:
+        result = scan(args.paths, args.out, text=text, sequences=args.sequences, seq_len=args.seq_len,
+                      dtype=args.dtype, device=args.device)
+    except (ValueError, OSError) as exc:  # short text, unreadable checkpoint, missing tokenizer files
+        _die(f"cannot scan: {exc}")
+    print(f"scan: {result.path} ({len(result.massive)} massive activations); "
+          f"report: {result.path / 'report' / 'report.html'}")
     return 0
 
 

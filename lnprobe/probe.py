@@ -297,8 +297,11 @@ class Probe:
         if self._acc and not self.model.training and not self.record_all and not self._warned_eval \
                 and not any(acc.parts for acc in self._acc.values()):
             self._warned_eval = True
-            warnings.warn("lnprobe: no forward recorded at this step because the model is in eval mode; "
-                          "pass record='all' to lnprobe.attach to record eval-mode forwards", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"lnprobe: step {self._step} recorded no activations: the model ran in eval mode and "
+                          "attach(record='train') records training-mode forwards only (parameter and gain rows are "
+                          "still written); pass record='all' to record eval-mode forwards, or use "
+                          "lnprobe.scan.scan_model / 'lnprobe scan' for a pretrained checkpoint", RuntimeWarning,
+                          stacklevel=3)
         rows = self._rows.build(self._step, sites, self._current_params(), self._captured, self._gain_entries,
                                 loss=loss, lr=lr, loss_scale=loss_scale(scaler), scaler_enabled=scaler_enabled(scaler))
         if rows is not None:

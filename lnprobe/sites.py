@@ -10,6 +10,7 @@ final norm (layer L).
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,10 +41,16 @@ NORM_ROLES = (
     "norm.pre_attn", "norm.post_attn", "norm.pre_mlp", "norm.post_mlp", "norm.embed", "norm.final",
 )
 # role of every parameter in ModelMap.param_roles: sublayer projections, QK-norms, residual norms,
-# embeddings, the lm head (a head tied to the embedding keeps "embed"), and "other"
+# embeddings, the lm head (a head tied to the embedding keeps "embed"), mixture-of-experts parts
+# (router, experts, shared expert; lnprobe.discovery.moe), and "other"
 PARAM_ROLES = (
-    "embed", "attn.qkv", "attn.out", "attn.qk_norm", "mlp.in", "mlp.out", *NORM_ROLES, "head", "other",
+    "embed", "attn.qkv", "attn.out", "attn.qk_norm", "mlp.in", "mlp.out", "mlp.router", "mlp.experts", "mlp.shared",
+    *NORM_ROLES, "head", "other",
 )
+
+
+# (B, T) of the last 3-D tensor fetched by a hook point, per thread (see HookPoint.fetch)
+_LAST = threading.local()
 
 
 class DiscoveryError(ValueError):
@@ -64,10 +71,16 @@ class HookPoint:
     module: str
     kind: str
     arg: int | str | None
+    flat: bool = False  # the tensor is (B·T, D) where the stream is (B, T, D) (OPT's MLP)
 
     def fetch(self, args: tuple, kwargs: dict | None, output: Any = None) -> torch.Tensor | None:
         """Pull this point's tensor out of a hook call: `args, kwargs` of the pre-hook (kind "in")
-        or `args, kwargs, output` of the forward hook (kind "out"). None if absent."""
+        or `args, kwargs, output` of the forward hook (kind "out"). None if absent.
+
+        A `flat` point's (B·T, D) tensor is returned as a (B, T, D) view, B and T being those of
+        the last 3-D tensor fetched on this thread (the block input, fetched before the sublayers
+        of its block), so that token indices are sequence positions; it stays (B·T, D) when no
+        such shape is known or it does not fit."""
         if self.kind == "in":
             if isinstance(self.arg, int):
                 value = args[self.arg] if self.arg < len(args) else None
@@ -81,7 +94,15 @@ class HookPoint:
             value = output[self.arg] if self.arg < len(output) else None
         else:
             value = None
-        return value if isinstance(value, torch.Tensor) else None
+        if not isinstance(value, torch.Tensor):
+            return None
+        if value.dim() == 3:
+            _LAST.bt = (value.shape[0], value.shape[1])
+        elif self.flat and value.dim() == 2:
+            bt = getattr(_LAST, "bt", None)
+            if bt is not None and bt[0] * bt[1] == value.shape[0]:
+                value = value.view(bt[0], bt[1], value.shape[-1])
+        return value
 
     def __str__(self) -> str:
         where = self.module or "<root>"

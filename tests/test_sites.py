@@ -503,7 +503,9 @@ def test_block_that_flattens_the_stream_around_its_mlp():
     assert mm.placement == "pre"
     assert roles_of(mm, 0) == {"norms.attn_in": "norm.pre_attn", "norms.mlp_in": "norm.pre_mlp"}
     got, _ = capture(model, all_points(mm), ids())
-    assert got[("mlp_out", 0)].shape == (2 * T, D)  # the tensor as the model has it
+    # the model has (B·T, D); a flat hook point hands it out as (B, T, D), so tokens are positions
+    assert mm.blocks[0].points["mlp_out"].flat
+    assert got[("mlp_out", 0)].shape == (2, T, D)
     for l in range(2):
         mid = got[("resid_mid", l)].reshape(2, T, D)
         assert close(got[("resid", l)] + got[("attn_out", l)], mid)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..sites import PLACEMENTS, DiscoveryError, ModelMap
-from .blocks import describe_lists, describe_norms, find_blocks, map_block
+from .blocks import describe_lists, describe_norms, find_blocks, map_block, other_block_lists
 from .modules import unwrap
 from .norms import outside_norms, residual_norms
 from .roles import embed_and_head, parameter_roles
@@ -68,6 +68,19 @@ def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None 
     notes: list[str] = []
     results = [map_block(i, n, tr, notes) for i, (n, _) in enumerate(block_list)]
     failed = [r for r in results if not r.mapped]
+    if failed and blocks is None and placement is None:
+        # e.g. the decoder of an encoder–decoder (self-attention, cross-attention, MLP): map the
+        # next list of identical blocks that does map, and say so
+        for path, blist in other_block_lists(root, blocks_path):
+            if not all(n in tr.by_name for n, _ in blist):
+                continue
+            trial: list[str] = []
+            alt = [map_block(i, n, tr, trial) for i, (n, _) in enumerate(blist)]
+            if all(r.mapped for r in alt):
+                notes += trial + [f"blocks '{blocks_path}' not mapped ({failed[0].why}); mapped '{path}' "
+                                  f"instead (pass blocks='{blocks_path}' with placement= to force it)"]
+                blocks_path, block_list, results, failed = path, blist, alt, []
+                break
     if failed and (placement is None or all(r.x is None for r in results)):
         raise DiscoveryError(
             f"cannot map the residual structure of {type(root).__name__} (blocks='{blocks_path}', "
@@ -86,6 +99,8 @@ def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None 
     first_call, last_call = tr.by_name[block_list[0][0]][0], tr.by_name[block_list[-1][0]][0]
     after = [c for c in tr.calls if c.start > last_call.end and tr.count[c.name] == 1]
     outside = outside_norms(tr, first_call, last_call, x0, y_last)
+    if "norm.embed" in outside:
+        _identity_pre_attn(root, results, notes)
     norm_infos = residual_norms(root, results, outside, first_call.dtype, notes)
     embed, head = embed_and_head(root, block_list, after, outside.get("norm.final"))
     param_roles = parameter_roles(root, block_list, results, norm_infos, embed, head)
@@ -107,4 +122,28 @@ def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None 
         embed=embed[0] if embed else None, norms=norm_infos, param_roles=param_roles, notes=notes,
     )
 
+
+def _identity_pre_attn(root: nn.Module, results: list, notes: list[str]) -> None:
+    """Block 0 of ModernBERT replaces its pre-attention norm by nn.Identity because the embeddings
+    already end in a norm: when every other block has one placement with a pre-attention norm and
+    block 0 lacks only that norm, while its module of the same relative name is an nn.Identity and
+    an embedding norm feeds block 0, block 0 gets the placement of the others."""
+    if len(results) < 2 or results[0].info.placement != "mixed" or "norm.pre_attn" in results[0].norm_calls:
+        return
+    others = {r.info.placement for r in results[1:]}
+    if len(others) != 1 or not {"pre", "peri"} & others:
+        return
+    if set(results[0].norm_calls) | {"norm.pre_attn"} != set(results[1].norm_calls):
+        return
+    b0, b1 = results[0].info.name, results[1].info.name
+    rel = results[1].norm_calls["norm.pre_attn"].name[len(b1) + 1:]
+    try:
+        twin = root.get_submodule(f"{b0}.{rel}")
+    except AttributeError:
+        return
+    if isinstance(twin, nn.Identity):
+        results[0].info.placement = others.pop()
+        notes.append(f"block 0: '{b0}.{rel}' is nn.Identity where the other blocks have their pre-attention "
+                     f"norm; the embedding norm normalises block 0's input, so block 0 counts as "
+                     f"'{results[0].info.placement}'")
 

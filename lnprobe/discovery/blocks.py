@@ -76,6 +76,16 @@ def find_blocks(root: nn.Module, blocks: str | None) -> tuple[str, list[tuple[st
     return blocks, [(prefix + n, m) for n, m in kids]
 
 
+def other_block_lists(root: nn.Module, chosen: str) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
+    """The other ModuleLists/Sequentials of identical non-leaf blocks, most parameters first: where
+    discovery looks next when the chosen list cannot be mapped (an encoder–decoder's decoder blocks
+    have three sublayers; its encoder blocks have the two of a Transformer block)."""
+    cands = sorted((c for c in _module_lists(root) if c[2] and c[0] != chosen),
+                   key=lambda c: (c[3], len(list(c[1].children()))), reverse=True)
+    return [(name, [(f"{name}." + n, m) for n, m in container.named_children()])
+            for name, container, _, _ in cands]
+
+
 # ----------------------------------------------------------------------------- one block
 
 

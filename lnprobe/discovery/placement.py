@@ -7,11 +7,13 @@ that sublayer. The placement of the block follows from the set of roles found: p
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .modules import is_attention
+from .moe import label_moe
 from .trace import amax, close, outermost_linears
 
 if TYPE_CHECKING:
@@ -98,8 +100,13 @@ def label_sublayers(blk: Block, ranges, res: BlockResult, tr: Trace, notes: list
                              f"or nn.MultiheadAttention) ran in the first sublayer")
             continue
         info.mlp_out_proj = None if last is None else last.name
+        if label_moe(blk, calls, res, width, notes):
+            continue
         if last is not None and tr.count[last.name] == 1 and last.in_points():
-            info.points["mlp_act"] = last.in_points()[0].point
+            act = last.in_points()[0]
+            # (B·T, hidden) while the stream is (B, T, D): fetched as (B, T, hidden)
+            flat = act.t.dim() == 2 and blk.x.t.dim() == 3
+            info.points["mlp_act"] = replace(act.point, flat=True) if flat else act.point
         else:
             notes.append(f"block {index}: mlp_act not found: no Linear-like projection back to "
                          f"width {width} ran (once) in the MLP sublayer")

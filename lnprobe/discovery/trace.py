@@ -165,8 +165,9 @@ def _to_device(x: Any, device: torch.device) -> Any:
 
 
 def example_inputs(root: nn.Module, example_input: Any) -> tuple[tuple, dict]:
-    """(args, kwargs) for the trace, on the model's device. Token ids for models with a vocabulary,
-    a float (1, 8, d) sequence for embedding-free stacks such as nn.TransformerEncoder."""
+    """(args, kwargs) for the trace, on the model's device: the model's declared input when it
+    declares one (`_declared_inputs`), else token ids for models with a vocabulary, or a float
+    (1, 8, d) sequence for embedding-free stacks such as nn.TransformerEncoder."""
     device = model_device(root)
     if example_input is not None:
         if isinstance(example_input, Mapping):
@@ -176,6 +177,9 @@ def example_inputs(root: nn.Module, example_input: Any) -> tuple[tuple, dict]:
         return (_to_device(example_input, device),), {}
 
     gen = torch.Generator().manual_seed(0)  # private generator: the global RNG is not touched
+    declared = _declared_inputs(root, gen, device)
+    if declared is not None:
+        return (), declared
     vocab = getattr(getattr(root, "config", None), "vocab_size", None)
     leaves = [m for m in root.modules() if not any(True for _ in m.children())]
     if not isinstance(vocab, int) and leaves and isinstance(leaves[0], nn.Embedding):
@@ -199,6 +203,46 @@ def example_inputs(root: nn.Module, example_input: Any) -> tuple[tuple, dict]:
     shape = (8, 1, width) if seq_first else (1, 8, width)  # (T, B, D) or (B, T, D)
     x = torch.randn(shape, generator=gen).to(device=device, dtype=model_dtype(root))
     return (x,), {}
+
+
+def _declared_inputs(root: nn.Module, gen: torch.Generator, device: torch.device) -> dict | None:
+    """Keyword inputs built from what a Hugging Face model declares: `main_input_name` (input_ids,
+    pixel_values of (1, channels, image_size, image_size), input_features of (1, mel bins, the fixed
+    length 2 × max_source_positions that Whisper's encoder requires), input_values of (1, 4096)),
+    plus decoder_input_ids (1, 8) for an encoder–decoder (`config.is_encoder_decoder`). None for
+    models that declare nothing (then the input is guessed from a vocabulary or a width)."""
+    cfg = getattr(root, "config", None)
+    name = getattr(root, "main_input_name", None)
+    if cfg is None or not isinstance(name, str):
+        return None
+    params = inspect.signature(root.forward).parameters
+    dtype = model_dtype(root)
+    vocab = getattr(cfg, "vocab_size", None)
+
+    def ids() -> torch.Tensor:
+        return torch.randint(int(vocab), (1, 8), generator=gen).to(device)  # (B, T)
+
+    kwargs: dict[str, Any] = {}
+    if name == "input_ids" and isinstance(vocab, int) and vocab > 0:
+        kwargs[name] = ids()
+    elif name == "pixel_values":
+        size = getattr(cfg, "image_size", 224)
+        size = size if isinstance(size, int) else int(size[0])
+        shape = (1, int(getattr(cfg, "num_channels", 3)), size, size)
+        kwargs[name] = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    elif name == "input_features" and hasattr(cfg, "num_mel_bins"):
+        length = 2 * int(getattr(cfg, "max_source_positions", 1500))  # two stride-1/2 convolutions
+        shape = (1, int(cfg.num_mel_bins), length)
+        kwargs[name] = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    elif name == "input_values":
+        kwargs[name] = torch.randn((1, 4096), generator=gen).to(device=device, dtype=dtype)
+    else:
+        return None
+    if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params and isinstance(vocab, int):
+        kwargs["decoder_input_ids"] = ids()
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    return kwargs
 
 
 def _first_width(root: nn.Module) -> int | None:
@@ -244,7 +288,7 @@ def shaped(points: list[Pt], shape: torch.Size) -> list[Pt]:
         if p.t.shape == shape:
             found.append(p)
         elif p.t.dim() >= 2 and p.t.shape[-1] == shape[-1] and p.t.numel() == shape.numel():
-            found.append(replace(p, t=p.t.reshape(shape)))
+            found.append(replace(p, t=p.t.reshape(shape), point=replace(p.point, flat=True)))
     return found
 
 

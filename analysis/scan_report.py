@@ -1,0 +1,155 @@
+"""Figures and report.html of a checkpoint scan (`lnprobe scan`, `lnprobe.scan.scan_model`).
+
+The figures are those of Sun et al. (2024), "Massive activations in large language models", on
+the residual stream `resid` (layer l = input of block l; layer L = output of the last block), for
+the last step (checkpoint) of the scan, plus the step dimension when there are several:
+
+- `top_by_layer`: the top-1, top-2, top-3 |x| and the median |x| by layer (log scale);
+- `map`: |x| over token × channel for the sequence and layer holding the largest |x|;
+- `channels`: which channels hold the top-1/2/3 values at each layer;
+- `variance_by_layer`: per-token variance (mean over tokens) by layer, one curve per checkpoint.
+
+Reads only the run directory (no torch): records, `massive.csv` and `maps/step-*.npz`.
+"""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .io import Run, load
+
+__all__ = ["FIGURES", "build_scan_report", "figure_channels", "figure_map", "figure_top_by_layer",
+           "figure_variance"]
+
+FIGURES = ("top_by_layer", "map", "channels", "variance_by_layer")
+_TOP = ("top1", "top2", "top3")
+
+
+def _resid(run: Run, step: int) -> pd.DataFrame:
+    r = run.records
+    return r[(r.site == "resid") & (r.step == step)]
+
+
+def figure_top_by_layer(run: Run, step: int) -> Figure:
+    """Top-1/2/3 and median |x| of `resid` by layer (Sun et al.'s Fig. 2 style)."""
+    df = _resid(run, step)
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for stat, style in zip((*_TOP, "median_abs"), ("o-", "s-", "^-", "k--")):
+        s = df[df.stat == stat].sort_values("layer")
+        if len(s):
+            ax.plot(s.layer, s.value, style, label=stat.replace("median_abs", "median"), ms=4)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (resid: input of block l)")
+    ax.set_ylabel("|x|")
+    ax.set_title(f"top |x| and median by layer, step {step}")
+    ax.legend()
+    return fig
+
+
+def figure_map(path: Path, step: int) -> Figure | None:
+    """|x| over positions × channels of the sequence and layer with the largest |x| of `step`."""
+    f = path / "maps" / f"step-{step:06d}.npz"
+    if not f.exists():
+        return None
+    z = np.load(f)
+    amap, tokens = z["map"], list(z["tokens"])
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    im = ax.imshow(amap, aspect="auto", interpolation="nearest", cmap="viridis")
+    fig.colorbar(im, ax=ax, label="|x|")
+    ax.set_xlabel("channel")
+    ax.set_ylabel("position (token)")
+    if len(tokens) <= 40:
+        ax.set_yticks(range(len(tokens)), [t[:12] for t in tokens], fontsize=6)
+    ax.set_title(f"|x| at layer {int(z['layer'])}, sequence {int(z['sequence'])}, step {step}")
+    return fig
+
+
+def figure_channels(run: Run, step: int) -> Figure:
+    """Channel (y) of the top-1/2/3 |x| at each layer (x); marker size by rank."""
+    df = _resid(run, step)
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for stat, size in zip(_TOP, (60, 35, 15)):
+        s = df[df.stat == stat]
+        if len(s):
+            ax.scatter(s.layer, s.channel.astype(float), s=size, label=stat, alpha=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("channel")
+    ax.set_title(f"channels of the top |x|, step {step}")
+    ax.legend()
+    return fig
+
+
+def figure_variance(run: Run) -> Figure:
+    """Mean per-token variance of `resid` by layer, one curve per step (checkpoint)."""
+    r = run.records
+    df = r[(r.site == "resid") & (r.stat == "var")]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    names = run.meta.get("config", {}).get("checkpoints") or []
+    for step, s in df.groupby("step"):
+        s = s.sort_values("layer")
+        label = Path(names[step]).name if step < len(names) else f"step {step}"
+        ax.plot(s.layer, s.value, "o-", ms=3, label=label)
+    if len(df) and df.value.max() / max(df.value.min(), 1e-30) > 100:
+        ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("variance over channels (mean over tokens)")
+    ax.set_title("variance by layer")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _summary(run: Run, step: int, massive: pd.DataFrame) -> pd.DataFrame:
+    df = _resid(run, step)
+    top = df[df.stat == "top1"].set_index("layer")
+    med = df[df.stat == "median_abs"].set_index("layer").value
+    out = pd.DataFrame({"top1": top.value, "token": top.token, "channel": top.channel, "median": med})
+    out["ratio"] = out.top1 / out["median"]
+    m = massive[massive.step == step] if len(massive) else massive
+    out["massive"] = m.groupby("layer").size().reindex(out.index).fillna(0).astype(int) if len(m) else 0
+    return out.reset_index()
+
+
+def build_scan_report(path: str | Path, out: str | Path | None = None) -> Path:
+    """Write the figures (PNG) and a self-contained report.html for the scan in `path` to `out`
+    (default `path/report`); returns the path of report.html."""
+    path = Path(path)
+    out = Path(out) if out is not None else path / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    run = load(path)
+    step = int(run.records.step.max())
+    mpath = path / "massive.csv"
+    massive = pd.read_csv(mpath, keep_default_na=False) if mpath.exists() else pd.DataFrame()
+    figs = {"top_by_layer": figure_top_by_layer(run, step), "map": figure_map(path, step),
+            "channels": figure_channels(run, step), "variance_by_layer": figure_variance(run)}
+    parts = []
+    for name, fig in figs.items():
+        if fig is None:
+            continue
+        png = out / f"{name}.png"
+        fig.savefig(png, dpi=110)
+        parts.append(f'<h2>{name}</h2><img src="data:image/png;base64,'
+                     f'{base64.b64encode(png.read_bytes()).decode("ascii")}">')
+    summary = _summary(run, step, massive)
+    summary.to_csv(out / "summary.csv", index=False)
+    names = run.meta.get("config", {}).get("checkpoints") or [run.name]
+    head = (f"<h1>Scan: {html.escape(run.meta.get('model_class', ''))}</h1>"
+            f"<p>placement <b>{html.escape(str(run.meta.get('placement')))}</b>, "
+            f"{run.meta.get('n_layers')} layers, d_model {run.meta.get('d_model')}; checkpoints: "
+            f"{html.escape(', '.join(map(str, names)))}. Massive activation (Sun et al. 2024): "
+            f"|x| &gt; 100 and ≥ 1000 × the layer's median |x|; {len(massive)} rows in massive.csv.</p>")
+    rows = massive.head(50).to_html(index=False) if len(massive) else "<p>none</p>"
+    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>lnprobe scan</title></head><body>"
+           f"{head}<h2>By layer (last checkpoint, resid)</h2>{summary.to_html(index=False)}"
+           f"<h2>Massive activations (first 50)</h2>{rows}{''.join(parts)}</body></html>")
+    report = out / "report.html"
+    report.write_text(doc, encoding="utf-8")
+    return report

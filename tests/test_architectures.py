@@ -1,0 +1,155 @@
+"""Standard models without overrides: the example input comes from the model's declared input
+(`main_input_name`, `config.is_encoder_decoder`), and the recorded `resid` statistics equal those
+computed from the model's own hidden states (the oracle of tests/test_oracle.py)."""
+import numpy as np
+import pytest
+import torch
+
+import lnprobe
+from lnprobe.discovery import discover
+
+transformers = pytest.importorskip("transformers")
+
+
+def reference_stats(h: np.ndarray) -> dict:
+    d = h.shape[-1]
+    flat = h.reshape(-1, d).astype(np.float64)
+    a = np.abs(flat).reshape(-1)
+    i = int(np.argmax(a))
+    return {"m2": (flat ** 2).mean(), "var": flat.var(-1).mean(), "absmax": a[i],
+            "token": (i // d) % h.shape[-2], "channel": i % d}
+
+
+def vit():
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                                 image_size=16, patch_size=4)
+    model = transformers.ViTModel(cfg)
+    x = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
+    return model, x, "hidden_states", "layers", "pre"
+
+
+def whisper():
+    cfg = transformers.WhisperConfig(d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                     num_mel_bins=16, max_source_positions=16, max_target_positions=32,
+                                     vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                     decoder_start_token_id=1)
+    model = transformers.WhisperModel(cfg)
+    gen = torch.Generator().manual_seed(1)
+    x = {"input_features": torch.randn(2, 16, 32, generator=gen),
+         "decoder_input_ids": torch.randint(0, 100, (2, 5), generator=gen)}
+    return model, x, "encoder_hidden_states", "encoder.layers", "pre"
+
+
+def t5():
+    cfg = transformers.T5Config(d_model=32, d_ff=64, num_layers=3, num_decoder_layers=2, num_heads=4, d_kv=8,
+                                vocab_size=100)
+    model = transformers.T5Model(cfg)
+    gen = torch.Generator().manual_seed(1)
+    x = {"input_ids": torch.randint(0, 100, (2, 7), generator=gen),
+         "decoder_input_ids": torch.randint(0, 100, (2, 5), generator=gen)}
+    return model, x, "encoder_hidden_states", "encoder.block", "pre"
+
+
+def modernbert():
+    # layer 0 has nn.Identity as attention norm (its input comes out of the embedding norm)
+    cfg = transformers.ModernBertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        cls_token_id=1, sep_token_id=2, attn_implementation="eager")
+    model = transformers.ModernBertModel(cfg)
+    x = {"input_ids": torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))}
+    return model, x, "hidden_states", "layers", "pre"
+
+
+ARCHS = {"vit": vit, "whisper": whisper, "t5": t5, "modernbert": modernbert}
+
+
+@pytest.mark.parametrize("kind", list(ARCHS))
+def test_discovered_without_overrides(kind):
+    torch.manual_seed(0)
+    model, _, _, blocks, placement = ARCHS[kind]()
+    m = discover(model)
+    assert (m.blocks_path, m.placement, m.n_layers) == (blocks, placement, 3)
+    assert all("attn_out" in b.points and "mlp_out" in b.points for b in m.blocks)
+
+
+@pytest.mark.parametrize("kind", list(ARCHS))
+def test_resid_records_equal_hidden_states(tmp_path, kind):
+    torch.manual_seed(0)
+    model, x, hidden, _, placement = ARCHS[kind]()
+    model.eval()
+    with lnprobe.attach(model, tmp_path / kind, record="all") as probe:
+        with torch.no_grad():
+            out = model(**x, output_hidden_states=True)
+        probe.step()
+    run = lnprobe.load_run(tmp_path / kind)
+    assert run.meta["placement"] == placement
+    r = run.records[run.records.site == "resid"]
+    states = getattr(out, hidden)
+    for layer in range(3):
+        ref = reference_stats(states[layer].numpy())
+        rows = r[r.layer == layer].set_index("stat")
+        for stat in ("m2", "var", "absmax"):
+            assert rows.loc[stat, "value"] == pytest.approx(ref[stat], rel=1e-5), (kind, layer, stat)
+        assert (rows.loc["absmax", "token"], rows.loc["absmax", "channel"]) == (ref["token"], ref["channel"])
+
+
+def test_opt_flattened_mlp_records_sequence_positions(tmp_path):
+    """OPT runs its MLP on (B·T, D): the located statistics there still name positions 0..T-1."""
+    cfg = transformers.OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                 max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2,
+                                 eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.OPTModel(cfg).eval()
+    ids = torch.randint(3, 100, (3, 10), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    h = model.decoder.layers[0].fc2.register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
+    with lnprobe.attach(model, tmp_path / "opt", record="all", sites="all") as probe:
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+        probe.step()
+    h.remove()
+    r = lnprobe.load_run(tmp_path / "opt").records
+    located = r[r.stat.isin(["absmax", "top1", "top2", "top3"])]
+    assert located.token.max() < 10
+    for site, t in (("mlp_out", seen["y"]), ("mlp_act", seen["x"])):
+        ref = reference_stats(t.reshape(3, 10, -1).numpy())
+        row = r[(r.site == site) & (r.layer == 0) & (r.stat == "absmax")].iloc[0]
+        assert (row.value, row.token, row.channel) == (pytest.approx(ref["absmax"], rel=1e-6), ref["token"],
+                                                       ref["channel"])
+    ref = reference_stats(out.hidden_states[1].numpy())
+    row = r[(r.site == "resid") & (r.layer == 1) & (r.stat == "absmax")].iloc[0]
+    assert (row.token, row.channel) == (ref["token"], ref["channel"])
+
+
+MOE = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+       "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=48)}
+
+
+@pytest.mark.parametrize("kind", list(MOE))
+def test_mixture_of_experts_roles(tmp_path, kind):
+    cfg = transformers.AutoConfig.for_model(kind, vocab_size=100, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                            max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                                            eos_token_id=2, attn_implementation="eager", **MOE[kind])
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(cfg).eval()
+    m = discover(model)
+    assert m.placement == "pre"
+    roles = {n: v["role"] for n, v in m.param_roles.items() if n.startswith("layers.0.mlp")}
+    assert roles["layers.0.mlp.gate.weight"] == "mlp.router"
+    assert {r for n, r in roles.items() if ".experts." in n} == {"mlp.experts"}
+    shared = {r for n, r in roles.items() if "shared" in n}
+    assert shared == ({"mlp.shared"} if kind == "qwen2_moe" else set())
+    assert "mlp_act" not in m.blocks[0].points and "mlp_out" in m.blocks[0].points
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with lnprobe.attach(model, tmp_path / kind, record="all") as probe:
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+        probe.step()
+    r = lnprobe.load_run(tmp_path / kind).records
+    for layer in range(2):
+        ref = reference_stats(out.hidden_states[layer].numpy())
+        row = r[(r.site == "resid") & (r.layer == layer) & (r.stat == "m2")].iloc[0]
+        assert row.value == pytest.approx(ref["m2"], rel=1e-5)
