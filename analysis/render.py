@@ -67,6 +67,7 @@ def split_instrument(records: Iterable[dict[str, Any]]) -> tuple[list[dict], lis
 
 
 def counts(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Number of records per status (pass, fail, n/a, and any other status found)."""
     out = {"pass": 0, "fail": 0, "n/a": 0}
     for r in records:
         out[r.get("status", "n/a")] = out.get(r.get("status", "n/a"), 0) + 1
@@ -95,6 +96,7 @@ def md_code(x: object) -> str:
 
 
 def markdown_table(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The verdict table as Markdown lines, one row per record, every cell escaped (:func:`md_text`)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for v in records:
         c = {k: md_text(x) for k, x in verdict_cells(v).items()}
@@ -165,12 +167,19 @@ body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #aaa;padding:3px 6px;vertical-align:top}
 th{background:#eee}img{max-width:100%}
 </style></head><body><h1>lnprobe report</h1>
-<p>Runs: {% for r in runs %}<code>{{ r.name }}</code> ({{ r.placement }}, {{ r.path }}){% if not loop.last %}, {% endif %}{% endfor %}</p>
-{% if load_notes %}<h2>Loading notes</h2><p>Some input could not be read; the report below is built from the rest.</p><ul>{% for n in load_notes %}<li>{{ n }}</li>{% endfor %}</ul>{% endif %}
+<p>Runs: {% for r in runs %}<code>{{ r.name }}</code> ({{ r.placement }}, {{ r.path }})
+{%- if not loop.last %}, {% endif %}{% endfor %}</p>
+{% if load_notes %}
+<h2>Loading notes</h2><p>Some input could not be read; the report below is built from the rest.</p>
+<ul>{% for n in load_notes %}<li>{{ n }}</li>{% endfor %}</ul>
+{% endif %}
 {% for title, intro, rows, c in sections %}
 <h2>{{ title }}</h2><p>{{ intro }}</p>
 <table><tr>{% for col in columns %}<th>{{ col }}</th>{% endfor %}</tr>
-{% for row in rows %}<tr>{% for col in columns %}{% if col == 'status' %}<td style='background:{{ colour.get(row.status, "#fff") }}'><b>{{ row.status }}</b></td>{% elif col == 'id' %}<td><code>{{ row.id }}</code></td>{% else %}<td>{{ row[col] }}</td>{% endif %}{% endfor %}</tr>
+{% for row in rows %}<tr>{% for col in columns %}
+{%- if col == 'status' %}<td style='background:{{ colour.get(row.status, "#fff") }}'><b>{{ row.status }}</b></td>
+{%- elif col == 'id' %}<td><code>{{ row.id }}</code></td>
+{%- else %}<td>{{ row[col] }}</td>{% endif %}{% endfor %}</tr>
 {% endfor %}</table>
 <p>{{ c['pass'] }} pass, {{ c['fail'] }} fail, {{ c['n/a'] }} not applicable.</p>
 {% endfor %}
@@ -181,7 +190,10 @@ th{background:#eee}img{max-width:100%}
 <h3>{{ f.name }}</h3><p>{{ f.caption }}</p><img alt='{{ f.name }}' src='data:image/png;base64,{{ f.data }}'>
 {% if f.partial %}<p><i>Not shown in this figure: {{ f.partial }}.</i></p>{% endif %}
 {% endfor %}
-{% if missing %}<h2>Figures that could not be made</h2><ul>{% for k, v in missing.items() %}<li><code>{{ k }}</code>: {{ v }}</li>{% endfor %}</ul>{% endif %}
+{% if missing %}
+<h2>Figures that could not be made</h2>
+<ul>{% for k, v in missing.items() %}<li><code>{{ k }}</code>: {{ v }}</li>{% endfor %}</ul>
+{% endif %}
 </body></html>
 """)
 
@@ -189,6 +201,7 @@ th{background:#eee}img{max-width:100%}
 def html_report(*, runs: Sequence[dict[str, str]], records: Sequence[dict[str, Any]], summary: Sequence[str],
                 honesty: str, figures: dict[str, dict[str, Path]], captions: dict[str, str],
                 partial: dict[str, list[str]], missing: dict[str, str], load_notes: Sequence[str]) -> str:
+    """report.html: one self-contained page (PNGs inline), every quoted value HTML-escaped by Jinja2."""
     theory_v, instr = split_instrument(records)
     sections = [("Verdicts", "m = measured (mean over runs, 95 % t-interval in brackets when n ≥ 2), p = predicted; "
                  "every number is in verdicts.json.", [verdict_cells(v) for v in theory_v], counts(theory_v))]

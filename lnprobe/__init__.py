@@ -33,9 +33,9 @@ _SUBMODULES = ("analysis", "checkpoint", "cli", "constants", "data", "discovery"
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time these load on first use
     from . import analysis, integrations  # noqa: F401
     from .probe import Probe, attach  # noqa: F401
-    from .sites import ALL_SITES  # noqa: F401
-    from .schedule import Schedule  # noqa: F401
     from .rundir import RunExistsError, RunLockedError  # noqa: F401
+    from .schedule import Schedule  # noqa: F401
+    from .sites import ALL_SITES  # noqa: F401
     from .store import Run, load_run  # noqa: F401
     from .validate import RunDirectoryError  # noqa: F401
 

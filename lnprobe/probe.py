@@ -42,12 +42,12 @@ from torch import nn
 from . import distributed as D
 from . import stats as S
 from .hooks import SiteObserver
+from .options import first_step, legacy_resume, parse_sites, parse_stats
+from .rundir import check_claim
 from .runtime import close_at_exit, is_fsdp2, local_shard, loss_scale, scaler_enabled, version
 from .schedule import Schedule
-from .options import first_step, legacy_resume, parse_sites, parse_stats
-from .steprows import Rows, SiteAccumulator, StepRows, StepRowsBuilder, scalar_frame
 from .sites import ALL_SITES, SiteKey
-from .rundir import check_claim
+from .steprows import Rows, SiteAccumulator, StepRows, StepRowsBuilder, scalar_frame
 from .store import RunWriter
 
 DEFAULT_SITES = ALL_SITES
@@ -173,7 +173,8 @@ class Probe:
         missing = sorted(set(sites_wanted) - {k[0] for k in self._acc})
         if missing:
             self._notes.append(f"sites not found in this model and not recorded: {missing}")
-        self._observer = SiteObserver(self._acc, self._grad_keys, self._records_forward, self._notes, self._failed_points)
+        self._observer = SiteObserver(self._acc, self._grad_keys, self._records_forward, self._notes,
+                                      self._failed_points)
         self._register(by_point)
 
         self._params = [(n, p) for n, p in self.model.named_parameters()]
@@ -452,6 +453,7 @@ class Probe:
 
     @property
     def hook_count(self) -> int:
+        """Hooks registered now (0 after ``close()``)."""
         return len(self._handles)
 
     @property

@@ -117,6 +117,7 @@ class RunLock:
                       stacklevel=5)
 
     def release(self) -> None:
+        """Remove the lock file if it is still this writer's (idempotent)."""
         self._finalizer()
 
 

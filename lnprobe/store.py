@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow as pa  # imported with the writer, so the first flush of a run does not pay for it
 import pyarrow.parquet as pq
 
-from .rundir import RunExistsError, RunLock, RunLockedError, check_claim, existing_run
+from .rundir import RunExistsError, RunLock, RunLockedError, check_claim
 from .validate import MAX_LAYERS, RunDirectoryError, load_meta, read_part
 
 __all__ = ["RECORD_SCHEMA", "RECORD_COLUMNS", "Run", "RunWriter", "load_run", "read_meta", "write_meta",
@@ -218,6 +218,7 @@ class RunWriter:
         self.lock.release()
 
     def update_meta(self, **fields: Any) -> None:
+        """Add or replace keys of meta.json (rewritten atomically)."""
         self.meta.update(fields)
         write_meta(self.path, self.meta)
 
@@ -302,6 +303,7 @@ class Run:
 
     @property
     def name(self) -> str:
+        """meta ``run_name``, else the directory's name."""
         return str(self.meta.get("run_name") or self.path.name)
 
     # -- configuration -------------------------------------------------------------------------
@@ -349,11 +351,13 @@ class Run:
 
     @property
     def d_model(self) -> int | None:
+        """D from meta, else config.model; None when neither says."""
         v = self.meta.get("d_model") or self.model_config.get("d_model")
         return int(v) if v is not None else None
 
     @property
     def status(self) -> str:
+        """meta ``status`` (running, finished, crashed, interrupted, ...), else "unknown"."""
         return str(self.meta.get("status") or "unknown")
 
     # -- record access -------------------------------------------------------------------------
@@ -364,10 +368,12 @@ class Run:
         return self._index
 
     def has(self, site: str, stat: str) -> bool:
+        """Whether any row of (site, stat) was recorded."""
         return (site, stat) in self._groups()
 
     @property
     def sites(self) -> list[str]:
+        """Recorded site names, sorted (``param:*`` included)."""
         return sorted({s for s, _ in self._groups()})
 
     def frame(self, site: str, stat: str) -> pd.DataFrame:

@@ -72,14 +72,17 @@ def number(lo: float, hi: float) -> Callable[[Any], str | None]:
 
 
 def text(max_len: int = 10_000) -> Callable[[Any], str | None]:
+    """A string of at most ``max_len`` characters."""
     return lambda v: None if isinstance(v, str) and len(v) <= max_len else f"a string of at most {max_len} characters"
 
 
 def one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    """One of ``choices``."""
     return lambda v: None if v in choices else f"one of {', '.join(choices)}"
 
 
 def kind(*types: type) -> Callable[[Any], str | None]:
+    """An instance of one of ``types`` (JSON object: dict, array: list)."""
     names = " or ".join({dict: "an object", list: "a list", bool: "true/false", str: "a string"}.get(t, t.__name__)
                         for t in types)
     return lambda v: None if isinstance(v, types) else names

@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +135,8 @@ def test_one_run_type_and_one_reader():
     assert lnprobe.load_run is store.load_run is analysis.load is analysis.io.load
     assert analysis.io.RECORD_COLUMNS is store.RECORD_COLUMNS
     assert analysis.io.FP16_MAX is analysis.massive.FP16_MAX is constants.FP16_MAX
-    assert (analysis.massive.MASSIVE_ABS, analysis.massive.MASSIVE_RATIO) == (constants.MASSIVE_ABS, constants.MASSIVE_RATIO)
+    assert ((analysis.massive.MASSIVE_ABS, analysis.massive.MASSIVE_RATIO)
+            == (constants.MASSIVE_ABS, constants.MASSIVE_RATIO))
     # no second definition of the schema or of a run type in the sources
     sources = {p: p.read_text() for d in ("lnprobe", "analysis") for p in (REPO / d).rglob("*.py")}
     assert [p.name for p, s in sources.items() if re.search(r"\nclass Run\b", s)] == ["store.py"]
