@@ -27,7 +27,7 @@ import pyarrow as pa  # imported with the writer, so the first flush of a run do
 import pyarrow.parquet as pq
 
 from .rundir import RunExistsError, RunLock, RunLockedError, check_claim
-from .validate import MAX_LAYERS, RunDirectoryError, load_meta, read_part
+from .validate import MAX_LAYERS, RunDirectoryError, conform, load_meta, read_part
 
 __all__ = ["RECORD_SCHEMA", "RECORD_COLUMNS", "Run", "RunWriter", "load_run", "read_meta", "write_meta",
            "read_records", "records_frame", "trim", "RunDirectoryError", "RunExistsError", "RunLockedError"]
@@ -122,31 +122,6 @@ def _nullable_int(values: np.ndarray) -> pd.arrays.IntegerArray:
     return pd.arrays.IntegerArray(np.where(missing, 0, values).astype(np.int64), missing)
 
 
-def _conform(df: pd.DataFrame) -> pd.DataFrame:
-    """Coerce a frame read from disk to the schema: columns in schema order, missing ones added,
-    integer/float dtypes fixed (a part written by another tool may differ). String columns keep the
-    string dtype pandas reads them with."""
-    n = len(df)
-    out = {}
-    for col, dtype in RECORD_SCHEMA.items():
-        if col not in df.columns:
-            s = pd.Series([pd.NA if dtype == "Int64" else None] * n, dtype=object)
-        else:
-            s = df[col]
-            if str(s.dtype) == dtype or (dtype == "str" and pd.api.types.is_string_dtype(s.dtype)):
-                out[col] = s.reset_index(drop=True)
-                continue
-        if dtype == "int64":
-            out[col] = pd.to_numeric(s, errors="coerce").fillna(-1).astype("int64").to_numpy()
-        elif dtype == "float64":
-            out[col] = pd.to_numeric(s, errors="coerce").astype("float64").to_numpy()
-        elif dtype == "Int64":
-            out[col] = pd.to_numeric(s, errors="coerce").astype("Int64").array
-        else:
-            out[col] = s.astype(str).to_numpy(dtype=object) if n else np.array([], dtype=object)
-    return pd.DataFrame(out)
-
-
 def read_records(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """Concatenate every valid part in name order (``records.parquet`` of an old run when there are
     no parts); return (records in the schema, paths of skipped parts). A part that is unreadable or
@@ -172,7 +147,7 @@ def _read_parts(run_dir: Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
             frames.append(frame)
     if not frames:
         return records_frame(*(np.array([]) for _ in range(7))), skipped
-    return _conform(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]), skipped
+    return conform(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0], RECORD_SCHEMA), skipped
 
 
 class RunWriter:

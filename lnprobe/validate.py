@@ -234,3 +234,28 @@ def read_part(path: str | Path) -> tuple[pd.DataFrame | None, str | None]:
         if lo < -1 or hi > MAX_LAYERS:
             return None, f"wrong values: layer in [{lo}, {hi}], expected [-1, {MAX_LAYERS}]"
     return frame, None
+
+
+def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
+    """Cast records that passed :func:`read_part` to ``schema`` (``lnprobe.store.RECORD_SCHEMA``):
+    columns in schema order, missing optional ones added as <NA>, integer/float dtypes fixed (a part
+    written by another tool may use int32 or float). String columns keep the dtype pandas read."""
+    n = len(df)
+    out = {}
+    for col, dtype in schema.items():
+        if col not in df.columns:
+            s = pd.Series([pd.NA if dtype == "Int64" else None] * n, dtype=object)
+        else:
+            s = df[col]
+            if str(s.dtype) == dtype or (dtype == "str" and pd.api.types.is_string_dtype(s.dtype)):
+                out[col] = s.reset_index(drop=True)
+                continue
+        if dtype == "int64":
+            out[col] = pd.to_numeric(s, errors="coerce").fillna(-1).astype("int64").to_numpy()
+        elif dtype == "float64":
+            out[col] = pd.to_numeric(s, errors="coerce").astype("float64").to_numpy()
+        elif dtype == "Int64":
+            out[col] = pd.to_numeric(s, errors="coerce").astype("Int64").array
+        else:
+            out[col] = s.astype(str).to_numpy(dtype=object) if n else np.array([], dtype=object)
+    return pd.DataFrame(out)
