@@ -161,10 +161,6 @@ def _check_fields(obj: dict, fields: dict[str, Callable[[Any], str | None]], pre
     return out
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")  # json.loads accepts NaN/Infinity by default; the schema does not
-
-
 def load_meta(path: str | Path) -> dict[str, Any]:
     """Parse and check ``path`` (a meta.json); :class:`RunDirectoryError` naming the file, the field and
     what was expected when it is not valid JSON, not an object, or breaks the schema."""
@@ -177,8 +173,9 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     if not raw.strip():
         raise RunDirectoryError(f"{path}: meta.json is empty (expected a JSON object); {advice}")
     try:
-        meta = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, NaN/Infinity, bad UTF-8, absurd nesting
+        # NaN/Infinity parse (Python's json module writes them); the checked fields reject them below
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
         raise RunDirectoryError(f"{path}: meta.json is not valid JSON ({exc}); {advice}") from None
     problems = meta_problems(meta)
     if problems:

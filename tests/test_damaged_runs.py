@@ -172,7 +172,9 @@ BAD_META = {
     "list": ("[1, 2, 3]", "top level: expected an object, found list"),
     "eight": ('{"n_layers": "eight"}', "field 'n_layers': expected an integer in [0, 100000], found str \"eight\""),
     "1e308": ('{"n_layers": 1e308}', "field 'n_layers': expected an integer in [0, 100000], found float 1e+308"),
-    "nan": ('{"config": {"train": {"lr": NaN}}}', "not valid JSON (NaN is not JSON)"),
+    "nan": ('{"config": {"train": {"lr": NaN}}}', "field 'config.train.lr': expected a finite number in [0, 1e+06], "
+            "found float nan"),
+    "inf": ('{"last_step": Infinity}', "field 'last_step': expected an integer in [-1, "),
     "nan_model": ('{"d_model": 64.5}', "field 'd_model': expected an integer"),
     "placement": ('{"placement": "sideways"}', "field 'placement': expected one of pre, post, peri"),
     "huge": ('{"n_layers": 300000000}', "found int 300000000"),
@@ -191,6 +193,9 @@ def test_damaged_meta_is_one_line_naming_file_and_field(tmp_path, case, capsys):
     assert msg.startswith(f"{d / 'meta.json'}: ") and match in msg and "delete it" in msg, msg
     one_line_error(capsys, ["report", str(d), "--out", str(tmp_path / "out")], str(d / "meta.json"))
     assert not (tmp_path / "out" / "report.md").exists()
+    one_line_error(capsys, ["compare", str(d), str(write_run(tmp_path / "ok")), "--out", str(tmp_path / "out")],
+                   str(d / "meta.json"))
+    one_line_error(capsys, ["export", "--tensorboard", str(d), "--out", str(tmp_path / "tb")], str(d / "meta.json"))
 
 
 def test_huge_n_layers_fails_fast_with_bounded_memory(tmp_path):
