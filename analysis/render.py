@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -66,23 +67,42 @@ def split_instrument(records: Iterable[dict[str, Any]]) -> tuple[list[dict], lis
 
 
 def counts(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Number of records per status (pass, fail, n/a, and any other status found)."""
     out = {"pass": 0, "fail": 0, "n/a": 0}
     for r in records:
         out[r.get("status", "n/a")] = out.get(r.get("status", "n/a"), 0) + 1
     return out
 
 
-def _md_cell(x: object) -> str:
-    return str(x).replace("|", "\\|").replace("\n", " ")
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]|<>#!"})
+_MD_SPECIAL.update({ord("&"): "&amp;", ord("<"): "&lt;", ord(">"): "&gt;", ord("\n"): " ", ord("\r"): " "})
+
+
+def md_text(x: object) -> str:
+    """Text quoted into Markdown as text: HTML (``<script>``) becomes entities, Markdown markup
+    (backticks, emphasis, links, table pipes) is backslash-escaped, line breaks become spaces, so a
+    run name or a message from a damaged file can neither inject HTML nor break a table."""
+    return str(x).translate(_MD_SPECIAL)
+
+
+def md_code(x: object) -> str:
+    """``x`` as a Markdown code span (shown literally, HTML not interpreted): the fence is one backtick
+    longer than the longest run of backticks inside; pipes are escaped for tables, lines joined."""
+    text = " ".join(str(x).splitlines()).replace("|", "\\|")
+    longest = max((len(m) for m in re.findall("`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def markdown_table(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The verdict table as Markdown lines, one row per record, every cell escaped (:func:`md_text`)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for v in records:
-        c = verdict_cells(v)
-        c["status"] = f"**{c['status'].upper()}**"
-        c["id"] = f"`{c['id']}`"
-        lines.append("| " + " | ".join(_md_cell(c[k]) for k in COLUMNS) + " |")
+        c = {k: md_text(x) for k, x in verdict_cells(v).items()}
+        c["status"] = f"**{md_text(verdict_cells(v)['status'].upper())}**"
+        c["id"] = md_code(v["id"])
+        lines.append("| " + " | ".join(c[k] for k in COLUMNS) + " |")
     return lines
 
 
@@ -108,22 +128,37 @@ def verdict_sections_md(records: Sequence[dict[str, Any]]) -> list[str]:
 def markdown_report(*, runs: Sequence[dict[str, str]], records: Sequence[dict[str, Any]], summary: Sequence[str],
                     honesty: str, figures: dict[str, dict[str, Path]], captions: dict[str, str],
                     partial: dict[str, list[str]], missing: dict[str, str], load_notes: Sequence[str]) -> str:
-    lines = ["# lnprobe report", "", "Runs: " + ", ".join(f"`{r['name']}` ({r['placement']}, {r['path']})" for r in runs), ""]
+    """report.md. Everything quoted from the runs (names, paths, notes, messages) goes through
+    :func:`md_text` (code spans only hold names made here: verdict ids, figure names); what could not
+    be read is listed first."""
+    lines = ["# lnprobe report", "", "Runs: " + ", ".join(f"**{md_text(r['name'])}** ({md_text(r['placement'])}, "
+                                                          f"{md_text(r['path'])})" for r in runs), ""]
+    if load_notes:
+        lines += ["## Loading notes", "", "Some input could not be read; the report below is built from the rest.",
+                  ""] + [f"- {md_text(n)}" for n in load_notes] + [""]
     lines += verdict_sections_md(records)
-    lines += ["## Summary", ""] + [f"- {s}" for s in summary] + [""]
-    lines += ["## Honest limits", "", honesty, ""]
+    lines += ["## Summary", ""] + [f"- {_md_summary(s, runs)}" for s in summary] + [""]
+    lines += ["## Honest limits", "", md_text(honesty), ""]
     lines += ["## Figures", ""]
     for name, paths in figures.items():
-        img = f"![{name}]({paths['png'].name})"
-        lines += [f"### {name}", "", captions.get(name, ""), "",
+        img = f"![{md_text(name)}]({paths['png'].name})"
+        lines += [f"### {md_text(name)}", "", md_text(captions.get(name, "")), "",
                   img + (f" ([SVG]({paths['svg'].name}))" if "svg" in paths else ""), ""]
         if name in partial:
-            lines += [f"Not shown in this figure: {'; '.join(partial[name])}.", ""]
+            lines += [f"Not shown in this figure: {md_text('; '.join(partial[name]))}.", ""]
     if missing:
-        lines += ["## Figures that could not be made", ""] + [f"- `{k}`: {v}" for k, v in missing.items()] + [""]
-    if load_notes:
-        lines += ["## Loading notes", ""] + [f"- {n}" for n in load_notes] + [""]
+        lines += ["## Figures that could not be made", ""] + [f"- {md_code(k)}: {md_text(v)}"
+                                                              for k, v in missing.items()] + [""]
     return "\n".join(lines)
+
+
+def _md_summary(s: str, runs: Sequence[dict[str, str]]) -> str:
+    """A summary paragraph (report._run_summary: "**name** ...") with the run name bold and escaped."""
+    for r in runs:
+        head = f"**{r['name']}**"
+        if s.startswith(head):
+            return f"**{md_text(r['name'])}**{md_text(s[len(head):])}"
+    return md_text(s)
 
 
 _HTML = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string("""\
@@ -132,11 +167,19 @@ body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #aaa;padding:3px 6px;vertical-align:top}
 th{background:#eee}img{max-width:100%}
 </style></head><body><h1>lnprobe report</h1>
-<p>Runs: {% for r in runs %}<code>{{ r.name }}</code> ({{ r.placement }}, {{ r.path }}){% if not loop.last %}, {% endif %}{% endfor %}</p>
+<p>Runs: {% for r in runs %}<code>{{ r.name }}</code> ({{ r.placement }}, {{ r.path }})
+{%- if not loop.last %}, {% endif %}{% endfor %}</p>
+{% if load_notes %}
+<h2>Loading notes</h2><p>Some input could not be read; the report below is built from the rest.</p>
+<ul>{% for n in load_notes %}<li>{{ n }}</li>{% endfor %}</ul>
+{% endif %}
 {% for title, intro, rows, c in sections %}
 <h2>{{ title }}</h2><p>{{ intro }}</p>
 <table><tr>{% for col in columns %}<th>{{ col }}</th>{% endfor %}</tr>
-{% for row in rows %}<tr>{% for col in columns %}{% if col == 'status' %}<td style='background:{{ colour.get(row.status, "#fff") }}'><b>{{ row.status }}</b></td>{% elif col == 'id' %}<td><code>{{ row.id }}</code></td>{% else %}<td>{{ row[col] }}</td>{% endif %}{% endfor %}</tr>
+{% for row in rows %}<tr>{% for col in columns %}
+{%- if col == 'status' %}<td style='background:{{ colour.get(row.status, "#fff") }}'><b>{{ row.status }}</b></td>
+{%- elif col == 'id' %}<td><code>{{ row.id }}</code></td>
+{%- else %}<td>{{ row[col] }}</td>{% endif %}{% endfor %}</tr>
 {% endfor %}</table>
 <p>{{ c['pass'] }} pass, {{ c['fail'] }} fail, {{ c['n/a'] }} not applicable.</p>
 {% endfor %}
@@ -147,8 +190,10 @@ th{background:#eee}img{max-width:100%}
 <h3>{{ f.name }}</h3><p>{{ f.caption }}</p><img alt='{{ f.name }}' src='data:image/png;base64,{{ f.data }}'>
 {% if f.partial %}<p><i>Not shown in this figure: {{ f.partial }}.</i></p>{% endif %}
 {% endfor %}
-{% if missing %}<h2>Figures that could not be made</h2><ul>{% for k, v in missing.items() %}<li><code>{{ k }}</code>: {{ v }}</li>{% endfor %}</ul>{% endif %}
-{% if load_notes %}<h2>Loading notes</h2><ul>{% for n in load_notes %}<li>{{ n }}</li>{% endfor %}</ul>{% endif %}
+{% if missing %}
+<h2>Figures that could not be made</h2>
+<ul>{% for k, v in missing.items() %}<li><code>{{ k }}</code>: {{ v }}</li>{% endfor %}</ul>
+{% endif %}
 </body></html>
 """)
 
@@ -156,6 +201,7 @@ th{background:#eee}img{max-width:100%}
 def html_report(*, runs: Sequence[dict[str, str]], records: Sequence[dict[str, Any]], summary: Sequence[str],
                 honesty: str, figures: dict[str, dict[str, Path]], captions: dict[str, str],
                 partial: dict[str, list[str]], missing: dict[str, str], load_notes: Sequence[str]) -> str:
+    """report.html: one self-contained page (PNGs inline), every quoted value HTML-escaped by Jinja2."""
     theory_v, instr = split_instrument(records)
     sections = [("Verdicts", "m = measured (mean over runs, 95 % t-interval in brackets when n ≥ 2), p = predicted; "
                  "every number is in verdicts.json.", [verdict_cells(v) for v in theory_v], counts(theory_v))]

@@ -14,7 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["attach", "load_run", "inspect", "Probe", "Run", "Schedule", "ALL_SITES"]
+__all__ = ["attach", "load_run", "inspect", "Probe", "Run", "Schedule", "ALL_SITES", "RunExistsError",
+           "RunLockedError", "RunDirectoryError"]
 __version__ = "0.1.0"
 
 # public name -> the submodule that defines it
@@ -22,18 +23,21 @@ _LAZY_NAMES = {
     "attach": "probe", "Probe": "probe", "ALL_SITES": "sites",
     "Schedule": "schedule",
     "Run": "store", "load_run": "store",
+    "RunExistsError": "rundir", "RunLockedError": "rundir", "RunDirectoryError": "validate",
 }
 # submodules reachable as attributes right after ``import lnprobe`` (lnprobe.integrations.hf, ...)
 _SUBMODULES = ("analysis", "checkpoint", "cli", "constants", "data", "discovery", "distributed", "export",
                "integrations", "launch", "models", "testing",
-               "probe", "schedule", "sites", "stats", "store", "train")
+               "probe", "rundir", "schedule", "sites", "stats", "store", "train", "validate")
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time these load on first use
     from . import analysis, integrations  # noqa: F401
     from .probe import Probe, attach  # noqa: F401
+    from .rundir import RunExistsError, RunLockedError  # noqa: F401
     from .schedule import Schedule  # noqa: F401
     from .sites import ALL_SITES  # noqa: F401
     from .store import Run, load_run  # noqa: F401
+    from .validate import RunDirectoryError  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -12,13 +12,13 @@ to do, and exit code 2. Errors raised while training runs are real bugs and keep
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from .launch import ConfigError
-
 from .testing import HF_TYPES
 
 __all__ = ["main", "build_parser", "summarize_run", "DEMO_PLACEMENTS", "DEMO_STEPS", "DEMO_EVERY"]
@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a run directory (TensorBoard event files)")
     p.add_argument("--tensorboard", metavar="RUN", required=True, help="run directory to export as TensorBoard events")
-    p.add_argument("--out", metavar="DIR", required=True, help="directory for the event files (tensorboard --logdir DIR)")
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="directory for the event files (tensorboard --logdir DIR)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("scan", help="scan Hugging Face checkpoints (eval mode, no gradients) for massive "
@@ -305,9 +306,21 @@ def _train_parallel(configs: list, train_cfg, out: Path, jobs: int, shape: str) 
 
 def _check_run_dir(r: Path) -> None:
     if not (r / "meta.json").is_file():
-        what = "does not exist" if not r.exists() else "has no meta.json"
+        what = "does not exist" if not r.exists() else "is a file" if not r.is_dir() else "has no meta.json"
         _die(f"{r} is not an lnprobe run directory ({what}); pass directories written by "
              f"'lnprobe train --out DIR' or lnprobe.attach(model, DIR)")
+
+
+def _check_out_dir(out: Path, flag: str = "--out") -> None:
+    """``out`` must be a directory this process can create or write into (checked before any work)."""
+    if out.exists() and not out.is_dir():
+        _die(f"{flag} {out} is a file, expected a directory (it is created if missing); choose another path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _die(f"cannot create {flag} {out}: {exc.strerror or exc}; choose a writable directory")
+    if not os.access(out, os.W_OK | os.X_OK):
+        _die(f"{flag} {out} is not writable; choose a writable directory")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -317,6 +330,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for r in runs:
         _check_run_dir(r)
     out = Path(args.out)
+    _check_out_dir(out)
     _build_report(runs, out)
     print(f"report: {_report_file(out)}")
     return 0
@@ -327,6 +341,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_tensorboard
 
     _check_run_dir(Path(args.tensorboard))
+    _check_out_dir(Path(args.out))
     try:
         out = export_tensorboard(args.tensorboard, args.out)
     except ImportError as exc:  # tensorboard is an optional dependency; the message says how to install it
@@ -394,8 +409,10 @@ def _build_report(runs: list[Path], out: Path):
              f"{', '.join(str(r) for r in runs)}: inspect them with lnprobe.load_run")
     try:
         return build_report([str(r) for r in runs], str(out))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # RunDirectoryError: a damaged meta.json, named in the message
         _die(exc)
+    except OSError as exc:  # e.g. the disk filled up, or a file under --out is not writable
+        _die(f"cannot write the report to {out}: {exc}")
 
 
 def _report_file(report_dir: Path) -> Path:

@@ -42,11 +42,12 @@ from torch import nn
 from . import distributed as D
 from . import stats as S
 from .hooks import SiteObserver
+from .options import first_step, legacy_resume, parse_sites, parse_stats
+from .rundir import check_claim
 from .runtime import close_at_exit, is_fsdp2, local_shard, loss_scale, scaler_enabled, version
 from .schedule import Schedule
-from .options import first_step, legacy_resume, parse_sites, parse_stats
-from .steprows import Rows, SiteAccumulator, StepRows, StepRowsBuilder, scalar_frame
 from .sites import ALL_SITES, SiteKey
+from .steprows import Rows, SiteAccumulator, StepRows, StepRowsBuilder, scalar_frame
 from .store import RunWriter
 
 DEFAULT_SITES = ALL_SITES
@@ -85,6 +86,7 @@ class Probe:
         process_group: Any = None,
         start_step: int | None = None,
         append: bool | None = None,
+        overwrite: bool = False,
     ):
         """Discover the model's blocks and sites, register the hooks and write meta.json.
 
@@ -103,13 +105,17 @@ class Probe:
             scaler: a ``torch.amp.GradScaler``: hidden-state gradients are divided by its scale.
             config: a dict stored under ``config`` in meta.json.
             run_name: the run's name in meta.json (default: the directory's name).
-            resume: False: a new run (earlier parts in ``out`` are removed); True: append to ``out`` and
-                continue after the last step recorded in its meta.json; an int k: append, the first step is k.
+            resume: False: a new run (``out`` must not hold a run, see ``overwrite``); True: append to ``out``
+                and continue after the last step recorded in its meta.json; an int k: append, the first step is k.
             distributed: None: reduce across ranks when torch.distributed has more than one rank; False:
                 every rank records alone (give each its own ``out``); True: require it.
             process_group: the group to reduce over (default: the world).
             start_step: deprecated, use ``resume``: with ``append=True`` the same as ``resume=start_step``.
             append: deprecated, use ``resume``.
+            overwrite: replace a run already in ``out``: its meta.json and record parts are deleted (once the
+                probe is set up, just before the new meta.json is written). Without it, or ``resume``, a
+                directory holding a run raises ``RunExistsError``; a directory another writer holds raises
+                ``RunLockedError`` (see ``lnprobe.rundir``). Both are raised before anything is touched.
         """
         from .discovery import discover, unwrap
 
@@ -119,6 +125,12 @@ class Probe:
             raise ValueError(f"flush_every must be ≥ 1, found {flush_every}")
         resume = legacy_resume(resume, start_step, append)
         self.schedule = Schedule.parse(every)
+        self._dist = D.context(process_group) if distributed in (None, True) else None
+        if distributed and self._dist is None:
+            raise RuntimeError("lnprobe.attach(distributed=True): torch.distributed is not initialised with more "
+                               "than one rank; call torch.distributed.init_process_group first (e.g. under torchrun)")
+        # Refuse an existing or locked run directory before a hook is registered or a file touched.
+        self._claim(out, lambda: check_claim(out, resume=resume is not False, overwrite=overwrite))
         self.model = unwrap(model)
         self.map = discover(self.model, example_input, blocks=blocks, placement=placement)
         # FSDP2 swaps parameter objects between sharded and unsharded states: reshard what the discovery
@@ -139,10 +151,6 @@ class Probe:
         self._notes: list[str] = list(self.map.notes)
         self._pending_steps = 0  # recorded steps since the last flush (the same count on every rank)
         self._captured: tuple[list[str], torch.Tensor] | None = None  # see capture_param_grads
-        self._dist = D.context(process_group) if distributed in (None, True) else None
-        if distributed and self._dist is None:
-            raise RuntimeError("lnprobe.attach(distributed=True): torch.distributed is not initialised with more "
-                               "than one rank; call torch.distributed.init_process_group first (e.g. under torchrun)")
         self._step = first_step(out, resume, self._dist)
         self._active = self.schedule(self._step)
 
@@ -165,7 +173,8 @@ class Probe:
         missing = sorted(set(sites_wanted) - {k[0] for k in self._acc})
         if missing:
             self._notes.append(f"sites not found in this model and not recorded: {missing}")
-        self._observer = SiteObserver(self._acc, self._grad_keys, self._records_forward, self._notes, self._failed_points)
+        self._observer = SiteObserver(self._acc, self._grad_keys, self._records_forward, self._notes,
+                                      self._failed_points)
         self._register(by_point)
 
         self._params = [(n, p) for n, p in self.model.named_parameters()]
@@ -188,12 +197,39 @@ class Probe:
         if self._dist is not None:
             meta["distributed"] = self._dist.to_meta()
         # Only rank 0 writes; the other ranks keep no writer but take part in every reduction.
-        keep = resume is not False
-        self.writer = RunWriter(out, meta, overwrite=not keep) if self._dist is None or self._dist.rank == 0 else None
+        self.writer = None
+        try:
+            self._claim(out, lambda: setattr(self, "writer", RunWriter(out, meta, resume=resume is not False,
+                                                                        overwrite=overwrite)))
+        except BaseException:  # claimed by another writer since the check above: leave the model as it was
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            raise
         self.path = Path(out)
         self._atexit = close_at_exit(self, _close_interrupted)
 
     # ----------------------------------------------------------------- configuration
+    def _claim(self, out: str | Path, act: Any) -> None:
+        """Run ``act`` (check or open the run directory) on the writing rank; under torch.distributed
+        every rank learns of a failure (one tiny collective), and the writer raises its own error."""
+        error = None
+        if self._dist is None or self._dist.rank == 0:
+            try:
+                act()
+            except (OSError, ValueError, RuntimeError) as exc:  # RunExistsError, RunLockedError, a file as out
+                if self._dist is None:
+                    raise
+                error = exc
+        if self._dist is not None:
+            try:
+                D.agree(self._dist, f"{type(error).__name__}: {error}" if error else None,
+                        f"claim the run directory {out}")
+            except D.ProbeDistributedError:
+                if error is not None:
+                    raise error from None
+                raise
+
     def _norm_param_entries(self) -> list[tuple[str, str | None, str | None, float]]:
         """(norm name, weight name, bias name, gain offset) of every norm with parameters."""
         names = dict(self._params)
@@ -401,7 +437,10 @@ class Probe:
             if error:
                 fields["error"] = error
             if self.writer is not None:
-                self.writer.update_meta(**fields)
+                try:
+                    self.writer.update_meta(**fields)
+                finally:
+                    self.writer.close()  # releases RUN/.lock
             if self._atexit is not None:
                 atexit.unregister(self._atexit)
                 self._atexit = None
@@ -417,6 +456,7 @@ class Probe:
 
     @property
     def hook_count(self) -> int:
+        """Hooks registered now (0 after ``close()``)."""
         return len(self._handles)
 
     @property
@@ -461,6 +501,7 @@ def attach(
     process_group: Any = None,
     start_step: int | None = None,
     append: bool | None = None,
+    overwrite: bool = False,
 ) -> Probe:
     """Attach a probe to ``model`` that writes the run directory ``out``; also a context manager.
 
@@ -483,16 +524,25 @@ def attach(
         scaler: a ``torch.amp.GradScaler``: hidden-state gradients are divided by its scale.
         config: a dict stored under ``config`` in meta.json.
         run_name: the run's name in meta.json (default: the directory's name).
-        resume: False: a new run (earlier parts in ``out`` are removed); True: append to ``out`` and
-            continue after the last step recorded in its meta.json; an int k: append, the first step is k
-            (a training loop restarted from a checkpoint taken before step k).
+        resume: False: a new run; ``out`` must not hold one (meta.json or record parts), else
+            ``lnprobe.RunExistsError``. True: append to ``out`` and continue after the last step recorded in
+            its meta.json; an int k: append, the first step is k (a training loop restarted from a checkpoint
+            taken before step k).
         distributed: None: reduce across ranks when torch.distributed has more than one rank (only rank 0
             writes ``out``); False: every rank records alone (give each its own ``out``); True: require it.
         process_group: the group to reduce over (default: the world).
         start_step: deprecated, use ``resume``: with ``append=True`` the same as ``resume=start_step``.
         append: deprecated, use ``resume``.
+        overwrite: replace a run already in ``out``: its meta.json and record parts are deleted (other files
+            such as a checkpoint are kept). Not together with ``resume``.
+
+    Raises (before a hook is registered or a file touched): ``lnprobe.RunExistsError`` (a FileExistsError)
+    when ``out`` holds a run and neither ``resume`` nor ``overwrite`` is passed; ``lnprobe.RunLockedError``
+    while another writer (this or another process, named by pid and host in the message) holds
+    ``out/.lock``. The probe holds that lock until ``close()`` (or interpreter exit); a lock left by a dead
+    process on this host is taken over with a warning.
     """
     return Probe(model, out, every, sites=sites, stats=stats, grad_sites=grad_sites, blocks=blocks,
                  placement=placement, example_input=example_input, record=record, flush_every=flush_every,
                  scaler=scaler, config=config, run_name=run_name, resume=resume, distributed=distributed,
-                 process_group=process_group, start_step=start_step, append=append)
+                 process_group=process_group, start_step=start_step, append=append, overwrite=overwrite)

@@ -26,6 +26,12 @@ import pandas as pd
 import pyarrow as pa  # imported with the writer, so the first flush of a run does not pay for it
 import pyarrow.parquet as pq
 
+from .rundir import RunExistsError, RunLock, RunLockedError, check_claim
+from .validate import MAX_LAYERS, RunDirectoryError, conform, load_meta, read_part
+
+__all__ = ["RECORD_SCHEMA", "RECORD_COLUMNS", "Run", "RunWriter", "load_run", "read_meta", "write_meta",
+           "read_records", "records_frame", "trim", "RunDirectoryError", "RunExistsError", "RunLockedError"]
+
 #: The record schema: column -> dtype, one row per (step, site, layer, stat). ``token`` (sequence
 #: position) and ``channel`` locate a value (absmax, top1..top3) and are <NA> elsewhere.
 RECORD_SCHEMA: dict[str, str] = {
@@ -59,17 +65,16 @@ def write_meta(run_dir: str | Path, meta: dict[str, Any]) -> None:
 
 
 def read_meta(run_dir: str | Path) -> dict[str, Any]:
-    """``meta.json`` of ``run_dir`` as a dict; FileNotFoundError when there is none."""
+    """``meta.json`` of ``run_dir``, checked against the schema (:mod:`lnprobe.validate`):
+    FileNotFoundError when there is none, :class:`RunDirectoryError` (one line: the file, the field,
+    what was expected, what to do) when it is not valid JSON, not an object or breaks the schema."""
     path = Path(run_dir) / "meta.json"
     if not path.exists():
         raise FileNotFoundError(
             f"{run_dir} is not an lnprobe run directory: expected {path}; "
             "pass the directory given to lnprobe.attach(...) or `lnprobe train --out`"
         )
-    meta = json.loads(path.read_text())
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: top level is {type(meta).__name__}, expected an object")
-    return meta
+    return load_meta(path)
 
 
 def config_section(meta: dict[str, Any], section: str) -> dict[str, Any]:
@@ -117,71 +122,78 @@ def _nullable_int(values: np.ndarray) -> pd.arrays.IntegerArray:
     return pd.arrays.IntegerArray(np.where(missing, 0, values).astype(np.int64), missing)
 
 
-def _conform(df: pd.DataFrame) -> pd.DataFrame:
-    """Coerce a frame read from disk to the schema: columns in schema order, missing ones added,
-    integer/float dtypes fixed (a part written by another tool may differ). String columns keep the
-    string dtype pandas reads them with."""
-    n = len(df)
-    out = {}
-    for col, dtype in RECORD_SCHEMA.items():
-        if col not in df.columns:
-            s = pd.Series([pd.NA if dtype == "Int64" else None] * n, dtype=object)
-        else:
-            s = df[col]
-            if str(s.dtype) == dtype or (dtype == "str" and pd.api.types.is_string_dtype(s.dtype)):
-                out[col] = s.reset_index(drop=True)
-                continue
-        if dtype == "int64":
-            out[col] = pd.to_numeric(s, errors="coerce").fillna(-1).astype("int64").to_numpy()
-        elif dtype == "float64":
-            out[col] = pd.to_numeric(s, errors="coerce").astype("float64").to_numpy()
-        elif dtype == "Int64":
-            out[col] = pd.to_numeric(s, errors="coerce").astype("Int64").array
-        else:
-            out[col] = s.astype(str).to_numpy(dtype=object) if n else np.array([], dtype=object)
-    return pd.DataFrame(out)
-
-
 def read_records(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """Concatenate every readable part in name order (``records.parquet`` of an old run when there
-    are no parts); return (records in the schema, paths of skipped parts). An unreadable part is
-    skipped with a ``UserWarning`` naming the file."""
-    run_dir = Path(run_dir)
+    """Concatenate every valid part in name order (``records.parquet`` of an old run when there are
+    no parts); return (records in the schema, paths of skipped parts). A part that is unreadable or
+    breaks the part schema (:func:`lnprobe.validate.read_part`) is skipped with a ``UserWarning``
+    naming the file and the problem."""
+    records, skipped = _read_parts(Path(run_dir))
+    return records, [p for p, _ in skipped]
+
+
+def _read_parts(run_dir: Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """(records, [(path of a skipped part, why)])."""
     records_dir = run_dir / "records"
-    parts = sorted(records_dir.glob("part-*.parquet")) if records_dir.exists() else []
+    parts = sorted(records_dir.glob("part-*.parquet")) if records_dir.is_dir() else []
     if not parts and (run_dir / "records.parquet").exists():
         parts = [run_dir / "records.parquet"]
     frames, skipped = [], []
     for p in parts:
-        try:
-            frames.append(pd.read_parquet(p))
-        except Exception as exc:  # corrupt or half-copied part: report and keep the rest
-            warnings.warn(f"skipping unreadable record part {p}: {type(exc).__name__}: {exc}", stacklevel=3)
-            skipped.append(str(p))
+        frame, problem = read_part(p)
+        if problem is not None:  # damaged or foreign part: report it by name and keep the rest
+            warnings.warn(f"skipping record part {p}: {problem}", stacklevel=4)
+            skipped.append((str(p), problem))
+        else:
+            frames.append(frame)
     if not frames:
         return records_frame(*(np.array([]) for _ in range(7))), skipped
-    return _conform(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]), skipped
+    return conform(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0], RECORD_SCHEMA), skipped
 
 
 class RunWriter:
-    """Owns one run directory: writes meta.json and numbered record parts."""
+    """Owns one run directory: claims it, writes meta.json and numbered record parts.
 
-    def __init__(self, run_dir: str | Path, meta: dict[str, Any], overwrite: bool = True):
+    A directory that already holds a run (meta.json or record parts) is refused with
+    :class:`RunExistsError` unless ``resume=True`` (append: part numbers continue after the last part
+    on disk) or ``overwrite=True`` (its meta.json and record parts are deleted when the writer starts;
+    other files, e.g. a checkpoint, are kept). The writer holds ``RUN/.lock`` until :meth:`close`
+    (also removed at garbage collection and interpreter exit), so a second writer gets
+    :class:`RunLockedError`; see :mod:`lnprobe.rundir`. Nothing is created or removed before those
+    checks pass. ``meta``: written at once when given, else by the first :meth:`start`.
+    """
+
+    def __init__(self, run_dir: str | Path, meta: dict[str, Any] | None = None, *, overwrite: bool = False,
+                 resume: bool = False):
         self.path = Path(run_dir)
         self.records_dir = self.path / "records"
+        check_claim(self.path, resume=resume, overwrite=overwrite)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.path)
+        self._overwrite = overwrite
+        self._next = 0
+        self.meta: dict[str, Any] = {}
+        if meta is not None:
+            self.start(meta)
+
+    def start(self, meta: dict[str, Any]) -> None:
+        """Remove the old run (``overwrite=True``), create records/ and write ``meta``."""
+        if self._overwrite:
+            self._overwrite = False
+            for p in [*self.records_dir.glob("part-*.parquet"), self.path / "records.parquet", self.path / "meta.json"]:
+                p.unlink(missing_ok=True)
         self.records_dir.mkdir(parents=True, exist_ok=True)
-        existing = sorted(self.records_dir.glob("part-*.parquet"))
-        if existing and overwrite:
-            for p in existing:
-                p.unlink()
-            existing = []
         # Appending (resume): continue the numbering after the last part on disk.
-        self._next = 1 + max((int(_PART_RE.match(p.name).group(1)) for p in existing
-                              if _PART_RE.match(p.name)), default=-1)
+        self._next = 1 + max((int(m.group(1)) for p in self.records_dir.glob("part-*.parquet")
+                              if (m := _PART_RE.match(p.name))), default=-1)
         self.meta = dict(meta)
         write_meta(self.path, self.meta)
 
+    def close(self) -> None:
+        """Release the lock (idempotent); the files stay."""
+        self.lock.release()
+
     def update_meta(self, **fields: Any) -> None:
+        """Add or replace keys of meta.json (rewritten atomically)."""
         self.meta.update(fields)
         write_meta(self.path, self.meta)
 
@@ -266,6 +278,7 @@ class Run:
 
     @property
     def name(self) -> str:
+        """meta ``run_name``, else the directory's name."""
         return str(self.meta.get("run_name") or self.path.name)
 
     # -- configuration -------------------------------------------------------------------------
@@ -286,20 +299,40 @@ class Run:
 
     @property
     def n_layers(self) -> int:
-        """L from meta, else config, else the largest recorded ``resid`` layer."""
-        for v in (self.meta.get("n_layers"), self.model_config.get("n_layers")):
-            if v is not None:
-                return int(v)
-        r = self.frame("resid", "m2")
-        return int(r["layer"].max()) if len(r) else 0
+        """L from meta, else config, else the largest recorded ``resid`` layer. A meta value beyond
+        what the records show (``resid`` reaches layer L, other block sites L − 1) is replaced by the
+        records' bound, with a note in ``warnings``: no number in meta.json alone sizes the analysis."""
+        if "n_layers" not in self._cache:
+            self._cache["n_layers"] = self._n_layers()
+        return self._cache["n_layers"]
+
+    def _n_layers(self) -> int:
+        r = self.records
+        block = r["layer"].to_numpy() >= 0
+        not_resid = (r["site"] != "resid").to_numpy()
+        bound = int((r["layer"].to_numpy() + not_resid)[block].max()) if block.any() else None
+        for where, v in (("n_layers", self.meta.get("n_layers")), ("config.model.n_layers",
+                                                                    self.model_config.get("n_layers"))):
+            if v is None:
+                continue
+            v = min(int(v), MAX_LAYERS)  # already checked by the schema when read from disk
+            if bound is not None and v > bound:
+                self.warnings.append(f"{self.path / 'meta.json'}: {where} = {v} but the records stop at layer "
+                                     f"{bound}; using {bound}")
+                return bound
+            return v
+        rec = self.frame("resid", "m2")
+        return int(rec["layer"].max()) if len(rec) else 0
 
     @property
     def d_model(self) -> int | None:
+        """D from meta, else config.model; None when neither says."""
         v = self.meta.get("d_model") or self.model_config.get("d_model")
         return int(v) if v is not None else None
 
     @property
     def status(self) -> str:
+        """meta ``status`` (running, finished, crashed, interrupted, ...), else "unknown"."""
         return str(self.meta.get("status") or "unknown")
 
     # -- record access -------------------------------------------------------------------------
@@ -310,10 +343,12 @@ class Run:
         return self._index
 
     def has(self, site: str, stat: str) -> bool:
+        """Whether any row of (site, stat) was recorded."""
         return (site, stat) in self._groups()
 
     @property
     def sites(self) -> list[str]:
+        """Recorded site names, sorted (``param:*`` included)."""
         return sorted({s for s, _ in self._groups()})
 
     def frame(self, site: str, stat: str) -> pd.DataFrame:
@@ -449,39 +484,45 @@ class Run:
         return list(out.values())
 
 
-def _meta_or_empty(run_dir: Path) -> dict[str, Any]:
-    """meta.json, or {} with a warning when it is missing or unreadable but record parts exist (a
-    run still being written, a copied records folder): analyse what exists."""
+def _meta_or_empty(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """(meta.json, notes); ({}, a note) with a warning when it is missing but record parts exist (a run
+    still being written, a copied records folder): analyse what exists. A meta.json that is present
+    but damaged raises :class:`RunDirectoryError`, since its numbers would be guesses."""
     path = run_dir / "meta.json"
     if not path.exists():
-        warnings.warn(f"{path}: no meta.json next to the records; using empty metadata", stacklevel=3)
-        return {}
-    try:
-        return read_meta(run_dir)
-    except Exception as exc:
-        warnings.warn(f"{path}: unreadable meta.json ({type(exc).__name__}: {exc}); using empty metadata",
-                      stacklevel=3)
-        return {}
+        note = f"{path}: no meta.json next to the records; using empty metadata"
+        warnings.warn(note, stacklevel=3)
+        return {}, [note]
+    return read_meta(run_dir), []
 
 
 def load_run(run_dir: str | Path) -> Run:
     """Load a run directory written by lnprobe (works without torch): :class:`Run`.
 
-    Reads ``meta.json`` and every ``records/part-*.parquet`` in name order. An unreadable part is
-    skipped with a ``UserWarning`` naming the file; a missing or unreadable meta.json next to
-    record parts gives a warning and empty metadata. FileNotFoundError when ``run_dir`` does not
-    exist or holds neither meta.json nor records.
+    Reads ``meta.json`` (checked against the schema of :mod:`lnprobe.validate`) and every
+    ``records/part-*.parquet`` in name order. A part that is unreadable or breaks the part schema
+    is skipped with a ``UserWarning`` naming the file and the problem, and listed in
+    ``run.skipped_parts`` and ``run.warnings``; a missing meta.json next to record parts gives a
+    warning and empty metadata. Raises FileNotFoundError when ``run_dir`` does not exist or holds
+    neither meta.json nor records, :class:`RunDirectoryError` (a ValueError, one line: path, problem,
+    what to do) when meta.json is empty, not valid JSON, not an object or breaks the schema.
     """
     path = Path(run_dir)
     if not path.is_dir() or not ((path / "meta.json").exists() or (path / "records").is_dir()
                                  or (path / "records.parquet").exists()):
-        what = "it does not exist" if not path.exists() else "it holds no meta.json and no records/"
+        what = ("it does not exist" if not path.exists() else "it is a file" if not path.is_dir()
+                else "it holds no meta.json and no records/")
         raise FileNotFoundError(
             f"{run_dir} is not an lnprobe run directory ({what}): expected a folder holding meta.json and "
             "records/part-*.parquet; pass the directory given to lnprobe.attach(...) or `lnprobe train --out`")
-    meta = _meta_or_empty(path)
-    records, skipped = read_records(run_dir)
-    return Run(Path(run_dir), meta, records, skipped)
+    meta, notes = _meta_or_empty(path)
+    records, skipped = _read_parts(path)
+    notes = [f"skipped record part {p}: {why}" for p, why in skipped] + notes
+    if not len(records) and not skipped:
+        notes.append(f"{path / 'records'}: no record parts found")
+    run = Run(path, meta, records, [p for p, _ in skipped], notes)
+    run.n_layers  # noqa: B018 (checks meta's L against the records now, so the note is in run.warnings)
+    return run
 
 
 def trim(run_dir: str | Path, from_step: int) -> int:

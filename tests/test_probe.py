@@ -367,7 +367,7 @@ def test_steps_are_counted_and_resume_continues_after_the_last_step(tmp_path):
     with lnprobe.attach(model, out, resume=3) as probe:  # e.g. restarted from a checkpoint of step 3
         train(model, 1, probe)
     assert sorted(lnprobe.load_run(out).records.step.unique()) == [0, 2, 3, 4, 6]
-    with lnprobe.attach(model, out) as probe:  # a new run replaces the old parts
+    with lnprobe.attach(model, out, overwrite=True) as probe:  # a new run replaces the old parts
         train(model, 1, probe)
     assert sorted(lnprobe.load_run(out).records.step.unique()) == [0]
     assert not probe.recording  # closed

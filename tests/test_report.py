@@ -34,7 +34,8 @@ def _v_mlp_gelu() -> float:
 
 def _meta(name, placement, norms=True):
     post = placement in ("peri", "post")
-    roles = ([("norm_attn_in", "norm.pre_attn"), ("norm_mlp_in", "norm.pre_mlp")] if placement in ("pre", "peri") else [])
+    roles = ([("norm_attn_in", "norm.pre_attn"), ("norm_mlp_in", "norm.pre_mlp")]
+             if placement in ("pre", "peri") else [])
     roles += [("norm_attn_out", "norm.post_attn"), ("norm_mlp_out", "norm.post_mlp")] if post else []
     norm_list = [{"name": f"blocks.{l}.{m}", "role": r, "layer": l, "kind": "layernorm", "gain_offset": 0.0,
                   "weight": f"blocks.{l}.{m}.weight", "bias": None} for l in range(L) for m, r in roles]
@@ -45,7 +46,8 @@ def _meta(name, placement, norms=True):
     meta = {"run_name": name, "status": "finished", "placement": placement, "n_layers": L, "d_model": D,
             "norm_type": "layernorm", "param_roles": param_roles,
             "config": {"model": {"d_model": D, "n_layers": L, "placement": placement, "mlp": "gelu", "d_ff": DFF,
-                                 "init_std": SIGMA, "seq_len": T, "scaled_init": False, "embed_norm": placement == "peri"},
+                                 "init_std": SIGMA, "seq_len": T, "scaled_init": False,
+                                 "embed_norm": placement == "peri"},
                        "train": {"batch_size": B, "seq_len": T, "steps": STEPS[-1] + 1}}}
     if norms:
         meta["norms"] = norm_list
@@ -268,7 +270,8 @@ def test_analysis_works_with_torch_unimportable(tmp_path):
     runs = make_runs(tmp_path)
     code = (
         "import sys\n"
-        "import lnprobe.analysis as analysis, lnprobe.analysis.report, lnprobe.analysis.plots, lnprobe.analysis.verdicts\n"
+        "import lnprobe.analysis as analysis, lnprobe.analysis.report, lnprobe.analysis.plots, "
+        "lnprobe.analysis.verdicts\n"
         "assert 'torch' not in sys.modules, 'importing analysis pulled in torch'\n"
         "sys.modules['torch'] = None  # any later 'import torch' raises ImportError\n"
         f"res = analysis.build_report([{str(runs['pre'])!r}], {str(tmp_path / 'out')!r})\n"
