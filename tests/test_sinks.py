@@ -233,3 +233,20 @@ def test_first_nonfinite_forward_order_within_a_step():
     })
     assert K.first_nonfinite(frame) == {"step": 5, "site": "attn_out", "layer": 2, "count": 1.0}
     assert K.first_nonfinite(frame.assign(value=0.0)) is None
+
+
+def test_train_command_tensorboard_flag(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lnprobe.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"t{i}" for i in np.random.default_rng(1).integers(0, 50, 5000)))
+    small = ["--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "16", "--batch-size", "4", "--no-progress"]
+    assert main(["train", "--steps", "3", "--every", "1", "--data", str(corpus), "--out", str(tmp_path / "run"),
+                 "--tensorboard", str(tmp_path / "tb"), *small]) == 0
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("lnprobe/loss")] == [0, 1, 2]
+    assert lnprobe.load_run(tmp_path / "run").meta["config"]["train"]["tensorboard"] == str(tmp_path / "tb")
