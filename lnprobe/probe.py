@@ -182,7 +182,8 @@ class Probe:
         self._update_step: int | None = None  # the step the next optimizer.step() belongs to, if recorded
         self._flush_due = False
         self._updates = None if updates is None else UpdateTracker(
-            updates, self._params, lambda: self._update_step, self._emit_updates, self._notes)
+            updates, self._params, self._update_steps, self._emit_updates, self._notes)
+        self._step_calls = 0
 
         meta = self.map.to_meta()
         meta.update(
@@ -277,6 +278,7 @@ class Probe:
         self._captured = None
         self._update_step = self._step if self._active else None
         self._step += 1
+        self._step_calls += 1
         self._active = self.schedule(self._step)
         # Counted in steps, not buffer entries: a step dropped on one rank must not shift that rank's
         # flushes (and so its collectives) against the other ranks'.
@@ -322,6 +324,10 @@ class Probe:
                                 loss=loss, lr=lr, loss_scale=loss_scale(scaler), scaler_enabled=scaler_enabled(scaler))
         if rows is not None:
             self._buffer.append(rows)
+
+    def _update_steps(self) -> tuple[int, int | None, int | None]:
+        # for lnprobe.updates: step() calls so far, the last closed step and the open one (None: not recorded)
+        return self._step_calls, self._update_step, self._step if self.recording else None
 
     def _emit_updates(self, step: int, names: list[str], values: torch.Tensor, kinds, weights) -> None:
         # update rows arrive after step() closed their step: buffered as an extra StepRows of that step

@@ -9,10 +9,14 @@ Definitions (registry kind ``update``, sites ``param:<name>``), with Δp = p_aft
 - ``update_rms`` = ‖Δp‖ / sqrt(numel), the RMS of the change;
 - ``update_ratio`` = ‖Δp‖ / ‖p_before‖ (inf when p_before = 0 and Δp ≠ 0, NaN when both are 0).
 
-Measurement point: ``register_step_pre_hook`` / ``register_step_post_hook`` on each optimizer. The
-update belongs to the step that ``probe.step()`` closed just before (the documented order is
-``probe.step()`` then ``opt.step()``); rows are written only when that step was on the schedule. An
-optimizer step skipped by a GradScaler (inf/NaN gradients) calls no hook and gives no rows.
+Measurement point: ``register_step_pre_hook`` / ``register_step_post_hook`` on each optimizer. Which
+probe step an update belongs to: when ``probe.step()`` ran since this optimizer's last step (the
+documented order ``probe.step()`` then ``opt.step()``; the HF Trainer), the step it closed; otherwise
+the step now open, which ``probe.step()`` closes inside the optimizer step (``opt.step(closure)``
+runs backward and ``on_before_optimizer_step`` after the pre-hook: PyTorch Lightning). Rows are
+written only when that step is on the schedule. An optimizer step skipped by a GradScaler (inf/NaN
+gradients) calls no hook and gives no rows. Wrapped optimizers (Accelerate's ``AcceleratedOptimizer``,
+Lightning's ``LightningOptimizer``) are unwrapped to the torch optimizer they hold.
 
 Memory: a copy of the parameters is taken in the pre-hook of recorded steps only and freed in the
 post-hook, so off-schedule steps hold and compute nothing, and no copy lives between steps. The
@@ -44,21 +48,22 @@ UPDATE_STATS: tuple[str, ...] = S.UPDATE_STATS  # ("update_rms", "update_ratio")
 class UpdateTracker:
     """Hooks on one or more optimizers that file ``update_rms``/``update_ratio`` rows with a probe.
 
-    ``step_to_record()`` returns the step the next ``optimizer.step()`` belongs to, or None when that
-    step is not recorded; ``emit(step, names, values, kinds, weights)`` files the rows (the probe
-    appends them to its buffer, so they are written with the next flush).
+    ``steps()`` returns ``(calls, closed, open)``: how many times ``probe.step()`` ran, the step it
+    closed last and the step now open, each None when not recorded. ``emit(step, names, values,
+    kinds, weights)`` files the rows (the probe buffers them, so they go out with the next flush).
     """
 
     def __init__(self, optimizers: Any, named_params: Iterable[tuple[str, torch.Tensor]],
-                 step_to_record: Callable[[], int | None], emit: Callable[..., None], notes: list[str]):
-        if isinstance(optimizers, torch.optim.Optimizer):
+                 steps: Callable[[], tuple[int, int | None, int | None]], emit: Callable[..., None], notes: list[str]):
+        if not isinstance(optimizers, (list, tuple)):
             optimizers = [optimizers]
-        self.optimizers = list(optimizers)
+        self.optimizers = [_unwrap(o) for o in optimizers]
         for opt in self.optimizers:
             if not isinstance(opt, torch.optim.Optimizer):
                 raise TypeError(f"lnprobe: updates= takes torch.optim.Optimizer objects; found {type(opt).__name__}")
         self.names = {id(p): n for n, p in named_params}
-        self.step_to_record, self.emit, self.notes = step_to_record, emit, notes
+        self.steps, self.emit, self.notes = steps, emit, notes
+        self._calls: dict[int, int] = {}  # optimizer -> probe.step() calls seen at its last step
         self._before: dict[int, tuple[int, list[str], list[torch.Tensor], list[torch.Tensor]]] = {}
         self._done: dict[int, int] = {}  # optimizer -> last step it produced rows for
         self._handles = []
@@ -84,7 +89,9 @@ class UpdateTracker:
         return names, params
 
     def _pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        step = self.step_to_record()
+        calls, closed, open_ = self.steps()
+        step = closed if calls != self._calls.get(id(opt), 0) else open_
+        self._calls[id(opt)] = calls
         if step is None or self._done.get(id(opt)) == step:
             return
         names, params = self._params(opt)
@@ -94,6 +101,7 @@ class UpdateTracker:
             self._before[id(opt)] = (step, names, params, before)
 
     def _post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._calls[id(opt)] = self.steps()[0]
         entry = self._before.pop(id(opt), None)
         if entry is None:
             return
@@ -128,3 +136,13 @@ class UpdateTracker:
             h.remove()
         self._handles.clear()
         self._before.clear()
+
+
+def _unwrap(opt: Any) -> Any:
+    """The torch optimizer inside a wrapper (``.optimizer`` of Accelerate's and Lightning's)."""
+    while not isinstance(opt, torch.optim.Optimizer) or type(opt).__name__ in ("AcceleratedOptimizer",):
+        inner = getattr(opt, "optimizer", None) or getattr(opt, "_optimizer", None)
+        if inner is None or inner is opt:
+            break
+        opt = inner
+    return opt
