@@ -250,3 +250,39 @@ def test_train_command_tensorboard_flag(tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("lnprobe/loss")] == [0, 1, 2]
     assert lnprobe.load_run(tmp_path / "run").meta["config"]["train"]["tensorboard"] == str(tmp_path / "tb")
+
+
+def test_hf_callback_forwards_the_summary_into_the_trainer_logs(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lnprobe.integrations.hf import ProbeCallback
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, VOCAB, (8, T), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row.clone()} for row in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
+        save_strategy="no", report_to=["tensorboard"], use_cpu=True, seed=0, disable_tqdm=True)
+    cb = ProbeCallback(every=1, flush_every=1, updates=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "lnprobe/loss" in h]
+    assert [h["lnprobe/step"] for h in logged] == [0, 1, 2, 3]
+    r = lnprobe.load_run(tmp_path / "lnprobe").records
+    loss = r[(r.site == "train") & (r.stat == "loss")].sort_values("step").value.to_numpy()
+    np.testing.assert_allclose([h["lnprobe/loss"] for h in logged], loss, rtol=1e-6)
+    assert all("lnprobe/absmax" in h and "lnprobe/resid_m2_last" in h and "lnprobe/update_ratio_max" in h
+               for h in logged)
+    assert sorted(r[r.stat == "update_ratio"].step.unique()) == [0, 1, 2, 3]
+    # the Trainer's own TensorBoard integration (report_to) saw the keys: this callback was moved before it
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert names.index("ProbeCallback") < names.index("TensorBoardCallback")
+    acc = EventAccumulator(str(next(tmp_path.glob("runs/*"))))
+    acc.Reload()
+    assert "train/lnprobe/loss" in acc.Tags()["scalars"]
