@@ -51,7 +51,8 @@ PARAM_PROFILES: tuple[tuple[str, str], ...] = (("grad_norm", "rss"), ("update_ra
 #: the order in which a block's sites are computed (for "first in forward order"): at layer l the
 #: stream entering block l, the attention branch, the stream between the sublayers, the MLP branch;
 #: ``final`` follows ``resid`` at layer L.
-FORWARD_ORDER: tuple[str, ...] = ("resid", "attn_raw", "attn_out", "resid_mid", "mlp_act", "mlp_raw", "mlp_out", "final")
+FORWARD_ORDER: tuple[str, ...] = (
+    "resid", "attn_raw", "attn_out", "resid_mid", "mlp_act", "mlp_raw", "mlp_out", "final")
 
 
 @dataclass

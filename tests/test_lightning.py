@@ -11,10 +11,11 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch")
 
+from nanogpt import NanoGPT  # noqa: E402
+
 import lnprobe  # noqa: E402
 from lnprobe import stats as S  # noqa: E402
 from lnprobe.integrations.lightning import ProbeCallback  # noqa: E402
-from nanogpt import NanoGPT  # noqa: E402
 
 VOCAB, T, STEPS, ACCUM, BATCH, CLIP = 64, 16, 5, 2, 2, 1e-3
 

@@ -12,10 +12,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from nanogpt import NanoGPT
 
 import lnprobe
 from lnprobe import sinks as K
-from nanogpt import NanoGPT
 
 VOCAB, T = 64, 16
 
@@ -61,7 +61,8 @@ def test_callable_sink_gets_every_recorded_step_at_flush(tmp_path):
     for step, sc in rec.seen.items():
         rs = r[r.step == step]
         tr = rs[rs.site == "train"].set_index("stat")["value"]
-        assert sc["lnprobe/loss"] == pytest.approx(tr["loss"]) and sc["lnprobe/grad_norm"] == pytest.approx(tr["grad_norm"])
+        assert sc["lnprobe/loss"] == pytest.approx(tr["loss"])
+        assert sc["lnprobe/grad_norm"] == pytest.approx(tr["grad_norm"])
         resid = rs[(rs.site == "resid") & (rs.stat == "m2")]
         assert sc["lnprobe/resid_m2_last"] == pytest.approx(resid.loc[resid.layer.idxmax(), "value"])
         act = rs[(rs.stat == "absmax") & ~rs.site.str.startswith("param:")]
@@ -164,7 +165,7 @@ def _scalars_only(seen):
 
 def test_wandb_offline_and_mlflow_file_store_hold_the_same_scalars(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
-    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("mlflow")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
@@ -243,7 +244,8 @@ def test_train_command_tensorboard_flag(tmp_path):
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(f"t{i}" for i in np.random.default_rng(1).integers(0, 50, 5000)))
-    small = ["--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "16", "--batch-size", "4", "--no-progress"]
+    small = ["--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "16", "--batch-size", "4",
+             "--no-progress"]
     assert main(["train", "--steps", "3", "--every", "1", "--data", str(corpus), "--out", str(tmp_path / "run"),
                  "--tensorboard", str(tmp_path / "tb"), *small]) == 0
     acc = EventAccumulator(str(tmp_path / "tb"))

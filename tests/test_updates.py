@@ -4,10 +4,10 @@ recorded steps only; no host sync."""
 import numpy as np
 import pytest
 import torch
+from nanogpt import NanoGPT
 
 import lnprobe
 from lnprobe import stats as S
-from nanogpt import NanoGPT
 
 VOCAB, T, STEPS = 64, 16, 6
 
@@ -94,3 +94,26 @@ def test_registry_rows():
     for name in S.UPDATE_STATS:
         row = S.stat("update", name)
         assert row.kind == "update" and row.merge == "mean"
+
+
+def test_update_hooks_make_no_host_sync(tmp_path, monkeypatch):
+    from test_sync import SyncCounter, assert_no_probe_syncs
+
+    counter = SyncCounter(monkeypatch)
+    counter.install()
+    torch.manual_seed(0)
+    model = NanoGPT(vocab=VOCAB, block_size=T)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    probe = lnprobe.attach(model, tmp_path / "run", flush_every=10**6, updates=opt,
+                           sinks=[lambda step, scalars: None])
+    with counter.counting():
+        for step in range(3):
+            x = torch.randint(0, VOCAB, (2, T))
+            _, loss = model(x, torch.roll(x, -1, 1))
+            loss.backward()
+            probe.step(loss=loss)
+            opt.step()
+            opt.zero_grad()
+    assert_no_probe_syncs(counter)
+    probe.close()
+    assert lnprobe.load_run(tmp_path / "run").records.stat.isin(S.UPDATE_STATS).any()

@@ -62,7 +62,8 @@ class ProbeCallback(TrainerCallback):
     ``every``: the probe schedule (int, "log", "log:K" or a list of optimizer steps). ``out``: the run
     directory (default ``args.output_dir/lnprobe``). Other keyword arguments go to
     ``lnprobe.attach`` (``sites``, ``stats``, ``grad_sites``, ``flush_every``, ``sinks``, ``updates``
-    ...; ``updates=True``: the Trainer's optimizer). ``log_summary``: add the probe's summary scalars to the Trainer's logs (module docstring).
+    ...; ``updates=True``: the Trainer's optimizer). ``log_summary``: add the probe's summary scalars
+    to the Trainer's logs (module docstring).
     The probe is available as ``callback.probe`` while training runs.
     """
 
@@ -146,6 +147,7 @@ class ProbeCallback(TrainerCallback):
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Add the last flushed step's summary (once) to the Trainer's logs and log_history."""
         if self._summary is not None and logs is not None:
             summary, self._summary = self._summary, None
             logs.update(summary)
