@@ -114,10 +114,8 @@ class Probe:
             process_group: the group to reduce over (default: the world).
             start_step: deprecated, use ``resume``: with ``append=True`` the same as ``resume=start_step``.
             append: deprecated, use ``resume``.
-            sinks: live sinks (``lnprobe.sinks``): callables ``sink(step, scalars)`` or ``Sink`` objects, sent a
-                summary of every recorded step at each flush.
-            updates: an optimizer or a list of them: record ``update_rms``/``update_ratio`` of each parameter
-                on recorded steps (``lnprobe.updates``).
+            sinks: live sinks, sent a summary of every recorded step at each flush (``lnprobe.sinks``).
+            updates: optimizer(s) whose parameter updates are recorded (``lnprobe.updates``).
         """
         from .discovery import discover, unwrap
 
@@ -180,10 +178,9 @@ class Probe:
         self._gain_entries = self._norm_param_entries()
         self._sinks = SinkSet(sinks, self._notes)
         self._update_step: int | None = None  # the step the next optimizer.step() belongs to, if recorded
-        self._flush_due = False
+        self._flush_due, self._step_calls = False, 0
         self._updates = None if updates is None else UpdateTracker(
             updates, self._params, self._update_steps, self._emit_updates, self._notes)
-        self._step_calls = 0
 
         meta = self.map.to_meta()
         meta.update(
