@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model with FSDP2 instead of DDP (no --resume)")
+    p.add_argument("--tensorboard", metavar="DIR", help="write live TensorBoard event files to DIR at every flush")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="train pre, peri and post with the same seed and data, then build a report")
@@ -166,7 +167,7 @@ def _train_config(args: argparse.Namespace):
     every = int(args.every) if args.every.isdigit() else args.every
     return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device,
                        dtype=args.dtype, every=every, eval_every=args.eval_every, data=args.data,
-                       progress=not args.no_progress, fsdp=args.fsdp)
+                       progress=not args.no_progress, fsdp=args.fsdp, tensorboard=getattr(args, "tensorboard", None))
 
 
 # ----------------------------------------------------------------------------- summaries

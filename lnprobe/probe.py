@@ -46,9 +46,11 @@ from .options import first_step, legacy_resume, parse_sites, parse_stats
 from .rundir import check_claim
 from .runtime import close_at_exit, is_fsdp2, local_shard, loss_scale, scaler_enabled, version
 from .schedule import Schedule
+from .sinks import SinkSet, first_nonfinite
 from .sites import ALL_SITES, SiteKey
 from .steprows import Rows, SiteAccumulator, StepRows, StepRowsBuilder, scalar_frame
 from .store import RunWriter
+from .updates import UpdateTracker
 
 DEFAULT_SITES = ALL_SITES
 DEFAULT_GRAD_SITES: tuple[str, ...] = S.default_sites("gradient")  # ("resid",), from the registry
@@ -87,6 +89,8 @@ class Probe:
         start_step: int | None = None,
         append: bool | None = None,
         overwrite: bool = False,
+        sinks: Any = None,
+        updates: Any = None,
     ):
         """Discover the model's blocks and sites, register the hooks and write meta.json.
 
@@ -116,6 +120,8 @@ class Probe:
                 probe is set up, just before the new meta.json is written). Without it, or ``resume``, a
                 directory holding a run raises ``RunExistsError``; a directory another writer holds raises
                 ``RunLockedError`` (see ``lnprobe.rundir``). Both are raised before anything is touched.
+            sinks: live sinks, sent a summary of every recorded step at each flush (``lnprobe.sinks``).
+            updates: optimizer(s) whose parameter updates are recorded (``lnprobe.updates``).
         """
         from .discovery import discover, unwrap
 
@@ -179,6 +185,11 @@ class Probe:
 
         self._params = [(n, p) for n, p in self.model.named_parameters()]
         self._gain_entries = self._norm_param_entries()
+        self._sinks = SinkSet(sinks, self._notes)
+        self._update_step: int | None = None  # the step the next optimizer.step() belongs to, if recorded
+        self._flush_due, self._step_calls = False, 0
+        self._updates = None if updates is None else UpdateTracker(
+            updates, self._params, self._update_steps, self._emit_updates, self._notes)
 
         meta = self.map.to_meta()
         meta.update(
@@ -286,6 +297,8 @@ class Probe:
         """
         if self._closed:
             raise RuntimeError("probe.step() after probe.close(): attach a new probe to keep recording")
+        if self._flush_due:  # the optimizer step of the last flushed step never came (e.g. an AMP skip)
+            self.flush()
         if self._active:
             self._pending_steps += 1
             try:
@@ -296,12 +309,17 @@ class Probe:
         for acc in self._acc.values():
             acc.clear()
         self._captured = None
+        self._update_step = self._step if self._active else None
         self._step += 1
+        self._step_calls += 1
         self._active = self.schedule(self._step)
         # Counted in steps, not buffer entries: a step dropped on one rank must not shift that rank's
         # flushes (and so its collectives) against the other ranks'.
         if self._pending_steps >= self.flush_every:
-            self.flush()
+            if self._updates is not None and self._update_step is not None:
+                self._flush_due = True  # after this step's update rows (optimizer post-hook) or at the next step()
+            else:
+                self.flush()
 
     def capture_param_grads(self, loss_scale: "torch.Tensor | float | None" = None) -> None:
         """Read the parameter gradient norms now, for the step that the next ``step()`` closes.
@@ -343,6 +361,19 @@ class Probe:
         if rows is not None:
             self._buffer.append(rows)
 
+    def _update_steps(self) -> tuple[int, int | None, int | None]:
+        # for lnprobe.updates: step() calls so far, the last closed step and the open one (None: not recorded)
+        return self._step_calls, self._update_step, self._step if self.recording else None
+
+    def _emit_updates(self, step: int, names: list[str], values: torch.Tensor, kinds, weights) -> None:
+        # update rows arrive after step() closed their step: buffered as an extra StepRows of that step
+        if not self._closed:
+            keys = tuple((f"param:{n}", self._param_layer(n), s) for n in names for s in S.UPDATE_STATS)
+            loc = torch.full((2, values.numel()), float("nan"), dtype=torch.float64, device=values.device)
+            self._buffer.append(StepRows(step, values, loc, self._rows.layout(keys), weights, kinds))
+            if self._flush_due:
+                self.flush()
+
     def _current_params(self) -> list[tuple[str, torch.Tensor]]:
         return list(self.model.named_parameters()) if self._fsdp else self._params
 
@@ -358,7 +389,7 @@ class Probe:
         reduced across ranks (``lnprobe.distributed.reduce_rows``) and rank 0 writes the part.
         meta.json's ``last_step`` (the last step closed, where ``resume=True`` continues) is updated.
         """
-        self._pending_steps = 0
+        self._pending_steps, self._flush_due = 0, False
         scalars, self._scalars = self._scalars, []
         buf, self._buffer = self._buffer, []
         if self._dist is None:
@@ -380,7 +411,9 @@ class Probe:
                     frames.append(scalar_frame(scalars))
                 frames = [f for f in frames if not f.empty]
                 if frames:
-                    path = self.writer.append(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0])
+                    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+                    path = self.writer.append(frame)
+                    self._after_write(frame)
                     self.writer.update_meta(last_step=self._step - 1, notes=self._notes)
             except Exception as exc:
                 if self._dist is None:
@@ -390,6 +423,17 @@ class Probe:
             # Rank 0 alone writes: if that fails the other ranks must fail too, not run on into a hang.
             D.agree(self._dist, write_error, "write the run directory")
         return path
+
+    def _after_write(self, frame: pd.DataFrame) -> None:
+        """Host-side work on a written part (its values are on the host: no sync): the first
+        non-finite site into meta.json, then the live sinks."""
+        if "first_nonfinite" not in self.writer.meta:
+            first = first_nonfinite(frame)
+            if first is not None:
+                self.writer.meta["first_nonfinite"] = first
+                self._notes.append(f"first non-finite value at step {first['step']}: {first['site']} layer "
+                                   f"{first['layer']} ({first['count']:g} NaN/Inf)")
+        self._sinks.send(frame)
 
     def _local_rows(self, buf: list[StepRows]) -> Rows:
         """This rank's buffered steps as one flat set of rows (device values, host keys)."""
@@ -418,6 +462,8 @@ class Probe:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._updates is not None:
+            self._updates.remove()
         try:
             if self._dist is not None and status != "finished":
                 # Ending on an error: the other ranks may be anywhere (in a DDP all-reduce, or dead), so a
@@ -441,6 +487,7 @@ class Probe:
                     self.writer.update_meta(**fields)
                 finally:
                     self.writer.close()  # releases RUN/.lock
+            self._sinks.close()
             if self._atexit is not None:
                 atexit.unregister(self._atexit)
                 self._atexit = None
@@ -502,6 +549,8 @@ def attach(
     start_step: int | None = None,
     append: bool | None = None,
     overwrite: bool = False,
+    sinks: Any = None,
+    updates: Any = None,
 ) -> Probe:
     """Attach a probe to ``model`` that writes the run directory ``out``; also a context manager.
 
@@ -541,8 +590,15 @@ def attach(
     while another writer (this or another process, named by pid and host in the message) holds
     ``out/.lock``. The probe holds that lock until ``close()`` (or interpreter exit); a lock left by a dead
     process on this host is taken over with a warning.
+        sinks: live sinks (``lnprobe.sinks``): ``TensorBoard(logdir)``, ``WandB(run)``, ``MLflow(...)`` or any
+            callable ``sink(step, scalars)``; each gets a summary of every recorded step at each flush (the
+            values are on the host then: no extra sync). A sink that raises is disabled with a warning.
+        updates: an optimizer or a list of them: ``update_rms`` and ``update_ratio`` of every parameter on
+            recorded steps, from optimizer step hooks (``lnprobe.updates``). Call ``probe.step()`` before
+            ``opt.step()``.
     """
     return Probe(model, out, every, sites=sites, stats=stats, grad_sites=grad_sites, blocks=blocks,
                  placement=placement, example_input=example_input, record=record, flush_every=flush_every,
                  scaler=scaler, config=config, run_name=run_name, resume=resume, distributed=distributed,
-                 process_group=process_group, start_step=start_step, append=append, overwrite=overwrite)
+                 process_group=process_group, start_step=start_step, append=append, overwrite=overwrite,
+                 sinks=sinks, updates=updates)

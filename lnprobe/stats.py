@@ -87,7 +87,8 @@ class Stat:
 
     name: str
     kind: str  # what is reduced: activation (a hooked forward tensor), gradient (its ∂L/∂x), parameter
-    #   (a parameter and its .grad), norm (a norm's γ and β), train (per-step scalars)
+    #   (a parameter and its .grad), norm (a norm's γ and β), update (a parameter's change in one
+    #   optimizer step), train (per-step scalars)
     column: int | None  # column in the kind's finalize output: finalize_activations (G, 12),
     #   finalize_gradients (G, 2), parameter norms (P, 2), gain_stats (3,); None for train rows
     merge: str  # cross-rank merge kind, one of MERGE_KINDS
@@ -131,6 +132,9 @@ REGISTRY: tuple[Stat, ...] = (
     _row("gain_ms",    "norm",       0, "mean",    "numel",    _ALL,    "mean γ² of the effective gain"),
     _row("gain_absmax", "norm",      1, "max",     "one",      _ALL,    "max |γ|"),
     _row("bias_ms",    "norm",       2, "mean",    "numel",    _ALL,    "mean β²"),
+    # optimizer updates (lnprobe.updates), recorded with attach(updates=optimizer); replicated parameters
+    _row("update_rms",   "update",   0, "mean",    "one",      _ALL,    "‖Δp‖/sqrt(numel) of the optimizer step just taken"),
+    _row("update_ratio", "update",   1, "mean",    "one",      _ALL,    "‖Δp‖/‖p‖ of that step, p before the step"),
     _row("loss",       "train",   None, "mean",    "one",      _ALL,    "the step's loss (mean over ranks)"),
     _row("nonfinite_loss", "train", None, "max",   "one",      _ALL,    "1 if the loss is NaN/Inf"),
     _row("grad_norm",  "train",   None, "derived", "one",      _ALL,    "global gradient norm (from the parameters' grad_norm)"),
@@ -154,6 +158,7 @@ GRADIENT_STATS: tuple[str, ...] = _names("gradient")
 PARAM_STATS: tuple[str, ...] = _names("parameter")
 NORM_STATS: tuple[str, ...] = _names("norm")
 TRAIN_STATS: tuple[str, ...] = _names("train")
+UPDATE_STATS: tuple[str, ...] = _names("update")
 LOCATED_STATS = frozenset(s.name for s in REGISTRY if s.slot is not None)
 LOC_SLOT: dict[str, int] = {s.name: s.slot for s in REGISTRY if s.slot is not None}
 PER_TOKEN_STATS = frozenset(s.name for s in REGISTRY if s.weight == "tokens")

@@ -61,6 +61,7 @@ from .launch import DTYPES, ConfigError, Launch, autocast, resolve_device, resol
 from .models import GPT, GPTConfig
 from .probe import attach
 from .schedule import Schedule
+from .sinks import TensorBoard
 
 # ConfigError, CheckpointError, resolve_device, resolve_dtype and CHECKPOINT_NAME live in launch and
 # checkpoint; they are named here too because they are part of what a caller of train() handles.
@@ -83,6 +84,7 @@ class TrainConfig:
     ``threads``: torch CPU threads (None: every core this process may use; never more than that).
     A resumed run reproduces the uninterrupted one bitwise on CPU when the thread count is the same.
     ``fsdp``: under torchrun, shard the model with FSDP2 instead of wrapping it in DDP.
+    ``tensorboard``: a directory for live TensorBoard event files (``lnprobe.sinks.TensorBoard``; rank 0).
     An invalid field raises :class:`ConfigError` (a ValueError) saying what is accepted.
     """
 
@@ -106,6 +108,7 @@ class TrainConfig:
     progress: bool = True
     threads: int | None = None
     fsdp: bool = False
+    tensorboard: str | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -339,6 +342,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
         run_name=out_dir.name, resume=start if ckpt is not None else False, flush_every=20,
         # ∂L/∂a at the MLP output before its output norm feeds the Proposition 3.1 check of the report
         grad_sites=("resid", "mlp_raw"),
+        sinks=[TensorBoard(cfg.tensorboard)] if cfg.tensorboard and ctx.main else None,
     )
     if resumed_from:
         probe.update_meta(resumed_from=resumed_from)

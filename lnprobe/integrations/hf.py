@@ -23,6 +23,16 @@ clipping, so:
   ``num_items_in_batch`` (each is then a share of the step loss), else their mean; and the
   learning rate of this step.
 
+Log stream: at every probe flush the summary of the last flushed step (``lnprobe.sinks``: the keys
+``lnprobe/loss``, ``lnprobe/absmax``, ``lnprobe/update_ratio_max``, ...; plus ``lnprobe/step``, the
+step it describes) is kept, and the next ``on_log`` adds it to the Trainer's ``logs`` and to
+``state.log_history``. The values are those of the flush, so no extra host sync is made; they lag
+the Trainer's own logs by up to ``flush_every`` recorded steps. The reporting integrations
+(``report_to``: TensorBoard, W&B, MLflow, ...) are callbacks placed before user callbacks; so that
+they see these keys, ``on_train_begin`` moves this callback ahead of them in the Trainer's callback
+list (found on the calling frame: ``CallbackHandler.call_event``; a note says so when it is not
+found). ``log_summary=False`` turns this off; ``sinks=`` adds live sinks (rank 0 only).
+
 The Trainer itself is not patched. The run directory defaults to ``args.output_dir/lnprobe``; it is
 closed at ``on_train_end``. Callbacks see no exceptions: if ``train()`` raises, the probe is closed
 as "crashed" by the next ``on_train_begin`` of this callback, else as "interrupted" at interpreter
@@ -30,6 +40,7 @@ exit (either way the steps flushed so far are kept).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +48,7 @@ import torch
 
 try:
     from transformers import TrainerCallback
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("lnprobe.integrations.hf needs transformers: pip install transformers") from exc
 
@@ -49,14 +61,19 @@ class ProbeCallback(TrainerCallback):
 
     ``every``: the probe schedule (int, "log", "log:K" or a list of optimizer steps). ``out``: the run
     directory (default ``args.output_dir/lnprobe``). Other keyword arguments go to
-    ``lnprobe.attach`` (``sites``, ``stats``, ``grad_sites``, ``flush_every``, ...). The probe is
-    available as ``callback.probe`` while training runs.
+    ``lnprobe.attach`` (``sites``, ``stats``, ``grad_sites``, ``flush_every``, ``sinks``, ``updates``
+    ...; ``updates=True``: the Trainer's optimizer). ``log_summary``: add the probe's summary scalars
+    to the Trainer's logs (module docstring).
+    The probe is available as ``callback.probe`` while training runs.
     """
 
-    def __init__(self, every: Any = 1, out: str | Path | None = None, **attach_kwargs: Any):
+    def __init__(self, every: Any = 1, out: str | Path | None = None, *, log_summary: bool = True,
+                 **attach_kwargs: Any):
         self.every = every
         self.out = out
+        self.log_summary = log_summary
         self.attach_kwargs = attach_kwargs
+        self._summary: dict[str, float] | None = None  # the last flushed step's scalars, not yet logged
         self.probe: Probe | None = None
         self._handles: list[Any] = []
         self._scaler: Any = None
@@ -86,7 +103,21 @@ class ProbeCallback(TrainerCallback):
             "max_steps": state.max_steps, "fp16": args.fp16, "bf16": args.bf16,
             "grad_norms_measured": "before clipping (end of each backward)",
         }})
+        if kw.get("updates") is True:  # the Trainer's optimizer (Accelerate's wrapper is unwrapped)
+            kw["updates"] = optimizer if optimizer is not None else None
+        note = None
+        if state.is_world_process_zero:
+            sinks = list(kw.pop("sinks", None) or [])
+            if self.log_summary:
+                sinks.append(self._keep_summary)
+                note = self._log_before_reporters()
+            kw["sinks"] = sinks or None
+        else:
+            kw.pop("sinks", None)  # sinks live on the writer rank
+        self._summary = None
         self.probe = attach(model, out, self.every, **kw)
+        if note:
+            self.probe.add_note(note)
         self._handles.append(self.probe.model.register_forward_hook(self._make_root_hook(), with_kwargs=True))
         return control
 
@@ -115,11 +146,40 @@ class ProbeCallback(TrainerCallback):
         self._loss_sum, self._loss_n = None, 0
         return control
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Add the last flushed step's summary (once) to the Trainer's logs and log_history."""
+        if self._summary is not None and logs is not None:
+            summary, self._summary = self._summary, None
+            logs.update(summary)
+            last = state.log_history[-1] if state.log_history else None
+            if last is not None and last.get("step") == state.global_step:
+                last.update(summary)  # Trainer.log appended a copy of logs before calling on_log
+        return control
+
     def on_train_end(self, args, state, control, **kwargs):
         self._close()
         return control
 
     # ----------------------------------------------------------------- internals
+    def _keep_summary(self, step: int, scalars: dict[str, float]) -> None:
+        self._summary = {**scalars, "lnprobe/step": float(step)}
+
+    def _log_before_reporters(self) -> str | None:
+        """Move this callback before the reporting integrations; return a note when that fails."""
+        # We are called from CallbackHandler.call_event("on_train_begin", ...), which iterates the list;
+        # moving this callback to an EARLIER index keeps that iteration exact (nothing skipped or repeated).
+        handler = sys._getframe(2).f_locals.get("self")
+        if not isinstance(handler, CallbackHandler) or self not in handler.callbacks:
+            return ("ProbeCallback: Trainer callback list not found; report_to integrations placed before this "
+                    "callback do not see the lnprobe/ summary keys")
+        cbs = handler.callbacks
+        cbs.remove(self)
+        at = next((i + 1 for i, c in enumerate(cbs) if isinstance(c, DefaultFlowCallback)), 0)
+        cbs.insert(at, self)
+        return None
+
+    def __repr__(self) -> str:
+        return f"ProbeCallback(every={self.every!r})"
     def _close(self, status: str = "finished", error: str | None = None) -> None:
         for h in self._handles:
             h.remove()
