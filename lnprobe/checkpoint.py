@@ -25,11 +25,12 @@ import torch
 from .launch import ConfigError
 
 __all__ = ["CHECKPOINT_NAME", "CheckpointError", "rng_state", "set_rng_state", "save_checkpoint",
-           "load_checkpoint", "restore"]
+           "load_checkpoint", "restore", "changed_fields", "refuse_changes", "describe", "OPERATIONAL"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-# Train-config fields that fix the data order: a resumed run must keep them.
-_DATA_ORDER_KEYS = ("seed", "batch_size", "data")
+#: Train-config fields a resume may change without ``force``: where and how visibly the run executes,
+#: and how often it saves; none of them changes a loss or a record.
+OPERATIONAL = ("progress", "threads", "device", "ckpt_every", "flush_seconds")
 
 
 class CheckpointError(ConfigError):
@@ -84,36 +85,55 @@ def save_checkpoint(path: str | Path, *, step: int, model: torch.nn.Module, opt:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path, model_config: dict, train_config: dict) -> dict:
+def changed_fields(old_model: dict, old_train: dict, model_config: dict, train_config: dict) -> dict[str, list]:
+    """``{key: [old, new]}`` for every setting a resume would change: model fields (``model.<key>``) and
+    train fields except :data:`OPERATIONAL` (those may change freely: they do not touch the training)."""
+    changed = {}
+    for prefix, old, new, skip in (("model.", old_model, model_config, ()),
+                                   ("", old_train, train_config, OPERATIONAL)):
+        for key in sorted(set(old) | set(new)):
+            if key not in skip and old.get(key) != new.get(key):
+                changed[prefix + key] = [old.get(key), new.get(key)]
+    return changed
+
+
+def describe(changed: dict[str, list]) -> str:
+    """``lr 0.01 -> 0.02, batch_size 16 -> 32`` (for one-line messages)."""
+    return ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items())
+
+
+def load_checkpoint(path: str | Path, model_config: dict, train_config: dict,
+                    force: bool = False) -> tuple[dict, dict[str, list]]:
     """Read a checkpoint to resume a run configured with ``model_config`` and ``train_config`` (dicts).
 
-    Raises :class:`CheckpointError` when there is none, when it was written by an FSDP2 run, when the
-    model configuration differs, when the data order would differ (seed, batch size, corpus) or when
-    the run already did ``train_config["steps"]`` steps.
+    Returns ``(checkpoint, changed)``, ``changed`` as :func:`changed_fields`. Raises
+    :class:`CheckpointError` when there is none, when it was written by an FSDP2 run, when the run
+    already did ``train_config["steps"]`` steps, and, unless ``force``, when any setting changed
+    (the message lists them).
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"cannot resume: no checkpoint at {path}; run without --resume to start a new "
-                              f"run there")
+        raise CheckpointError(f"cannot resume: no checkpoint at {path} and no run to restart there; drop --resume "
+                              f"to start a new run")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("fsdp"):
         raise CheckpointError(f"cannot resume from {path}: it was written by an --fsdp run and holds the model "
-                              f"weights only (no optimizer state); start a new run, or train with DDP (without "
-                              f"--fsdp) to resume")
-    if ckpt["model_config"] != model_config:
-        diff = sorted(k for k in set(ckpt["model_config"]) | set(model_config)
-                      if ckpt["model_config"].get(k) != model_config.get(k))
-        raise CheckpointError(f"cannot resume from {path}: it was written for a different model (fields {diff} "
-                              f"differ); pass the same preset and overrides as the original run")
-    old = ckpt["train_config"]
-    for key in _DATA_ORDER_KEYS:
-        if old.get(key) != train_config.get(key):
-            raise CheckpointError(f"cannot resume from {path}: {key} was {old.get(key)!r}, now "
-                                  f"{train_config.get(key)!r}; pass the original {key} so the data order continues")
+                              f"weights only (no optimizer state); train with DDP (without --fsdp) to resume, or "
+                              f"pass --overwrite to discard the run and start again")
+    changed = changed_fields(ckpt["model_config"], ckpt["train_config"], model_config, train_config)
+    refuse_changes(path, changed, force)
     if ckpt["step"] >= train_config["steps"]:
         raise CheckpointError(f"cannot resume from {path}: the run already did {ckpt['step']} of "
-                              f"{train_config['steps']} steps; pass a larger --steps to train further")
-    return ckpt
+                              f"{train_config['steps']} steps; pass a larger --steps with --force to train further")
+    return ckpt, changed
+
+
+def refuse_changes(where: str | Path, changed: dict[str, list], force: bool) -> None:
+    """Raise :class:`CheckpointError` naming the changed settings, unless there are none or ``force``."""
+    if changed and not force:
+        raise CheckpointError(f"cannot resume {where}: settings differ from the original run ({describe(changed)}); "
+                              f"pass the original ones, or --force to resume anyway (the change and its step are "
+                              f"recorded in meta.json under 'resumes')")
 
 
 def restore(ckpt: dict, *, opt: torch.optim.Optimizer, scaler: Any, gen: torch.Generator) -> int:

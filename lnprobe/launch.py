@@ -10,6 +10,9 @@ the CPU), and :func:`process_group` initialises the process group (nccl on CUDA,
 the caller did so, destroying it on exit (also on errors) only when it was initialised there.
 :func:`wrap` puts the model in DDP, or with ``fsdp=True`` shards it with FSDP2 (``fully_shard`` on
 each block, then on the model).
+
+Stopping: :class:`StopSignals` turns the first SIGINT or SIGTERM into a request that every rank
+honours after the same step (:func:`loss_and_stop` folds it into the step's one all-reduce).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Iterator
 import torch
 
 __all__ = ["ConfigError", "DTYPES", "Launch", "resolve_device", "resolve_dtype", "autocast", "cpu_threads",
-           "rank_device", "process_group", "wrap", "mean_across_ranks"]
+           "rank_device", "process_group", "wrap", "mean_across_ranks", "loss_and_stop", "Interrupted", "StopSignals"]
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -219,3 +222,82 @@ def mean_across_ranks(value: torch.Tensor, launch: Launch) -> torch.Tensor:
     v = v.clone()
     dist.all_reduce(v)  # SUM: gloo has no AVG
     return v / launch.world
+
+
+def loss_and_stop(loss: torch.Tensor, stop: bool, launch: Launch) -> tuple[float, bool]:
+    """The mean of the ranks' losses and whether any rank was asked to stop, from ONE all-reduce.
+
+    Every rank gets the same answers, so every rank stops after the same step (a rank that stopped
+    alone would leave the others hanging in the next collective). One host sync, as for the loss alone.
+    """
+    v = torch.cat([loss.detach().double().reshape(1),
+                   torch.tensor([1.0 if stop else 0.0], dtype=torch.float64).to(loss.device)])  # (2,)
+    if launch.on:
+        import torch.distributed as dist
+
+        dist.all_reduce(v)  # SUM: gloo has no AVG
+    total, stops = v.tolist()
+    return total / launch.world, stops > 0
+
+
+# ----------------------------------------------------------------------------- stop signals
+class Interrupted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: stop at once (``signum`` says which; the exit code is 128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum} ({_signal_name(signum)}) received twice")
+        self.signum = signum
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM (Slurm's preemption, ``kill``) as a request to stop after the current step.
+
+    Inside ``with StopSignals() as stop``: the first signal sets ``stop.signum`` (the trainer then
+    flushes, checkpoints and ends with status ``interrupted`` after the step it is in); a second one
+    raises :class:`Interrupted` at once. Installed only in the main thread (Python delivers signals
+    there); the previous handlers are restored on exit.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, announce: bool = True):
+        self.signum: int | None = None
+        self.announce = announce
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        import sys
+
+        if self.signum is not None:
+            raise Interrupted(signum)
+        self.signum = signum
+        if self.announce:
+            print(f"lnprobe: {_signal_name(signum)} received: stopping after this step (records flushed, checkpoint "
+                  f"written); send it again to stop now", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopSignals":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                num = getattr(signal, name, None)
+                if num is not None:
+                    self._old[num] = signal.signal(num, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for num, old in self._old.items():
+            signal.signal(num, old)
+        self._old.clear()
