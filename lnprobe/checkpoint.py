@@ -5,7 +5,8 @@ A checkpoint (``RUN/checkpoint.pt``) is a dict written with ``torch.save``:
 - ``step``: optimizer steps done, i.e. the next step to run;
 - ``model``: the unwrapped model's state dict (never DDP's ``module.`` names, never FSDP2 shards);
 - ``optimizer``: its state dict, or None for an FSDP2 run (``fsdp`` True: weights only, not resumable);
-- ``scaler``: the GradScaler's state; ``data_generator``: the training-batch generator's state;
+- ``scaler``: the GradScaler's state; ``data_generator``: the training-batch generator's state (the
+  data order); the learning-rate schedule has no state of its own: it is ``lr_at(step)``;
 - ``rng``: the torch CPU (and CUDA, when initialised) RNG states;
 - ``model_config``, ``train_config``: the dicts the run was configured with;
 - ``val_history``: ``[step, val_loss]`` pairs computed so far.
@@ -82,6 +83,8 @@ def save_checkpoint(path: str | Path, *, step: int, model: torch.nn.Module, opt:
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(ckpt, tmp)
+    with open(tmp, "rb") as f:  # on disk before it replaces the previous checkpoint (a power cut keeps one)
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -410,6 +410,8 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
             val_history = [(int(s), float(v)) for s, v in ckpt["val_history"]]
         if ctx.main:
             store.trim(out_dir, start)
+            for tmp in out_dir.glob(f".{CHECKPOINT_NAME}.tmp-*"):  # a checkpoint write the kill cut short
+                tmp.unlink(missing_ok=True)
         entry = {"step": start, "changed": res.changed,
                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "previous_status": res.meta.get("status"), "previous_last_step": res.meta.get("last_step")}
