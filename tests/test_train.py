@@ -182,7 +182,7 @@ def test_resume_gives_identical_losses(tmp_path, corpus):
     # dropout > 0 makes the result depend on the restored torch RNG state, not only on the data order
     mcfg = small_cfg("pre", dropout=0.1)
     cfg = tcfg(corpus, steps=10, every=1, eval_every=4)
-    full = T.train(mcfg, cfg, tmp_path / "full")
+    T.train(mcfg, cfg, tmp_path / "full")
     part = T.train(mcfg, cfg, tmp_path / "split", stop_after=4)
     assert part.status == "stopped" and part.steps == 4
     assert lnprobe.load_run(tmp_path / "split").meta["status"] == "stopped"
@@ -423,7 +423,7 @@ def test_threads_do_not_exceed_the_cpus(tmp_path, corpus):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_first_loss(tmp_path, corpus):
     """On CUDA (bf16 autocast) the init loss matches the CPU one and the run finishes."""
-    cpu = T.train(small_cfg("peri"), tcfg(corpus, steps=2, device="cpu"), tmp_path / "cpu")
+    T.train(small_cfg("peri"), tcfg(corpus, steps=2, device="cpu"), tmp_path / "cpu")
     gpu = T.train(small_cfg("peri"), tcfg(corpus, steps=2, device="cuda"), tmp_path / "gpu")
     assert gpu.status == "finished" and gpu.dtype == "bf16"
     assert train_rows(tmp_path / "gpu", "loss").loc[0] == pytest.approx(train_rows(tmp_path / "cpu", "loss").loc[0],
