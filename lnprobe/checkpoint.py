@@ -18,15 +18,18 @@ losses as an uninterrupted run (bitwise on CPU with the same thread count).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import store
 from .launch import ConfigError
 
 __all__ = ["CHECKPOINT_NAME", "CheckpointError", "rng_state", "set_rng_state", "save_checkpoint",
-           "load_checkpoint", "restore", "changed_fields", "refuse_changes", "describe", "OPERATIONAL"]
+           "load_checkpoint", "restore", "changed_fields", "refuse_changes", "describe", "OPERATIONAL",
+           "ResumePoint", "resume_point", "run_state"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Train-config fields a resume may change without ``force``: where and how visibly the run executes,
@@ -150,3 +153,47 @@ def restore(ckpt: dict, *, opt: torch.optim.Optimizer, scaler: Any, gen: torch.G
     gen.set_state(ckpt["data_generator"])
     set_rng_state(ckpt["rng"])
     return int(ckpt["step"])
+
+
+# ----------------------------------------------------------------------------- where a resume continues
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: its checkpoint (None: restart at step 0, none was written yet),
+    the step, the settings it changes (``{key: [old, new]}``) and the old run's meta.json."""
+
+    ckpt: dict | None
+    step: int
+    changed: dict
+    meta: dict
+
+
+def resume_point(out_dir: str | Path, model_config: dict, train_config: dict, force: bool = False) -> ResumePoint:
+    """Where ``--resume`` continues the run in ``out_dir``; CheckpointError when it cannot.
+
+    With a checkpoint: from its step. Without one but with a meta.json (a run killed before its first
+    checkpoint): from step 0, after the same check of changed settings against meta.json's config.
+    """
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    has_meta = (out_dir / "meta.json").exists()
+    if ckpt_path.exists():
+        ckpt, changed = load_checkpoint(ckpt_path, model_config, train_config, force=force)
+        if not has_meta:
+            raise CheckpointError(f"cannot resume: {out_dir} has a checkpoint but no meta.json; pass --overwrite "
+                                  f"to discard the checkpoint and start a new run there")
+        return ResumePoint(ckpt, int(ckpt["step"]), changed, store.read_meta(out_dir))
+    if not has_meta:
+        load_checkpoint(ckpt_path, model_config, train_config)  # raises: nothing to resume
+    meta = store.read_meta(out_dir)
+    changed = changed_fields(store.model_config(meta), store.train_config(meta), model_config, train_config)
+    refuse_changes(out_dir, changed, force)
+    return ResumePoint(None, 0, changed, meta)
+
+
+def run_state(out_dir: str | Path) -> str:
+    """``status running, last step 57`` for messages about an existing run directory."""
+    try:
+        meta = store.read_meta(out_dir)
+    except (FileNotFoundError, ValueError, OSError):
+        return "a checkpoint, no meta.json"
+    return f"status {meta.get('status', '?')}, last step {meta.get('last_step', '?')}"

@@ -24,7 +24,8 @@ from typing import Iterator
 import torch
 
 __all__ = ["ConfigError", "DTYPES", "Launch", "resolve_device", "resolve_dtype", "autocast", "cpu_threads",
-           "rank_device", "process_group", "wrap", "mean_across_ranks", "loss_and_stop", "Interrupted", "StopSignals"]
+           "check_out_dir", "rank_device", "process_group", "wrap", "mean_across_ranks", "loss_and_stop",
+           "Interrupted", "StopSignals"]
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -94,6 +95,23 @@ def cpu_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def check_out_dir(out_dir) -> None:
+    """ConfigError unless ``out_dir`` is (or can be made) a directory this process may write in."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a directory; pass a directory for the run")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe_file = out_dir / f".write-test-{os.getpid()}"
+        probe_file.write_bytes(b"")
+        probe_file.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run directory {out_dir}: {exc.strerror or exc}; pass an --out "
+                          f"where you may write") from None
 
 
 # ----------------------------------------------------------------------------- the launch

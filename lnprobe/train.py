@@ -20,10 +20,23 @@ Definitions:
   with the same seed see identical batches whatever the placement, model size or device.
 
 Checkpoints (``OUT/checkpoint.pt``, :mod:`lnprobe.checkpoint`, written atomically) hold the model,
-optimizer, step, GradScaler, data-generator state and torch RNG states; ``resume=True`` continues
-from one, drops records past it (:func:`lnprobe.store.trim`) and gives the same
-losses as an uninterrupted run (bitwise on CPU). A non-finite loss stops the run cleanly: the step is
-recorded, ``meta.json`` gets ``status="diverged"`` and a ``divergence`` entry, and the result says so.
+optimizer, step, GradScaler, data-generator state and torch RNG states. One is written every
+``ckpt_every`` steps (default 100) and at the end, each time right AFTER the probe has flushed the
+records of every step before it, so on disk the records always reach at least the checkpoint.
+Between checkpoints the probe also flushes every ``flush_seconds`` (default 60 s). What a kill
+loses, then: SIGKILL (or a power cut) loses the records of at most the last ``flush_seconds``, and
+``resume=True`` recomputes everything after the last checkpoint; an exception is recorded with status
+``crashed`` after a last flush. SIGTERM and SIGINT (:class:`lnprobe.launch.StopSignals`) stop
+the run after the current step: records flushed, checkpoint written, status ``interrupted`` (a
+second signal stops at once, as an exception would). ``resume=True`` continues from the last
+checkpoint (from step 0 when the run had none yet), drops the records past it
+(:func:`lnprobe.store.trim`), so every step is recorded exactly once, and gives the same losses
+and records as an uninterrupted run (bitwise on CPU with the same thread count). It refuses changed
+settings (:func:`lnprobe.checkpoint.changed_fields`) unless ``force=True``, which records them in
+meta.json's ``resumes`` (``[{step, changed: {key: [old, new]}, time, previous_status, ...}]``).
+A directory that holds a run is never discarded without ``overwrite=True``.
+A non-finite loss stops the run cleanly: the step is recorded, ``meta.json`` gets
+``status="diverged"`` and a ``divergence`` entry, and no checkpoint of the broken model is written.
 
 Distributed (``torchrun --nproc-per-node N``, i.e. ``WORLD_SIZE > 1`` in the environment; the launch
 itself is :mod:`lnprobe.launch`): the process group is initialised for the run (nccl on CUDA with
@@ -47,7 +60,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -281,17 +293,6 @@ def evaluate(model: GPT, data: TokenData, cfg: TrainConfig, seq_len: int, device
 
 
 # ----------------------------------------------------------------------------- training
-@dataclass
-class _Resume:
-    """Where a resumed run continues: its checkpoint (None: restart at step 0, none was written yet),
-    the step, the settings it changes (``{key: [old, new]}``) and the old run's meta.json."""
-
-    ckpt: dict | None
-    step: int
-    changed: dict
-    meta: dict
-
-
 def train(model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
           stop_after: int | None = None, overwrite: bool = False, force: bool = False) -> TrainResult:
     """Train a reference GPT with a probe attached, writing the run directory ``out_dir``.
@@ -310,7 +311,7 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path, res
     out_dir = Path(out_dir)
     cfg = train_cfg
     ctx = Launch.from_env()
-    _check_out(out_dir)
+    launch.check_out_dir(out_dir)
     setup = _prepare(model_cfg, cfg)
     setup.device = launch.rank_device(ctx, setup.device, batch_size=cfg.batch_size, dtype=cfg.dtype,
                                       fsdp=cfg.fsdp, resume=resume)
@@ -320,61 +321,18 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path, res
                processes=ctx.local_world if setup.device.type == "cpu" else 1)
     held = (out_dir / "meta.json").exists() or (out_dir / CHECKPOINT_NAME).exists()
     if resume:
-        res = _resume_point(out_dir, model_cfg, cfg, force)
+        res = checkpoint.resume_point(out_dir, model_cfg.to_dict(), cfg.to_dict(), force)
     elif held and not overwrite:
-        raise ConfigError(f"{out_dir} already holds a run ({_run_state(out_dir)}); pass --resume to continue it, "
-                          f"or --overwrite to discard its records and checkpoint")
+        raise ConfigError(f"{out_dir} already holds a run ({checkpoint.run_state(out_dir)}); pass --resume to "
+                          f"continue it, or --overwrite to discard its records and checkpoint")
     else:
         res = None
     with launch.process_group(ctx, setup.device):
         return _train(model_cfg, cfg, out_dir, setup, ctx, res, stop_after, overwrite and held)
 
 
-def _check_out(out_dir: Path) -> None:
-    """ConfigError unless ``out_dir`` is (or can be made) a writable directory."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} is a file, not a directory; pass a directory for the run")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe_file = out_dir / f".write-test-{os.getpid()}"
-        probe_file.write_bytes(b"")
-        probe_file.unlink()
-    except OSError as exc:
-        raise ConfigError(f"cannot write the run directory {out_dir}: {exc.strerror or exc}; pass an --out "
-                          f"where you may write") from None
-
-
-def _run_state(out_dir: Path) -> str:
-    """``status running, last step 57`` for messages about an existing run directory."""
-    try:
-        meta = store.read_meta(out_dir)
-    except (FileNotFoundError, ValueError, OSError):
-        return "a checkpoint, no meta.json"
-    return f"status {meta.get('status', '?')}, last step {meta.get('last_step', '?')}"
-
-
-def _resume_point(out_dir: Path, model_cfg: GPTConfig, cfg: TrainConfig, force: bool) -> _Resume:
-    """Where ``--resume`` continues the run in ``out_dir``; CheckpointError when it cannot."""
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    meta_path = out_dir / "meta.json"
-    if ckpt_path.exists():
-        ckpt, changed = checkpoint.load_checkpoint(ckpt_path, model_cfg.to_dict(), cfg.to_dict(), force=force)
-        if not meta_path.exists():
-            raise CheckpointError(f"cannot resume: {out_dir} has a checkpoint but no meta.json; pass --overwrite "
-                                  f"to discard the checkpoint and start a new run there")
-        return _Resume(ckpt, int(ckpt["step"]), changed, store.read_meta(out_dir))
-    if not meta_path.exists():
-        checkpoint.load_checkpoint(ckpt_path, model_cfg.to_dict(), cfg.to_dict())  # raises: nothing to resume
-    # A run stopped before its first checkpoint: restart it from step 0, with the same checks.
-    meta = store.read_meta(out_dir)
-    changed = checkpoint.changed_fields(store.model_config(meta), store.train_config(meta), model_cfg.to_dict(),
-                                        cfg.to_dict())
-    checkpoint.refuse_changes(out_dir, changed, force)
-    return _Resume(None, 0, changed, meta)
-
-
-def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup, ctx: Launch, res: _Resume | None,
-           stop_after: int | None, overwrite: bool) -> TrainResult:
+def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup, ctx: Launch,
+           res: checkpoint.ResumePoint | None, stop_after: int | None, overwrite: bool) -> TrainResult:
     device, dtype, seq_len, data = setup.device, setup.dtype, setup.seq_len, setup.data
     ckpt_path = out_dir / CHECKPOINT_NAME
     ckpt = res.ckpt if res is not None else None
