@@ -228,7 +228,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{model_cfg.placement}")
     result = train(model_cfg, train_cfg, out, resume=args.resume, overwrite=args.overwrite, force=args.force)
     if result.rank != 0:  # under torchrun only rank 0 prints (and only it wrote the run directory)
-        return _exit_code(result)
+        _exit_rank(_exit_code(result))
     if result.world_size > 1:
         print(f"trained on {result.world_size} processes ({'FSDP2' if train_cfg.fsdp else 'DDP'}), "
               f"global batch {train_cfg.batch_size}")
@@ -237,7 +237,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _print_summary(model_cfg.placement, out)
     if result.status == "interrupted":
         print(f"lnprobe: interrupted; continue with: lnprobe train ... --out {out} --resume", file=sys.stderr)
+    if result.world_size > 1:
+        _exit_rank(_exit_code(result))
     return _exit_code(result)
+
+
+def _exit_rank(code: int) -> None:
+    """End a torchrun rank now, with ``code``, skipping interpreter finalisation.
+
+    Why: after ``train`` returns, the run directory is complete (parts and meta.json fsynced, the
+    checkpoint renamed into place) and the process group destroyed, yet native threads remain that
+    the interpreter tears down in no defined order at exit: gloo's worker and TCP-loop threads under
+    FSDP2 (its state keeps the backend alive after ``destroy_process_group``) and pyarrow's pool
+    threads on rank 0 (started by the summary's read). A rank that aborts there
+    (``terminate called without an active exception``) fails the whole launch after a good run.
+    """
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _exit_code(result) -> int:

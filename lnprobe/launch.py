@@ -16,6 +16,7 @@ honours after the same step (:func:`loss_and_stop` folds it into the step's one 
 """
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -199,12 +200,21 @@ def process_group(launch: Launch, device: torch.device) -> Iterator[Launch]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         launch.owns_group = True
+    ok = False
     try:
         yield launch
+        ok = True
     finally:
         if launch.owns_group:
-            dist.destroy_process_group()
             launch.owns_group = False
+            if ok:
+                # No rank tears its connections down while a peer is still in the last collective
+                # (on an error the peers may be dead or elsewhere, and a barrier could hang).
+                dist.barrier()
+            # The DDP reducer / FSDP2 state in reference cycles hold the group: free them here, so its
+            # worker threads are joined now rather than during interpreter finalisation.
+            gc.collect()
+            dist.destroy_process_group()
 
 
 def wrap(model: torch.nn.Module, launch: Launch, device: torch.device, fsdp: bool = False) -> torch.nn.Module:

@@ -126,9 +126,10 @@ def test_ddp_checkpoint_resumes_in_one_process(runs, corpus, tmp_path):
     run_dir = tmp_path / "ddp"
     shutil.copytree(runs["ddp"][0], run_dir)
     args = [a if a != "3" else "4" for a in ARGS]  # --steps 4 (the only "3" among the options)
-    assert main(["train", *args, "--data", corpus, "--out", str(run_dir), "--resume"]) == 0
+    assert main(["train", *args, "--data", corpus, "--out", str(run_dir), "--resume", "--force"]) == 0
     run = lnprobe.load_run(run_dir)
     assert run.meta["resumed_from"] == [3] and run.meta["status"] == "finished"
+    assert run.meta["resumes"][0]["changed"] == {"steps": [3, 4]}
     loss = run.records[(run.records.site == "train") & (run.records.stat == "loss")].sort_values("step")
     assert list(loss.step) == [0, 1, 2, 3] and np.isfinite(loss.value).all()
 
