@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -428,3 +430,44 @@ def test_cuda_matches_first_loss(tmp_path, corpus):
     assert gpu.status == "finished" and gpu.dtype == "bf16"
     assert train_rows(tmp_path / "gpu", "loss").loc[0] == pytest.approx(train_rows(tmp_path / "cpu", "loss").loc[0],
                                                                          abs=0.02)
+
+
+# ----------------------------------------------------------------------------- time-bound flush, heartbeat
+def test_probe_flushes_on_a_time_bound_and_writes_a_heartbeat(tmp_path, monkeypatch):
+    from lnprobe import probe as P
+
+    clock = [1000.0]
+    monkeypatch.setattr(P.time, "monotonic", lambda: clock[0])
+    torch.manual_seed(0)
+    model = GPT(small_cfg("pre"))
+    x = torch.randint(0, 256, (2, 16))
+
+    def parts(out):
+        return len(list((out / "records").glob("part-*.parquet")))
+
+    probe = lnprobe.attach(model, tmp_path / "a", every=1, flush_every=100, flush_seconds=60)
+    for i in range(3):
+        _, loss = model(x, x)
+        loss.backward()
+        clock[0] += 25.0  # steps 0, 1, 2 close at 25, 50, 75 s after attach
+        probe.step(loss=loss)
+        model.zero_grad()
+        assert parts(tmp_path / "a") == (0 if i < 2 else 1), i  # the first flush at the step 60 s after attach
+    meta = lnprobe.load_run(tmp_path / "a").meta
+    assert meta["status"] == "running" and meta["last_step"] == 2
+    beat = meta["heartbeat"]
+    assert beat["step"] == 2 and beat["elapsed_s"] == 75.0 and beat["pid"] == os.getpid()
+    assert abs(beat["unix"] - time.time()) < 60 and beat["time"].endswith("Z")
+    probe.close()
+    assert lnprobe.load_run(tmp_path / "a").meta["heartbeat"]["step"] == 2
+
+    never = lnprobe.attach(model, tmp_path / "b", every=1, flush_every=100, flush_seconds=None)
+    clock[0] += 1e6
+    _, loss = model(x, x)
+    loss.backward()
+    never.step(loss=loss)
+    assert parts(tmp_path / "b") == 0  # no time bound: only flush_every and close flush
+    never.close()
+    assert parts(tmp_path / "b") == 1
+    with pytest.raises(ValueError, match="flush_seconds"):
+        lnprobe.attach(model, tmp_path / "c", flush_seconds=-1)
