@@ -99,20 +99,24 @@ def cpu_threads() -> int:
 
 
 def check_out_dir(out_dir) -> None:
-    """ConfigError unless ``out_dir`` is (or can be made) a directory this process may write in."""
+    """ConfigError unless ``out_dir`` is a directory this process may write in, or can be made one.
+
+    Creates nothing: a run refused later (a bad option, a missing corpus) leaves no directory behind.
+    """
     from pathlib import Path
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file, not a directory; pass a directory for the run")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe_file = out_dir / f".write-test-{os.getpid()}"
-        probe_file.write_bytes(b"")
-        probe_file.unlink()
-    except OSError as exc:
-        raise ConfigError(f"cannot write the run directory {out_dir}: {exc.strerror or exc}; pass an --out "
-                          f"where you may write") from None
+    base = out_dir.absolute()
+    while not base.exists() and base != base.parent:  # the nearest existing ancestor is where mkdir writes
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"cannot write the run directory {out_dir}: {base} is a file; pass an --out where you "
+                          f"may write")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the run directory {out_dir}: permission denied on {base}; pass an --out "
+                          f"where you may write")
 
 
 # ----------------------------------------------------------------------------- the launch
