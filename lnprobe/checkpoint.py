@@ -5,7 +5,8 @@ A checkpoint (``RUN/checkpoint.pt``) is a dict written with ``torch.save``:
 - ``step``: optimizer steps done, i.e. the next step to run;
 - ``model``: the unwrapped model's state dict (never DDP's ``module.`` names, never FSDP2 shards);
 - ``optimizer``: its state dict, or None for an FSDP2 run (``fsdp`` True: weights only, not resumable);
-- ``scaler``: the GradScaler's state; ``data_generator``: the training-batch generator's state;
+- ``scaler``: the GradScaler's state; ``data_generator``: the training-batch generator's state (the
+  data order); the learning-rate schedule has no state of its own: it is ``lr_at(step)``;
 - ``rng``: the torch CPU (and CUDA, when initialised) RNG states;
 - ``model_config``, ``train_config``: the dicts the run was configured with;
 - ``val_history``: ``[step, val_loss]`` pairs computed so far.
@@ -17,19 +18,23 @@ losses as an uninterrupted run (bitwise on CPU with the same thread count).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import store
 from .launch import ConfigError
 
 __all__ = ["CHECKPOINT_NAME", "CheckpointError", "rng_state", "set_rng_state", "save_checkpoint",
-           "load_checkpoint", "restore"]
+           "load_checkpoint", "restore", "changed_fields", "refuse_changes", "describe", "OPERATIONAL",
+           "ResumePoint", "resume_point", "run_state"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-# Train-config fields that fix the data order: a resumed run must keep them.
-_DATA_ORDER_KEYS = ("seed", "batch_size", "data")
+#: Train-config fields a resume may change without ``force``: where and how visibly the run executes,
+#: and how often it saves; none of them changes a loss or a record.
+OPERATIONAL = ("progress", "threads", "device", "ckpt_every", "flush_seconds")
 
 
 class CheckpointError(ConfigError):
@@ -81,39 +86,60 @@ def save_checkpoint(path: str | Path, *, step: int, model: torch.nn.Module, opt:
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(ckpt, tmp)
+    with open(tmp, "rb") as f:  # on disk before it replaces the previous checkpoint (a power cut keeps one)
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path, model_config: dict, train_config: dict) -> dict:
+def changed_fields(old_model: dict, old_train: dict, model_config: dict, train_config: dict) -> dict[str, list]:
+    """``{key: [old, new]}`` for every setting a resume would change: model fields (``model.<key>``) and
+    train fields except :data:`OPERATIONAL` (those may change freely: they do not touch the training)."""
+    changed = {}
+    for prefix, old, new, skip in (("model.", old_model, model_config, ()),
+                                   ("", old_train, train_config, OPERATIONAL)):
+        for key in sorted(set(old) | set(new)):
+            if key not in skip and old.get(key) != new.get(key):
+                changed[prefix + key] = [old.get(key), new.get(key)]
+    return changed
+
+
+def describe(changed: dict[str, list]) -> str:
+    """``lr 0.01 -> 0.02, batch_size 16 -> 32`` (for one-line messages)."""
+    return ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items())
+
+
+def load_checkpoint(path: str | Path, model_config: dict, train_config: dict,
+                    force: bool = False) -> tuple[dict, dict[str, list]]:
     """Read a checkpoint to resume a run configured with ``model_config`` and ``train_config`` (dicts).
 
-    Raises :class:`CheckpointError` when there is none, when it was written by an FSDP2 run, when the
-    model configuration differs, when the data order would differ (seed, batch size, corpus) or when
-    the run already did ``train_config["steps"]`` steps.
+    Returns ``(checkpoint, changed)``, ``changed`` as :func:`changed_fields`. Raises
+    :class:`CheckpointError` when there is none, when it was written by an FSDP2 run, when the run
+    already did ``train_config["steps"]`` steps, and, unless ``force``, when any setting changed
+    (the message lists them).
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"cannot resume: no checkpoint at {path}; run without --resume to start a new "
-                              f"run there")
+        raise CheckpointError(f"cannot resume: no checkpoint at {path} and no run to restart there; drop --resume "
+                              f"to start a new run")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("fsdp"):
         raise CheckpointError(f"cannot resume from {path}: it was written by an --fsdp run and holds the model "
-                              f"weights only (no optimizer state); start a new run, or train with DDP (without "
-                              f"--fsdp) to resume")
-    if ckpt["model_config"] != model_config:
-        diff = sorted(k for k in set(ckpt["model_config"]) | set(model_config)
-                      if ckpt["model_config"].get(k) != model_config.get(k))
-        raise CheckpointError(f"cannot resume from {path}: it was written for a different model (fields {diff} "
-                              f"differ); pass the same preset and overrides as the original run")
-    old = ckpt["train_config"]
-    for key in _DATA_ORDER_KEYS:
-        if old.get(key) != train_config.get(key):
-            raise CheckpointError(f"cannot resume from {path}: {key} was {old.get(key)!r}, now "
-                                  f"{train_config.get(key)!r}; pass the original {key} so the data order continues")
+                              f"weights only (no optimizer state); train with DDP (without --fsdp) to resume, or "
+                              f"pass --overwrite to discard the run and start again")
+    changed = changed_fields(ckpt["model_config"], ckpt["train_config"], model_config, train_config)
+    refuse_changes(path, changed, force)
     if ckpt["step"] >= train_config["steps"]:
         raise CheckpointError(f"cannot resume from {path}: the run already did {ckpt['step']} of "
-                              f"{train_config['steps']} steps; pass a larger --steps to train further")
-    return ckpt
+                              f"{train_config['steps']} steps; pass a larger --steps with --force to train further")
+    return ckpt, changed
+
+
+def refuse_changes(where: str | Path, changed: dict[str, list], force: bool) -> None:
+    """Raise :class:`CheckpointError` naming the changed settings, unless there are none or ``force``."""
+    if changed and not force:
+        raise CheckpointError(f"cannot resume {where}: settings differ from the original run ({describe(changed)}); "
+                              f"pass the original ones, or --force to resume anyway (the change and its step are "
+                              f"recorded in meta.json under 'resumes')")
 
 
 def restore(ckpt: dict, *, opt: torch.optim.Optimizer, scaler: Any, gen: torch.Generator) -> int:
@@ -127,3 +153,47 @@ def restore(ckpt: dict, *, opt: torch.optim.Optimizer, scaler: Any, gen: torch.G
     gen.set_state(ckpt["data_generator"])
     set_rng_state(ckpt["rng"])
     return int(ckpt["step"])
+
+
+# ----------------------------------------------------------------------------- where a resume continues
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: its checkpoint (None: restart at step 0, none was written yet),
+    the step, the settings it changes (``{key: [old, new]}``) and the old run's meta.json."""
+
+    ckpt: dict | None
+    step: int
+    changed: dict
+    meta: dict
+
+
+def resume_point(out_dir: str | Path, model_config: dict, train_config: dict, force: bool = False) -> ResumePoint:
+    """Where ``--resume`` continues the run in ``out_dir``; CheckpointError when it cannot.
+
+    With a checkpoint: from its step. Without one but with a meta.json (a run killed before its first
+    checkpoint): from step 0, after the same check of changed settings against meta.json's config.
+    """
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    has_meta = (out_dir / "meta.json").exists()
+    if ckpt_path.exists():
+        ckpt, changed = load_checkpoint(ckpt_path, model_config, train_config, force=force)
+        if not has_meta:
+            raise CheckpointError(f"cannot resume: {out_dir} has a checkpoint but no meta.json; pass --overwrite "
+                                  f"to discard the checkpoint and start a new run there")
+        return ResumePoint(ckpt, int(ckpt["step"]), changed, store.read_meta(out_dir))
+    if not has_meta:
+        load_checkpoint(ckpt_path, model_config, train_config)  # raises: nothing to resume
+    meta = store.read_meta(out_dir)
+    changed = changed_fields(store.model_config(meta), store.train_config(meta), model_config, train_config)
+    refuse_changes(out_dir, changed, force)
+    return ResumePoint(None, 0, changed, meta)
+
+
+def run_state(out_dir: str | Path) -> str:
+    """``status running, last step 57`` for messages about an existing run directory."""
+    try:
+        meta = store.read_meta(out_dir)
+    except (FileNotFoundError, ValueError, OSError):
+        return "a checkpoint, no meta.json"
+    return f"status {meta.get('status', '?')}, last step {meta.get('last_step', '?')}"

@@ -72,6 +72,19 @@ TRAIN_OPTIONS: tuple[tuple[str, dict], ...] = (
 )
 
 
+# Train only: how a run is saved and continued (see lnprobe.train for the guarantees).
+RUN_OPTIONS: tuple[tuple[str, dict], ...] = (
+    ("--ckpt-every", dict(type=int, default=100, help="checkpoint period in steps, records flushed first; 0: only "
+                                                      "at the end (default: %(default)s)")),
+    ("--flush-seconds", dict(type=float, default=60.0, help="also flush records when this many seconds passed "
+                                                            "since the last flush (default: %(default)s)")),
+    ("--resume", dict(action="store_true", help="continue the run in OUT from its last checkpoint (records past "
+                                                "it are dropped and recomputed)")),
+    ("--overwrite", dict(action="store_true", help="discard the run already in OUT (records and checkpoint)")),
+    ("--force", dict(action="store_true", help="with --resume: accept changed settings (recorded in meta.json)")),
+)
+
+
 def _add_group(p: argparse.ArgumentParser, title: str, options: tuple[tuple[str, dict], ...],
                skip: tuple[str, ...] = (), helps: dict[str, str] | None = None, **defaults: Any) -> None:
     """Add ``options`` (less the flags in ``skip``) as one group; ``defaults`` and ``helps`` override by dest."""
@@ -97,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_group(p, "model (override the preset)", MODEL_OPTIONS)
     _add_group(p, "training", TRAIN_OPTIONS)
     p.add_argument("--out", help="run directory (default: runs/<placement>)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    _add_group(p, "saving and resuming", RUN_OPTIONS)
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model with FSDP2 instead of DDP (no --resume)")
     p.add_argument("--tensorboard", metavar="DIR", help="write live TensorBoard event files to DIR at every flush")
@@ -107,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_group(p, "model (override the preset)", MODEL_OPTIONS, skip=("--placement",), preset=None,
                helps={"preset": "model shape preset (default: gpu on CUDA, tiny elsewhere)"})
     _add_group(p, "training", TRAIN_OPTIONS, steps=DEMO_STEPS, every=str(DEMO_EVERY))
-    p.add_argument("--out", default="runs/demo", help="demo directory (default: %(default)s)")
+    p.add_argument("--out", default="runs/demo", help="demo directory; its runs are replaced (default: %(default)s)")
     p.add_argument("--figures", default="figures",
                    help="where to copy the report's PNG figures (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=None,
@@ -165,9 +178,14 @@ def _train_config(args: argparse.Namespace):
     from .train import TrainConfig
 
     every = int(args.every) if args.every.isdigit() else args.every
+    if getattr(args, "ckpt_every", 0) < 0:
+        _die(f"--ckpt-every must be ≥ 0 (0: only at the end), got {args.ckpt_every}")
+    if getattr(args, "flush_seconds", 0) < 0:
+        _die(f"--flush-seconds must be ≥ 0, got {args.flush_seconds}")
     return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device,
                        dtype=args.dtype, every=every, eval_every=args.eval_every, data=args.data,
-                       progress=not args.no_progress, fsdp=args.fsdp, tensorboard=getattr(args, "tensorboard", None))
+                       progress=not args.no_progress, fsdp=args.fsdp, tensorboard=getattr(args, "tensorboard", None),
+                       ckpt_every=getattr(args, "ckpt_every", 100), flush_seconds=getattr(args, "flush_seconds", 60.0))
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -225,16 +243,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model_cfg = _model_config(args, args.placement, args.preset)
     train_cfg = _train_config(args)
     out = Path(args.out or f"runs/{model_cfg.placement}")
-    result = train(model_cfg, train_cfg, out, resume=args.resume)
+    result = train(model_cfg, train_cfg, out, resume=args.resume, overwrite=args.overwrite, force=args.force)
     if result.rank != 0:  # under torchrun only rank 0 prints (and only it wrote the run directory)
-        return 0 if result.status != "diverged" else 1
+        _exit_rank(_exit_code(result))
     if result.world_size > 1:
         print(f"trained on {result.world_size} processes ({'FSDP2' if train_cfg.fsdp else 'DDP'}), "
               f"global batch {train_cfg.batch_size}")
     print(f"run {out}: {result.status} after {result.steps} steps on {result.device} ({result.dtype}), "
           f"{result.tokens_per_s:.0f} tokens/s")
     _print_summary(model_cfg.placement, out)
-    return 0 if result.status != "diverged" else 1
+    if result.status == "interrupted":
+        print(f"lnprobe: interrupted; continue with: lnprobe train ... --out {out} --resume", file=sys.stderr)
+    if result.world_size > 1:
+        _exit_rank(_exit_code(result))
+    return _exit_code(result)
+
+
+def _exit_rank(code: int) -> None:
+    """End a torchrun rank now, with ``code``, skipping interpreter finalisation.
+
+    Why: after ``train`` returns, the run directory is complete (parts and meta.json fsynced, the
+    checkpoint renamed into place) and the process group destroyed, yet native threads remain that
+    the interpreter tears down in no defined order at exit: gloo's worker and TCP-loop threads under
+    FSDP2 (its state keeps the backend alive after ``destroy_process_group``) and pyarrow's pool
+    threads on rank 0 (started by the summary's read). A rank that aborts there
+    (``terminate called without an active exception``) fails the whole launch after a good run.
+    """
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _exit_code(result) -> int:
+    """0 finished or stopped; 1 diverged; 128 + signal number when a signal stopped it (130, 143)."""
+    if result.status == "interrupted":
+        return 128 + (result.signal or 2)
+    return 1 if result.status == "diverged" else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -249,6 +295,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         _die(f"--jobs must be ≥ 1, got {args.jobs}")
     jobs = args.jobs or (len(configs) if device.type == "cpu" else 1)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        _die(f"--out {out} is a file, not a directory; pass a directory for the demo runs")
     shape = f"{preset}: d_model {configs[0].d_model}, {configs[0].n_layers} layers, {train_cfg.steps} steps"
     if jobs > 1 and device.type == "cpu":
         runs = _train_parallel(configs, train_cfg, out, jobs, shape)
@@ -257,7 +305,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         for cfg in configs:
             run_dir = out / cfg.placement
             print(f"training {cfg.placement} ({shape}) -> {run_dir}", flush=True)
-            result = train(cfg, train_cfg, run_dir)
+            result = train(cfg, train_cfg, run_dir, overwrite=True)
             print(f"  {result.status}, {result.tokens_per_s:.0f} tokens/s, {result.elapsed_s:.1f} s", flush=True)
             runs.append(run_dir)
     report_dir = out / "report"
@@ -275,7 +323,7 @@ def _train_job(model_cfg, train_cfg, run_dir: str):
     """Worker-process entry of the parallel demo (module level so that it pickles)."""
     from .train import train
 
-    return train(model_cfg, train_cfg, run_dir)
+    return train(model_cfg, train_cfg, run_dir, overwrite=True)
 
 
 def _train_parallel(configs: list, train_cfg, out: Path, jobs: int, shape: str) -> list[Path]:
@@ -444,10 +492,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:  # raised before any training step, by the module that found the problem
         _die(exc)
-    except KeyboardInterrupt:
-        print("lnprobe: interrupted; the run directory keeps what was flushed (status 'interrupted')",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # a second SIGINT/SIGTERM (lnprobe.launch.Interrupted), or outside training
+        print("lnprobe: interrupted; the run directory keeps what was flushed (status 'interrupted'); continue it "
+              "with --resume", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
     except BrokenPipeError:  # e.g. `lnprobe inspect | head`
         return 0
 

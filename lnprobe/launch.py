@@ -10,9 +10,13 @@ the CPU), and :func:`process_group` initialises the process group (nccl on CUDA,
 the caller did so, destroying it on exit (also on errors) only when it was initialised there.
 :func:`wrap` puts the model in DDP, or with ``fsdp=True`` shards it with FSDP2 (``fully_shard`` on
 each block, then on the model).
+
+Stopping: :class:`StopSignals` turns the first SIGINT or SIGTERM into a request that every rank
+honours after the same step (:func:`loss_and_stop` folds it into the step's one all-reduce).
 """
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -21,7 +25,8 @@ from typing import Iterator
 import torch
 
 __all__ = ["ConfigError", "DTYPES", "Launch", "resolve_device", "resolve_dtype", "autocast", "cpu_threads",
-           "rank_device", "process_group", "wrap", "mean_across_ranks"]
+           "check_out_dir", "rank_device", "process_group", "wrap", "mean_across_ranks", "loss_and_stop",
+           "Interrupted", "StopSignals"]
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -91,6 +96,27 @@ def cpu_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def check_out_dir(out_dir) -> None:
+    """ConfigError unless ``out_dir`` is a directory this process may write in, or can be made one.
+
+    Creates nothing: a run refused later (a bad option, a missing corpus) leaves no directory behind.
+    """
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a directory; pass a directory for the run")
+    base = out_dir.absolute()
+    while not base.exists() and base != base.parent:  # the nearest existing ancestor is where mkdir writes
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"cannot write the run directory {out_dir}: {base} is a file; pass an --out where you "
+                          f"may write")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the run directory {out_dir}: permission denied on {base}; pass an --out "
+                          f"where you may write")
 
 
 # ----------------------------------------------------------------------------- the launch
@@ -178,12 +204,21 @@ def process_group(launch: Launch, device: torch.device) -> Iterator[Launch]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         launch.owns_group = True
+    ok = False
     try:
         yield launch
+        ok = True
     finally:
         if launch.owns_group:
-            dist.destroy_process_group()
             launch.owns_group = False
+            if ok:
+                # No rank tears its connections down while a peer is still in the last collective
+                # (on an error the peers may be dead or elsewhere, and a barrier could hang).
+                dist.barrier()
+            # The DDP reducer / FSDP2 state in reference cycles hold the group: free them here, so its
+            # worker threads are joined now rather than during interpreter finalisation.
+            gc.collect()
+            dist.destroy_process_group()
 
 
 def wrap(model: torch.nn.Module, launch: Launch, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
@@ -219,3 +254,82 @@ def mean_across_ranks(value: torch.Tensor, launch: Launch) -> torch.Tensor:
     v = v.clone()
     dist.all_reduce(v)  # SUM: gloo has no AVG
     return v / launch.world
+
+
+def loss_and_stop(loss: torch.Tensor, stop: bool, launch: Launch) -> tuple[float, bool]:
+    """The mean of the ranks' losses and whether any rank was asked to stop, from ONE all-reduce.
+
+    Every rank gets the same answers, so every rank stops after the same step (a rank that stopped
+    alone would leave the others hanging in the next collective). One host sync, as for the loss alone.
+    """
+    v = torch.cat([loss.detach().double().reshape(1),
+                   torch.tensor([1.0 if stop else 0.0], dtype=torch.float64).to(loss.device)])  # (2,)
+    if launch.on:
+        import torch.distributed as dist
+
+        dist.all_reduce(v)  # SUM: gloo has no AVG
+    total, stops = v.tolist()
+    return total / launch.world, stops > 0
+
+
+# ----------------------------------------------------------------------------- stop signals
+class Interrupted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: stop at once (``signum`` says which; the exit code is 128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum} ({_signal_name(signum)}) received twice")
+        self.signum = signum
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM (Slurm's preemption, ``kill``) as a request to stop after the current step.
+
+    Inside ``with StopSignals() as stop``: the first signal sets ``stop.signum`` (the trainer then
+    flushes, checkpoints and ends with status ``interrupted`` after the step it is in); a second one
+    raises :class:`Interrupted` at once. Installed only in the main thread (Python delivers signals
+    there); the previous handlers are restored on exit.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, announce: bool = True):
+        self.signum: int | None = None
+        self.announce = announce
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        import sys
+
+        if self.signum is not None:
+            raise Interrupted(signum)
+        self.signum = signum
+        if self.announce:
+            print(f"lnprobe: {_signal_name(signum)} received: stopping after this step (records flushed, checkpoint "
+                  f"written); send it again to stop now", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopSignals":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                num = getattr(signal, name, None)
+                if num is not None:
+                    self._old[num] = signal.signal(num, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for num, old in self._old.items():
+            signal.signal(num, old)
+        self._old.clear()

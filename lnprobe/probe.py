@@ -29,7 +29,9 @@ raises, the probe warns once, stops using that hook point and training goes on.
 from __future__ import annotations
 
 import atexit
+import os
 import platform
+import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -80,6 +82,7 @@ class Probe:
         example_input: Any = None,
         record: str = "train",
         flush_every: int = 20,
+        flush_seconds: float | None = 60.0,
         scaler: Any = None,
         config: dict | None = None,
         run_name: str | None = None,
@@ -106,6 +109,8 @@ class Probe:
             example_input: input of the discovery forward (default: a small batch of token ids).
             record: ``"train"`` records forwards made in training mode only; ``"all"`` every forward.
             flush_every: recorded steps per flush (one Parquet part each).
+            flush_seconds: also flush at the ``step()`` that finds at least this many seconds passed since
+                the last flush (0: every step; None: no time bound), so a killed process loses at most that.
             scaler: a ``torch.amp.GradScaler``: hidden-state gradients are divided by its scale.
             config: a dict stored under ``config`` in meta.json.
             run_name: the run's name in meta.json (default: the directory's name).
@@ -146,6 +151,11 @@ class Probe:
             m.reshard()
         self.record_all = record == "all"
         self.flush_every = flush_every
+        if flush_seconds is not None and not flush_seconds >= 0:
+            raise ValueError(f"flush_seconds must be ≥ 0 or None, found {flush_seconds}")
+        self.flush_seconds = flush_seconds
+        self._last_flush = self._started = time.monotonic()
+        self._since_flush = 0  # steps closed since the last flush (recorded or not)
         self.scaler = scaler
         self._closed = False
         self._handles: list[Any] = []
@@ -187,7 +197,7 @@ class Probe:
         self._gain_entries = self._norm_param_entries()
         self._sinks = SinkSet(sinks, self._notes)
         self._update_step: int | None = None  # the step the next optimizer.step() belongs to, if recorded
-        self._flush_due, self._step_calls = False, 0
+        self._flush_deferred, self._step_calls = False, 0
         self._updates = None if updates is None else UpdateTracker(
             updates, self._params, self._update_steps, self._emit_updates, self._notes)
 
@@ -297,7 +307,7 @@ class Probe:
         """
         if self._closed:
             raise RuntimeError("probe.step() after probe.close(): attach a new probe to keep recording")
-        if self._flush_due:  # the optimizer step of the last flushed step never came (e.g. an AMP skip)
+        if self._flush_deferred:  # the optimizer step of the last flushed step never came (e.g. an AMP skip)
             self.flush()
         if self._active:
             self._pending_steps += 1
@@ -313,13 +323,41 @@ class Probe:
         self._step += 1
         self._step_calls += 1
         self._active = self.schedule(self._step)
+        self._since_flush += 1
         # Counted in steps, not buffer entries: a step dropped on one rank must not shift that rank's
         # flushes (and so its collectives) against the other ranks'.
-        if self._pending_steps >= self.flush_every:
+        if self._pending_steps >= self.flush_every or self._flush_due():
             if self._updates is not None and self._update_step is not None:
-                self._flush_due = True  # after this step's update rows (optimizer post-hook) or at the next step()
+                # after this step's update rows (optimizer post-hook) or at the next step()
+                self._flush_deferred = True
             else:
                 self.flush()
+
+    def _flush_due(self) -> bool:
+        """The time bound: True when ``flush_seconds`` have passed since the last flush.
+
+        One ``time.monotonic()`` on the host, no device sync. Under torch.distributed a flush is a
+        collective, so the ranks must agree although their clocks differ: rank 0's clock decides, asked
+        (one tiny broadcast) 1, 2, 4, ..., 64 steps after a flush and then every 64 steps. There a flush
+        comes at most as many steps late as passed since the previous check (≤ 64).
+        """
+        if self.flush_seconds is None:
+            return False
+        if self._dist is None:
+            return time.monotonic() - self._last_flush >= self.flush_seconds
+        n = self._since_flush
+        if not (n % 64 == 0 or (n & (n - 1)) == 0):
+            return False
+        return bool(D.broadcast_from_writer(self._dist, lambda: time.monotonic() - self._last_flush
+                                            >= self.flush_seconds))
+
+    def _heartbeat(self) -> dict[str, Any]:
+        """meta.json's ``heartbeat``: the last step closed, when (UTC and Unix time), seconds since attach,
+        and the writing process (host, pid), so a reader can tell a live run from a killed one."""
+        now = time.time()
+        return {"step": self._step - 1, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+                "unix": round(now, 3), "elapsed_s": round(time.monotonic() - self._started, 3),
+                "host": platform.node(), "pid": os.getpid()}
 
     def capture_param_grads(self, loss_scale: "torch.Tensor | float | None" = None) -> None:
         """Read the parameter gradient norms now, for the step that the next ``step()`` closes.
@@ -371,7 +409,7 @@ class Probe:
             keys = tuple((f"param:{n}", self._param_layer(n), s) for n in names for s in S.UPDATE_STATS)
             loc = torch.full((2, values.numel()), float("nan"), dtype=torch.float64, device=values.device)
             self._buffer.append(StepRows(step, values, loc, self._rows.layout(keys), weights, kinds))
-            if self._flush_due:
+            if self._flush_deferred:
                 self.flush()
 
     def _current_params(self) -> list[tuple[str, torch.Tensor]]:
@@ -387,9 +425,12 @@ class Probe:
 
         Under torch.distributed this is a collective call (every rank must make it): the steps are
         reduced across ranks (``lnprobe.distributed.reduce_rows``) and rank 0 writes the part.
-        meta.json's ``last_step`` (the last step closed, where ``resume=True`` continues) is updated.
+        meta.json's ``last_step`` (the last step closed, where ``resume=True`` continues) and
+        ``heartbeat`` (that step and the wall time, see ``_heartbeat``) are updated at every flush.
         """
-        self._pending_steps, self._flush_due = 0, False
+        self._pending_steps, self._flush_deferred = 0, False
+        self._since_flush = 0
+        self._last_flush = time.monotonic()
         scalars, self._scalars = self._scalars, []
         buf, self._buffer = self._buffer, []
         if self._dist is None:
@@ -414,7 +455,8 @@ class Probe:
                     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
                     path = self.writer.append(frame)
                     self._after_write(frame)
-                    self.writer.update_meta(last_step=self._step - 1, notes=self._notes)
+                # Also without new rows: the heartbeat says the process was alive at this step.
+                self.writer.update_meta(last_step=self._step - 1, notes=self._notes, heartbeat=self._heartbeat())
             except Exception as exc:
                 if self._dist is None:
                     raise
@@ -479,7 +521,8 @@ class Probe:
             status, error = "crashed", error or f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            fields: dict[str, Any] = {"status": status, "notes": self._notes, "last_step": self._step - 1}
+            fields: dict[str, Any] = {"status": status, "notes": self._notes, "last_step": self._step - 1,
+                                      "heartbeat": self._heartbeat()}
             if error:
                 fields["error"] = error
             if self.writer is not None:
@@ -540,6 +583,7 @@ def attach(
     example_input: Any = None,
     record: str = "train",
     flush_every: int = 20,
+    flush_seconds: float | None = 60.0,
     scaler: Any = None,
     config: dict | None = None,
     run_name: str | None = None,
@@ -570,6 +614,8 @@ def attach(
         example_input: input of the discovery forward (default: a small batch of token ids).
         record: ``"train"`` records forwards made in training mode only; ``"all"`` every forward.
         flush_every: recorded steps per flush (one Parquet part each).
+        flush_seconds: also flush at the ``step()`` that finds at least this many seconds passed since the
+            last flush (0: every step; None: no time bound), so a killed process loses at most that.
         scaler: a ``torch.amp.GradScaler``: hidden-state gradients are divided by its scale.
         config: a dict stored under ``config`` in meta.json.
         run_name: the run's name in meta.json (default: the directory's name).
@@ -599,6 +645,6 @@ def attach(
     """
     return Probe(model, out, every, sites=sites, stats=stats, grad_sites=grad_sites, blocks=blocks,
                  placement=placement, example_input=example_input, record=record, flush_every=flush_every,
-                 scaler=scaler, config=config, run_name=run_name, resume=resume, distributed=distributed,
-                 process_group=process_group, start_step=start_step, append=append, overwrite=overwrite,
-                 sinks=sinks, updates=updates)
+                 flush_seconds=flush_seconds, scaler=scaler, config=config, run_name=run_name, resume=resume,
+                 distributed=distributed, process_group=process_group, start_step=start_step, append=append,
+                 overwrite=overwrite, sinks=sinks, updates=updates)

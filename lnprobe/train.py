@@ -20,10 +20,23 @@ Definitions:
   with the same seed see identical batches whatever the placement, model size or device.
 
 Checkpoints (``OUT/checkpoint.pt``, :mod:`lnprobe.checkpoint`, written atomically) hold the model,
-optimizer, step, GradScaler, data-generator state and torch RNG states; ``resume=True`` continues
-from one, drops records past it (:func:`lnprobe.store.trim`) and gives the same
-losses as an uninterrupted run (bitwise on CPU). A non-finite loss stops the run cleanly: the step is
-recorded, ``meta.json`` gets ``status="diverged"`` and a ``divergence`` entry, and the result says so.
+optimizer, step, GradScaler, data-generator state and torch RNG states. One is written every
+``ckpt_every`` steps (default 100) and at the end, each time right AFTER the probe has flushed the
+records of every step before it, so on disk the records always reach at least the checkpoint.
+Between checkpoints the probe also flushes every ``flush_seconds`` (default 60 s). What a kill
+loses, then: SIGKILL (or a power cut) loses the records of at most the last ``flush_seconds``, and
+``resume=True`` recomputes everything after the last checkpoint; an exception is recorded with status
+``crashed`` after a last flush. SIGTERM and SIGINT (:class:`lnprobe.launch.StopSignals`) stop
+the run after the current step: records flushed, checkpoint written, status ``interrupted`` (a
+second signal stops at once, as an exception would). ``resume=True`` continues from the last
+checkpoint (from step 0 when the run had none yet), drops the records past it
+(:func:`lnprobe.store.trim`), so every step is recorded exactly once, and gives the same losses
+and records as an uninterrupted run (bitwise on CPU with the same thread count). It refuses changed
+settings (:func:`lnprobe.checkpoint.changed_fields`) unless ``force=True``, which records them in
+meta.json's ``resumes`` (``[{step, changed: {key: [old, new]}, time, previous_status, ...}]``).
+A directory that holds a run is never discarded without ``overwrite=True``.
+A non-finite loss stops the run cleanly: the step is recorded, ``meta.json`` gets
+``status="diverged"`` and a ``divergence`` entry, and no checkpoint of the broken model is written.
 
 Distributed (``torchrun --nproc-per-node N``, i.e. ``WORLD_SIZE > 1`` in the environment; the launch
 itself is :mod:`lnprobe.launch`): the process group is initialised for the run (nccl on CUDA with
@@ -58,6 +71,7 @@ from . import checkpoint, launch, store
 from .checkpoint import CHECKPOINT_NAME, CheckpointError
 from .data import CorpusError, TokenData
 from .launch import DTYPES, ConfigError, Launch, autocast, resolve_device, resolve_dtype
+from .memory import check_fits
 from .models import GPT, GPTConfig
 from .probe import attach
 from .schedule import Schedule
@@ -80,7 +94,10 @@ class TrainConfig:
     ``dtype``: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", "bf16" (autocast) or "fp16"
     (autocast + ``torch.amp.GradScaler``). ``every``: the probe schedule (N, "log", "log:K" or a list
     of steps). ``eval_every``: validation period in steps (0: only at the end). ``ckpt_every``:
-    checkpoint period in steps (0: only at the end). ``data``: "stdlib", a text file or a ``.bin``.
+    checkpoint period in steps (0: only at the end; records are flushed first, so a checkpoint and the
+    records up to it are on disk together). ``flush_seconds``: the probe also flushes at the first step
+    that many seconds after its last flush (None: no time bound), so a kill loses at most that.
+    ``data``: "stdlib", a text file or a ``.bin``.
     ``threads``: torch CPU threads (None: every core this process may use; never more than that).
     A resumed run reproduces the uninterrupted one bitwise on CPU when the thread count is the same.
     ``fsdp``: under torchrun, shard the model with FSDP2 instead of wrapping it in DDP.
@@ -103,7 +120,8 @@ class TrainConfig:
     every: Any = 10
     eval_every: int = 50
     eval_batches: int = 4
-    ckpt_every: int = 0
+    ckpt_every: int = 100
+    flush_seconds: float | None = 60.0
     data: str = "stdlib"
     progress: bool = True
     threads: int | None = None
@@ -120,6 +138,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"TrainConfig.{name} must be an int ≥ 0, got {v!r}")
+        if self.flush_seconds is not None and not (isinstance(self.flush_seconds, (int, float))
+                                                   and self.flush_seconds >= 0):
+            raise ConfigError(f"TrainConfig.flush_seconds must be a number ≥ 0 or None, got {self.flush_seconds!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ConfigError(f"TrainConfig.threads must be a positive int or None, got {self.threads!r}")
         if not isinstance(self.eval_batches, int) or self.eval_batches < 1:
@@ -146,6 +167,7 @@ class TrainConfig:
 
     @property
     def warmup_steps(self) -> int:
+        """The warmup length in steps (``warmup`` resolved)."""
         return min(50, self.steps // 10) if self.warmup is None else self.warmup
 
     def to_dict(self) -> dict:
@@ -166,7 +188,8 @@ class TrainResult:
     training loss of the last step run (NaN/Inf when diverged); ``val_loss``: the last validation loss
     computed (None when none was); ``tokens_per_s``: training tokens per wall-clock second of this
     call's loop (evaluation and checkpoint time included); ``status``: "finished", "stopped" (by
-    ``stop_after``) or "diverged"; ``diverged_step``: the step whose loss was not finite.
+    ``stop_after``), "interrupted" (by SIGINT/SIGTERM: ``signal`` is its number; the checkpoint of
+    ``steps`` is written) or "diverged"; ``diverged_step``: the step whose loss was not finite.
     ``rank``/``world_size``: this process in a distributed run (0 and 1 otherwise); only rank 0 wrote.
     """
 
@@ -183,6 +206,7 @@ class TrainResult:
     val_history: list[tuple[int, float]] = field(default_factory=list)
     rank: int = 0
     world_size: int = 1
+    signal: int | None = None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -272,40 +296,50 @@ def evaluate(model: GPT, data: TokenData, cfg: TrainConfig, seq_len: int, device
 
 # ----------------------------------------------------------------------------- training
 def train(model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, overwrite: bool = False, force: bool = False) -> TrainResult:
     """Train a reference GPT with a probe attached, writing the run directory ``out_dir``.
 
-    ``resume``: continue from ``out_dir/checkpoint.pt`` (same model config, seed, batch size, data),
-    appending to the run's records. ``stop_after``: stop once that many optimizer steps are done in
-    total (checkpoint written, status "stopped"), e.g. to test resuming. Raises :class:`ConfigError`
-    (:class:`CheckpointError` for a checkpoint that cannot be resumed) before training when the
-    configuration, corpus, device or checkpoint is unusable. Under ``torchrun`` (``WORLD_SIZE > 1``)
-    every rank calls this; see the module docstring for what differs.
+    ``resume``: continue the run in ``out_dir`` from its checkpoint (from step 0 when it was stopped
+    before its first one), dropping its records past that step and appending; a changed setting
+    (:func:`lnprobe.checkpoint.changed_fields`) is refused unless ``force``, and then recorded in
+    meta.json's ``resumes``. Without ``resume`` a directory that already holds a run is refused
+    unless ``overwrite`` (which discards its records and checkpoint). ``stop_after``: stop once that
+    many optimizer steps are done in total (checkpoint written, status "stopped"), e.g. to test
+    resuming. Raises :class:`ConfigError` (:class:`CheckpointError` for a checkpoint that cannot be
+    resumed) before training when the configuration, corpus, device, memory, output directory or
+    checkpoint is unusable. Under ``torchrun`` (``WORLD_SIZE > 1``) every rank calls this; see the
+    module docstring for what differs.
     """
     out_dir = Path(out_dir)
     cfg = train_cfg
     ctx = Launch.from_env()
+    launch.check_out_dir(out_dir)
     setup = _prepare(model_cfg, cfg)
     setup.device = launch.rank_device(ctx, setup.device, batch_size=cfg.batch_size, dtype=cfg.dtype,
                                       fsdp=cfg.fsdp, resume=resume)
     if stop_after is not None and stop_after < 0:
         raise ConfigError(f"stop_after must be ≥ 0, got {stop_after}")
-    ckpt = None
+    check_fits(model_cfg, cfg.batch_size, cfg.batch_size // ctx.world, setup.seq_len, setup.dtype, setup.device,
+               processes=ctx.local_world if setup.device.type == "cpu" else 1)
+    held = (out_dir / "meta.json").exists() or (out_dir / CHECKPOINT_NAME).exists()
     if resume:
-        ckpt = checkpoint.load_checkpoint(out_dir / CHECKPOINT_NAME, model_cfg.to_dict(), cfg.to_dict())
-        if not (out_dir / "meta.json").exists():
-            raise CheckpointError(f"cannot resume: {out_dir} has a checkpoint but no meta.json; start a new run "
-                                  f"instead")
+        res = checkpoint.resume_point(out_dir, model_cfg.to_dict(), cfg.to_dict(), force)
+    elif held and not overwrite:
+        raise ConfigError(f"{out_dir} already holds a run ({checkpoint.run_state(out_dir)}); pass --resume to "
+                          f"continue it, or --overwrite to discard its records and checkpoint")
+    else:
+        res = None
     with launch.process_group(ctx, setup.device):
-        return _train(model_cfg, cfg, out_dir, setup, ctx, ckpt, stop_after)
+        return _train(model_cfg, cfg, out_dir, setup, ctx, res, stop_after, overwrite and held)
 
 
-def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup, ctx: Launch, ckpt: dict | None,
-           stop_after: int | None) -> TrainResult:
+def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup, ctx: Launch,
+           res: checkpoint.ResumePoint | None, stop_after: int | None, overwrite: bool) -> TrainResult:
     device, dtype, seq_len, data = setup.device, setup.dtype, setup.seq_len, setup.data
     ckpt_path = out_dir / CHECKPOINT_NAME
-    if ckpt is None and ctx.main and ckpt_path.exists():
-        ckpt_path.unlink()  # a new run in an old directory: never resume later from the old run's state
+    ckpt = res.ckpt if res is not None else None
+    if res is None and ctx.main and ckpt_path.exists():
+        ckpt_path.unlink()  # --overwrite: never resume later from the discarded run's state
     if device.type == "cpu":
         # Ranks on one machine share its cores (torchrun's OMP_NUM_THREADS=1 would be overridden here).
         cores = max(1, launch.cpu_threads() // ctx.local_world)
@@ -317,7 +351,11 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
     start = 0
     val_history: list[tuple[int, float]] = []
     if ckpt is not None:
-        base.load_state_dict(ckpt["model"])
+        try:
+            base.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:  # --force over a changed model shape
+            raise CheckpointError(f"cannot resume from {ckpt_path}: its weights do not fit this model "
+                                  f"({str(exc).splitlines()[0]}); pass the original model options") from None
     base.to(device)
     base.train()
     model = launch.wrap(base, ctx, device, fsdp=cfg.fsdp)  # DDP wrapper, FSDP2-sharded `base` itself, or `base`
@@ -325,13 +363,20 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
     eval_model = model if cfg.fsdp else base
     opt = _optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
-    resumed_from: list[int] = []
-    if ckpt is not None:
-        start = checkpoint.restore(ckpt, opt=opt, scaler=scaler, gen=gen)
-        val_history = [(int(s), float(v)) for s, v in ckpt["val_history"]]
+    resume_meta: dict[str, Any] = {}
+    if res is not None:
+        if ckpt is not None:
+            start = checkpoint.restore(ckpt, opt=opt, scaler=scaler, gen=gen)
+            val_history = [(int(s), float(v)) for s, v in ckpt["val_history"]]
         if ctx.main:
             store.trim(out_dir, start)
-        resumed_from = list(store.read_meta(out_dir).get("resumed_from", [])) + [start]
+            for tmp in out_dir.glob(f".{CHECKPOINT_NAME}.tmp-*"):  # a checkpoint write the kill cut short
+                tmp.unlink(missing_ok=True)
+        entry = {"step": start, "changed": res.changed,
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "previous_status": res.meta.get("status"), "previous_last_step": res.meta.get("last_step")}
+        resume_meta = {"resumed_from": list(res.meta.get("resumed_from", [])) + [start],
+                       "resumes": list(res.meta.get("resumes", [])) + [entry]}
 
     schedule = probe_schedule(cfg)
     probe = attach(  # after wrapping: under DDP/FSDP2 it reduces across ranks and only rank 0 writes
@@ -339,15 +384,18 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
         config={"model": model_cfg.to_dict(), "train": cfg.to_dict(), "data": data.description,
                 "device": str(device), "dtype": dtype, "world_size": ctx.world,
                 "parallel": ("fsdp2" if cfg.fsdp else "ddp") if ctx.on else "none"},
-        run_name=out_dir.name, resume=start if ckpt is not None else False, flush_every=20,
+        run_name=out_dir.name, resume=start if res is not None else False, flush_every=20,
+        flush_seconds=cfg.flush_seconds,
         # ∂L/∂a at the MLP output before its output norm feeds the Proposition 3.1 check of the report
-        grad_sites=("resid", "mlp_raw"),
+        grad_sites=("resid", "mlp_raw"), overwrite=overwrite,
         sinks=[TensorBoard(cfg.tensorboard)] if cfg.tensorboard and ctx.main else None,
     )
-    if resumed_from:
-        probe.update_meta(resumed_from=resumed_from)
+    if resume_meta:
+        probe.update_meta(**resume_meta)
 
     def save(step: int) -> None:
+        # Records first: a checkpoint on disk always has the records of every step before it on disk.
+        probe.flush()
         checkpoint.save_checkpoint(ckpt_path, step=step, model=base, opt=opt, scaler=scaler, gen=gen,
                                    model_config=model_cfg.to_dict(), train_config=cfg.to_dict(),
                                    val_history=val_history, rank=ctx.rank, fsdp=cfg.fsdp)
@@ -364,54 +412,62 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
     status, diverged_step, last_loss = "finished", None, None
     t0 = time.perf_counter()
     bar = _progress(cfg, start, end) if ctx.main else None
-    step = start
+    step = done = start
+    signals = launch.StopSignals(announce=ctx.main)
     try:
-        for step in range(start, end):
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                validate(step)
-            lr = lr_at(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x, y = data.batch("train", cfg.batch_size, seq_len, gen, device)  # (B, T) each: the global batch
-            x, y = x[ctx.rank * per:(ctx.rank + 1) * per], y[ctx.rank * per:(ctx.rank + 1) * per]  # (B / N, T)
-            with autocast(device, dtype):
-                _, loss = model(x, y)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)  # a no-op when the scaler is disabled
-            probe.step(loss=loss, lr=lr)  # records step `step` (if scheduled), before clipping and the update
-            # The ranks' losses differ (their rows differ): decide on their mean, the same on every rank.
-            last_loss = float(launch.mean_across_ranks(loss, ctx).item())
-            # The probe writes loss rows on the steps it records; the trainer writes the others, so
-            # the loss curve has every step (and the diverging step has its loss in any case).
-            probed = schedule(step)
-            if not math.isfinite(last_loss):
-                status, diverged_step = "diverged", step
+        with signals:
+            for step in range(start, end):
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    validate(step)
+                lr = lr_at(step, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                x, y = data.batch("train", cfg.batch_size, seq_len, gen, device)  # (B, T) each: the global batch
+                x, y = x[ctx.rank * per:(ctx.rank + 1) * per], y[ctx.rank * per:(ctx.rank + 1) * per]  # (B / N, T)
+                with autocast(device, dtype):
+                    _, loss = model(x, y)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)  # a no-op when the scaler is disabled
+                probe.step(loss=loss, lr=lr)  # records step `step` (if scheduled), before clipping and the update
+                # The ranks' losses differ (their rows differ): decide on their mean, the same on every rank;
+                # a stop signal on any rank stops every rank after this step.
+                last_loss, stop = launch.loss_and_stop(loss, signals.signum is not None, ctx)
+                # The probe writes loss rows on the steps it records; the trainer writes the others, so
+                # the loss curve has every step (and the diverging step has its loss in any case).
+                probed = schedule(step)
+                if not math.isfinite(last_loss):
+                    status, diverged_step = "diverged", step
+                    if not probed:
+                        probe.log_scalars({"loss": last_loss, "nonfinite_loss": 1.0}, step=step)
+                    reason = f"loss is {last_loss} at step {step}"
+                    probe.update_meta(divergence={"step": step, "reason": reason, "loss": str(last_loss), "lr": lr})
+                    break
                 if not probed:
-                    probe.log_scalars({"loss": last_loss, "nonfinite_loss": 1.0}, step=step)
-                reason = f"loss is {last_loss} at step {step}"
-                probe.update_meta(divergence={"step": step, "reason": reason, "loss": str(last_loss), "lr": lr})
-                break
-            if not probed:
-                probe.log_scalars({"loss": last_loss, "lr": lr}, step=step)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            done = step + 1
-            if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < end:
-                save(done)
-            if bar is not None:
-                bar.update(1)
-                if step % 5 == 0 or done == end:
-                    elapsed = time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{(done - start) * tokens_per_step / elapsed:.0f}")
-        else:
-            if end < cfg.steps:
-                status = "stopped"
+                    probe.log_scalars({"loss": last_loss, "lr": lr}, step=step)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                done = step + 1
+                if stop:
+                    status = "interrupted"
+                    break
+                if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < end:
+                    save(done)
+                if bar is not None:
+                    bar.update(1)
+                    if step % 5 == 0 or done == end:
+                        elapsed = time.perf_counter() - t0
+                        bar.set_postfix(loss=f"{last_loss:.3f}",
+                                        tok_s=f"{(done - start) * tokens_per_step / elapsed:.0f}")
             else:
-                validate(end)
-            save(end)
+                if end < cfg.steps:
+                    status = "stopped"
+                else:
+                    validate(end)
+            if status != "diverged":
+                save(done)  # never a checkpoint of a diverged model
     except BaseException as exc:
         kind = "interrupted" if isinstance(exc, KeyboardInterrupt) else "crashed"
         probe.close(status=kind, error=f"{type(exc).__name__}: {exc}")
@@ -420,18 +476,21 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - t0
-    steps_run = (step + 1 - start) if status == "diverged" else (end - start)
+    steps_run = (step + 1 - start) if status == "diverged" else (done - start)
     result = TrainResult(
         run_dir=out_dir, status=status, steps=start + steps_run if status != "diverged" else step,
         final_loss=last_loss, val_loss=val_history[-1][1] if val_history else None,
         tokens_per_s=steps_run * tokens_per_step / elapsed if elapsed > 0 else float("nan"),
         elapsed_s=elapsed, diverged_step=diverged_step, device=str(device), dtype=dtype,
         val_history=list(val_history), rank=ctx.rank, world_size=ctx.world,
+        signal=signals.signum if status == "interrupted" else None,
     )
     probe.update_meta(result={"status": status, "steps": result.steps, "final_loss": _json_float(last_loss),
                               "val_loss": result.val_loss, "tokens_per_s": result.tokens_per_s,
                               "diverged_step": diverged_step})
-    probe.close(status=status)
+    fields = {"error": f"stopped by {launch._signal_name(signals.signum)} after step {done - 1}"} \
+        if status == "interrupted" else {}
+    probe.close(status=status, **fields)
     return result
 
 

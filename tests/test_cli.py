@@ -1,6 +1,7 @@
 """lnprobe.cli: train, demo, report/compare, inspect, export, and one-line errors (exit code 2) for bad input."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,14 +80,55 @@ def test_summary_matches_records(trained):
 def test_train_resume_flag(tmp_path, corpus):
     out = tmp_path / "r"
     assert main(["train", "--steps", "3", "--data", corpus, "--out", str(out), *SMALL]) == 0
-    # continue the finished 3-step run to 5 steps (a longer schedule, appended to the same run dir)
-    assert main(["train", "--steps", "5", "--data", corpus, "--out", str(out), "--resume", *SMALL]) == 0
+    # continue the finished 3-step run to 5 steps: a longer schedule is a changed setting, so --force
+    assert main(["train", "--steps", "5", "--data", corpus, "--out", str(out), "--resume", "--force", *SMALL]) == 0
     run = lnprobe.load_run(out)
     assert run.meta["resumed_from"] == [3] and run.meta["status"] == "finished"
+    assert run.meta["resumes"][0]["step"] == 3 and run.meta["resumes"][0]["changed"] == {"steps": [3, 5]}
     loss = run.records[(run.records["stat"] == "loss")]
     assert sorted(loss["step"]) == [0, 1, 2, 3, 4]  # a loss row at every step, none twice after resume
     resid = run.records[run.records["site"] == "resid"]
     assert sorted(resid["step"].unique()) == [0, 2, 4]  # every=10: step 0, the last of 3 steps, then the last of 5
+
+
+def test_train_resume_and_overwrite_errors(tmp_path, corpus, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--steps", "3", "--data", corpus, "--out", str(out), *SMALL]) == 0
+    capsys.readouterr()
+    line = one_line_error(capsys, ["train", "--steps", "5", "--lr", "0.02", "--data", corpus, "--out", str(out),
+                                   "--resume", *SMALL], "settings differ")
+    assert "lr 0.01 -> 0.02" in line and "steps 3 -> 5" in line and "--force" in line
+    line = one_line_error(capsys, ["train", "--steps", "3", "--data", corpus, "--out", str(out), *SMALL],
+                          "already holds a run (status finished, last step 2)")
+    assert "--resume" in line and "--overwrite to discard" in line and "without --resume" not in line
+    one_line_error(capsys, ["train", "--steps", "3", "--data", corpus, "--out", str(out), "--resume", *SMALL],
+                   "already did 3 of 3 steps")
+    one_line_error(capsys, ["train", "--data", corpus, "--out", str(tmp_path / "empty"), "--resume", *SMALL],
+                   "no checkpoint")
+    assert main(["train", "--steps", "2", "--data", corpus, "--out", str(out), "--overwrite", *SMALL]) == 0
+    assert lnprobe.load_run(out).meta["config"]["train"]["steps"] == 2
+    one_line_error(capsys, ["train", "--ckpt-every", "-1", "--data", corpus, "--out", str(tmp_path / "x"), *SMALL],
+                   "--ckpt-every must be ≥ 0")
+
+
+def test_out_that_is_a_file_or_unwritable(tmp_path, corpus, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    one_line_error(capsys, ["train", "--data", corpus, "--out", str(afile), *SMALL], "is a file")
+    one_line_error(capsys, ["demo", "--data", corpus, "--out", str(afile), *SMALL], "is a file")
+    one_line_error(capsys, ["train", "--data", corpus, "--out", str(afile / "run"), *SMALL], "cannot write")
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        one_line_error(capsys, ["train", "--data", corpus, "--out", str(ro / "run"), *SMALL], "cannot write")
+
+
+def test_batch_size_that_cannot_fit(tmp_path, corpus, capsys):
+    big = [a if a != "4" else "100000000" for a in SMALL]  # --batch-size 100000000
+    line = one_line_error(capsys, ["train", "--data", corpus, "--out", str(tmp_path / "big"), *big], "needs about")
+    assert "batch_size 100000000" in line and "is available" in line and "--batch-size ≤" in line
+    assert not (tmp_path / "big" / "meta.json").exists()
 
 
 # ----------------------------------------------------------------------------- bad input

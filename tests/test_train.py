@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -182,7 +184,7 @@ def test_resume_gives_identical_losses(tmp_path, corpus):
     # dropout > 0 makes the result depend on the restored torch RNG state, not only on the data order
     mcfg = small_cfg("pre", dropout=0.1)
     cfg = tcfg(corpus, steps=10, every=1, eval_every=4)
-    full = T.train(mcfg, cfg, tmp_path / "full")
+    T.train(mcfg, cfg, tmp_path / "full")
     part = T.train(mcfg, cfg, tmp_path / "split", stop_after=4)
     assert part.status == "stopped" and part.steps == 4
     assert lnprobe.load_run(tmp_path / "split").meta["status"] == "stopped"
@@ -219,12 +221,88 @@ def test_resume_drops_records_after_the_checkpoint(tmp_path, corpus):
     np.testing.assert_array_equal(a.to_numpy(), b.to_numpy())
 
 
-def test_resume_refuses_a_different_model(tmp_path, corpus):
-    T.train(small_cfg("pre"), tcfg(corpus, steps=4), tmp_path / "r", stop_after=2)
-    with pytest.raises(T.ConfigError, match="different model"):
-        T.train(small_cfg("peri"), tcfg(corpus, steps=4), tmp_path / "r", resume=True)
-    with pytest.raises(T.ConfigError, match="seed"):
-        T.train(small_cfg("pre"), tcfg(corpus, steps=4, seed=3), tmp_path / "r", resume=True)
+def test_resume_refuses_changed_settings_unless_forced(tmp_path, corpus):
+    out = tmp_path / "r"
+    T.train(small_cfg("pre"), tcfg(corpus, steps=4), out, stop_after=2)
+    with pytest.raises(T.CheckpointError, match=r"settings differ .*model.placement 'pre' -> 'peri'.*--force"):
+        T.train(small_cfg("peri"), tcfg(corpus, steps=4), out, resume=True)
+    with pytest.raises(T.CheckpointError, match="seed 0 -> 3"):
+        T.train(small_cfg("pre"), tcfg(corpus, steps=4, seed=3), out, resume=True)
+    with pytest.raises(T.CheckpointError, match="lr 0.01 -> 0.02"):
+        T.train(small_cfg("pre"), tcfg(corpus, steps=4, lr=0.02), out, resume=True)
+    with pytest.raises(T.CheckpointError, match="do not fit this model"):  # forced, but the weights cannot load
+        T.train(small_cfg("pre", d_model=64), tcfg(corpus, steps=4), out, resume=True, force=True)
+    # operational settings change freely
+    T.train(small_cfg("pre"), tcfg(corpus, steps=4, ckpt_every=1, flush_seconds=None, threads=1), out, resume=True,
+            stop_after=3)
+    res = T.train(small_cfg("pre"), tcfg(corpus, steps=4, lr=0.02), out, resume=True, force=True)
+    assert res.status == "finished"
+    meta = lnprobe.load_run(out).meta
+    assert [r["step"] for r in meta["resumes"]] == [2, 3] and meta["resumed_from"] == [2, 3]
+    assert meta["resumes"][0]["changed"] == {} and meta["resumes"][1]["changed"] == {"lr": [0.01, 0.02]}
+    assert meta["resumes"][1]["previous_status"] == "stopped" and meta["config"]["train"]["lr"] == 0.02
+    assert list(train_rows(out, "loss").index) == [0, 1, 2, 3]
+
+
+def test_existing_run_is_refused_without_overwrite(tmp_path, corpus):
+    out = tmp_path / "r"
+    T.train(small_cfg("pre"), tcfg(corpus, steps=2), out)
+    with pytest.raises(T.ConfigError, match=r"already holds a run \(status finished, last step 1\).*--overwrite"):
+        T.train(small_cfg("pre"), tcfg(corpus, steps=3), out)
+    assert (out / T.CHECKPOINT_NAME).exists() and len(train_rows(out, "loss")) == 2  # untouched
+    res = T.train(small_cfg("pre"), tcfg(corpus, steps=3), out, overwrite=True)
+    assert res.status == "finished" and list(train_rows(out, "loss").index) == [0, 1, 2]
+
+
+def test_resume_before_the_first_checkpoint_restarts_at_step_0(tmp_path, corpus):
+    """A run killed before its first checkpoint: --resume starts it again (the records are dropped)."""
+    mcfg, cfg = small_cfg("pre"), tcfg(corpus, steps=5)
+    T.train(mcfg, cfg, tmp_path / "full")
+    T.train(mcfg, cfg, tmp_path / "killed", stop_after=3)
+    (tmp_path / "killed" / T.CHECKPOINT_NAME).unlink()  # as if killed before the checkpoint was written
+    with pytest.raises(T.CheckpointError, match="lr 0.01 -> 0.5"):
+        T.train(mcfg, tcfg(corpus, steps=5, lr=0.5), tmp_path / "killed", resume=True)
+    T.train(mcfg, cfg, tmp_path / "killed", resume=True)
+    a, b = train_rows(tmp_path / "full", "loss"), train_rows(tmp_path / "killed", "loss")
+    assert list(b.index) == list(range(5))
+    np.testing.assert_array_equal(a.to_numpy(), b.to_numpy())
+    assert lnprobe.load_run(tmp_path / "killed").meta["resumes"][0]["step"] == 0
+
+
+def test_checkpoint_comes_after_its_records(tmp_path, corpus, monkeypatch):
+    """At every checkpoint the records of all steps before it are on disk already."""
+    from lnprobe import checkpoint as C
+    from lnprobe.store import read_records
+
+    seen = []
+    original = C.save_checkpoint
+
+    def spy(path, *, step, **kw):
+        records, _ = read_records(path.parent)
+        seen.append((step, sorted(set(records.loc[records["stat"] == "loss", "step"]))))
+        return original(path, step=step, **kw)
+
+    monkeypatch.setattr(C, "save_checkpoint", spy)
+    T.train(small_cfg("pre"), tcfg(corpus, steps=7, every=2, ckpt_every=3, flush_seconds=None), tmp_path / "r")
+    assert seen == [(3, [0, 1, 2]), (6, list(range(6))), (7, list(range(7)))]
+
+
+def test_default_checkpoint_period():
+    assert T.TrainConfig().ckpt_every == 100 and T.TrainConfig().flush_seconds == 60
+    with pytest.raises(T.ConfigError, match="flush_seconds"):
+        T.TrainConfig(flush_seconds=-1)
+
+
+def test_out_and_memory_errors(tmp_path, corpus):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(T.ConfigError, match="is a file"):
+        T.train(small_cfg(), tcfg(corpus), afile)
+    with pytest.raises(T.ConfigError, match="cannot write"):
+        T.train(small_cfg(), tcfg(corpus), afile / "sub")
+    with pytest.raises(T.ConfigError, match=r"batch_size 100000000 × seq_len 16 needs about .* but .* is available"):
+        T.train(small_cfg(), tcfg(corpus, batch_size=100_000_000), tmp_path / "big")
+    assert not (tmp_path / "big" / "meta.json").exists()
 
 
 def test_checkpoint_written_atomically_and_its_errors(tmp_path, corpus):
@@ -233,10 +311,12 @@ def test_checkpoint_written_atomically_and_its_errors(tmp_path, corpus):
     mcfg, cfg = small_cfg("pre"), tcfg(corpus, steps=4)
     T.train(mcfg, cfg, tmp_path / "r", stop_after=2)
     assert [p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(".")] == []  # no temporary left
-    ckpt = load_checkpoint(tmp_path / "r" / T.CHECKPOINT_NAME, mcfg.to_dict(), cfg.to_dict())
-    assert ckpt["step"] == 2 and ckpt["optimizer"] is not None and not ckpt["fsdp"]
-    with pytest.raises(CheckpointError, match="already did 2 of 2"):
+    ckpt, changed = load_checkpoint(tmp_path / "r" / T.CHECKPOINT_NAME, mcfg.to_dict(), cfg.to_dict())
+    assert ckpt["step"] == 2 and ckpt["optimizer"] is not None and not ckpt["fsdp"] and changed == {}
+    with pytest.raises(CheckpointError, match="steps 4 -> 2"):
         load_checkpoint(tmp_path / "r" / T.CHECKPOINT_NAME, mcfg.to_dict(), {**cfg.to_dict(), "steps": 2})
+    with pytest.raises(CheckpointError, match="already did 2 of 2"):
+        load_checkpoint(tmp_path / "r" / T.CHECKPOINT_NAME, mcfg.to_dict(), {**cfg.to_dict(), "steps": 2}, force=True)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         T.train(mcfg, cfg, tmp_path / "none", resume=True)
     assert issubclass(CheckpointError, T.ConfigError)
@@ -267,7 +347,7 @@ def test_divergence_stops_cleanly(tmp_path, corpus, monkeypatch, every):
     T.train(small_cfg("pre"), tcfg(corpus, steps=2), out)  # an older run in the same directory
     assert (out / T.CHECKPOINT_NAME).exists()
     monkeypatch.setattr(T, "GPT", _InfAt)
-    res = T.train(small_cfg("pre"), tcfg(corpus, steps=8, every=every, eval_every=2), out)
+    res = T.train(small_cfg("pre"), tcfg(corpus, steps=8, every=every, eval_every=2), out, overwrite=True)
     assert res.status == "diverged" and res.diverged_step == 3 and res.steps == 3
     assert math.isinf(res.final_loss)
     run = lnprobe.load_run(out)
@@ -345,8 +425,49 @@ def test_threads_do_not_exceed_the_cpus(tmp_path, corpus):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_first_loss(tmp_path, corpus):
     """On CUDA (bf16 autocast) the init loss matches the CPU one and the run finishes."""
-    cpu = T.train(small_cfg("peri"), tcfg(corpus, steps=2, device="cpu"), tmp_path / "cpu")
+    T.train(small_cfg("peri"), tcfg(corpus, steps=2, device="cpu"), tmp_path / "cpu")
     gpu = T.train(small_cfg("peri"), tcfg(corpus, steps=2, device="cuda"), tmp_path / "gpu")
     assert gpu.status == "finished" and gpu.dtype == "bf16"
     assert train_rows(tmp_path / "gpu", "loss").loc[0] == pytest.approx(train_rows(tmp_path / "cpu", "loss").loc[0],
                                                                          abs=0.02)
+
+
+# ----------------------------------------------------------------------------- time-bound flush, heartbeat
+def test_probe_flushes_on_a_time_bound_and_writes_a_heartbeat(tmp_path, monkeypatch):
+    from lnprobe import probe as P
+
+    clock = [1000.0]
+    monkeypatch.setattr(P.time, "monotonic", lambda: clock[0])
+    torch.manual_seed(0)
+    model = GPT(small_cfg("pre"))
+    x = torch.randint(0, 256, (2, 16))
+
+    def parts(out):
+        return len(list((out / "records").glob("part-*.parquet")))
+
+    probe = lnprobe.attach(model, tmp_path / "a", every=1, flush_every=100, flush_seconds=60)
+    for i in range(3):
+        _, loss = model(x, x)
+        loss.backward()
+        clock[0] += 25.0  # steps 0, 1, 2 close at 25, 50, 75 s after attach
+        probe.step(loss=loss)
+        model.zero_grad()
+        assert parts(tmp_path / "a") == (0 if i < 2 else 1), i  # the first flush at the step 60 s after attach
+    meta = lnprobe.load_run(tmp_path / "a").meta
+    assert meta["status"] == "running" and meta["last_step"] == 2
+    beat = meta["heartbeat"]
+    assert beat["step"] == 2 and beat["elapsed_s"] == 75.0 and beat["pid"] == os.getpid()
+    assert abs(beat["unix"] - time.time()) < 60 and beat["time"].endswith("Z")
+    probe.close()
+    assert lnprobe.load_run(tmp_path / "a").meta["heartbeat"]["step"] == 2
+
+    never = lnprobe.attach(model, tmp_path / "b", every=1, flush_every=100, flush_seconds=None)
+    clock[0] += 1e6
+    _, loss = model(x, x)
+    loss.backward()
+    never.step(loss=loss)
+    assert parts(tmp_path / "b") == 0  # no time bound: only flush_every and close flush
+    never.close()
+    assert parts(tmp_path / "b") == 1
+    with pytest.raises(ValueError, match="flush_seconds"):
+        lnprobe.attach(model, tmp_path / "c", flush_seconds=-1)

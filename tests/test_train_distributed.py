@@ -126,9 +126,10 @@ def test_ddp_checkpoint_resumes_in_one_process(runs, corpus, tmp_path):
     run_dir = tmp_path / "ddp"
     shutil.copytree(runs["ddp"][0], run_dir)
     args = [a if a != "3" else "4" for a in ARGS]  # --steps 4 (the only "3" among the options)
-    assert main(["train", *args, "--data", corpus, "--out", str(run_dir), "--resume"]) == 0
+    assert main(["train", *args, "--data", corpus, "--out", str(run_dir), "--resume", "--force"]) == 0
     run = lnprobe.load_run(run_dir)
     assert run.meta["resumed_from"] == [3] and run.meta["status"] == "finished"
+    assert run.meta["resumes"][0]["changed"] == {"steps": [3, 4]}
     loss = run.records[(run.records.site == "train") & (run.records.stat == "loss")].sort_values("step")
     assert list(loss.step) == [0, 1, 2, 3] and np.isfinite(loss.value).all()
 
@@ -165,3 +166,39 @@ def test_distributed_config_errors():
 def test_mean_across_ranks_is_the_value_in_one_process():
     v = mean_across_ranks(torch.tensor(2.5, dtype=torch.float32), Launch())
     assert v.dtype == torch.float64 and v.item() == 2.5
+
+
+def test_sigterm_stops_every_rank_after_the_same_step(corpus, tmp_path):
+    """SIGTERM to torchrun (as Slurm or kill sends it): the agent passes it to the ranks, which agree
+    on one last step (lnprobe.launch.loss_and_stop), flush, checkpoint and end 'interrupted'."""
+    import json
+    import signal
+    import time
+
+    out = tmp_path / "term"
+    args = [a if a != "3" else "100000" for a in ARGS]  # --steps 100000: only the signal ends it
+    p = _torchrun(out, corpus, *args[args.index("--steps"):args.index("--steps") + 2], "--flush-seconds", "0")
+    meta_path, deadline = out / "meta.json", time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline:  # wait until a few steps are on disk (a heartbeat at every flush)
+            try:
+                if json.loads(meta_path.read_text()).get("heartbeat", {}).get("step", -1) >= 3:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)
+        output, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    output = output.decode(errors="replace")
+    assert p.returncode != 0
+    run = lnprobe.load_run(out)
+    assert run.meta["status"] == "interrupted", output[-3000:]
+    last = run.meta["last_step"]
+    ckpt = torch.load(out / T.CHECKPOINT_NAME, weights_only=True)
+    assert ckpt["step"] == last + 1 and ckpt["optimizer"] is not None
+    loss = run.records[(run.records.site == "train") & (run.records.stat == "loss")]
+    assert sorted(loss.step) == list(range(last + 1))
+    assert "SIGTERM received: stopping after this step" in output
