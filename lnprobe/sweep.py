@@ -55,12 +55,12 @@ class SweepSpec:
 
     placements: Sequence[str] = ("pre", "peri", "post")
     lrs: Sequence[float] = (1e-2, 3e-2, 1e-1)
-    seeds: Sequence[int] = (0, 1, 2)
+    seeds: Sequence[int] = (0, 1)
     depths: Sequence[int] | None = None
     widths: Sequence[int] | None = None
     preset: str = "tiny"
     heads: int | None = None
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 16
     seq_len: int | None = None
     every: Any = 20
@@ -178,11 +178,18 @@ def is_done(run: SweepRun, run_dir: Path) -> bool:
 
 
 def _train_one(model_cfg, train_cfg, run_dir: str) -> tuple[str, float]:
-    """Worker entry (module level so that it pickles): train one run, return (status, seconds)."""
+    """Worker entry (module level so that it pickles): train one run, return (status, seconds).
+    The trainer sets torch's thread count; it is put back, for a sweep run inside a caller's process."""
+    import torch
+
     from .train import train
 
+    threads = torch.get_num_threads()
     t0 = time.perf_counter()
-    result = train(model_cfg, train_cfg, run_dir)
+    try:
+        result = train(model_cfg, train_cfg, run_dir)
+    finally:
+        torch.set_num_threads(threads)
     return result.status, time.perf_counter() - t0
 
 
