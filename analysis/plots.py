@@ -181,8 +181,9 @@ def plot_variance_by_layer(runs: Run | Iterable[Run], stat: str = "m2", site: st
         ax.set_ylabel(f"{'mean x²' if stat == 'm2' else 'per-token variance'} of {site} (a.u.)")
         ax.set_title(f"{_label(run)}: {stat} of {site}, {_steps_text(t.index)}", fontsize=9)
         ax.legend(fontsize=7)
-        cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="step")
-        tokens_axis(cb.ax, [run], axis="y")
+        n_tok = common_tokens_per_step([run])
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax,
+                     label=f"step (1 step = {n_tok} training tokens)" if n_tok else "step")
     _footnote(fig, skipped, notes)
     return fig
 
