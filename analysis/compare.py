@@ -329,8 +329,9 @@ def prop31_slope(run: Run, min_step: int = 1) -> dict[str, Any] | None:
     if not len(f):
         return None
     f = f[f["step"] >= min_step]
-    x = np.log(f["rms_h"].to_numpy(dtype=np.float64))
-    y = np.log(f["grad_norm"].to_numpy(dtype=np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):  # a vanished (0) gradient is left out, not a warning
+        x = np.log(f["rms_h"].to_numpy(dtype=np.float64))
+        y = np.log(f["grad_norm"].to_numpy(dtype=np.float64))
     ok = np.isfinite(x) & np.isfinite(y)
     if ok.sum() < 3 or np.ptp(x[ok]) <= 0:
         return None
