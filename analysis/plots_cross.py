@@ -158,10 +158,11 @@ def prop31_slopes(runs: Sequence[Run]) -> pd.DataFrame:
 def plot_prop31_slope(runs: Run | Iterable[Run], notes: list[str] | None = None) -> Figure:
     """Proposition 3.1 as a slope: left, log ‖∇W2‖ (mlp.out) against log rms(h) (h = mlp_act) over
     the trained (step, layer) points of each placement's runs, with the least-squares line of each
-    placement; right, the fitted slope of every run by placement (dots; bar = mean). Pre-LN's
+    run; right, the fitted slope of every run by placement (dots; bar = mean). Post-LN runs are left
+    out (the proposition compares Pre- and Peri-LN; Post-LN's vanishing gradients dominate). Pre-LN's
     gradient grows with h (slope near 1 when ‖g‖ is steady), Peri-LN's output norm cancels it
     (slope near 0)."""
-    runs = _runs(runs)
+    runs = [r for r in _runs(runs) if r.placement != "post"]  # the proposition is about Pre- and Peri-LN
     fits = {r.name: compare.prop31_slope(r) for r in runs}
     have = [r for r in runs if fits[r.name] is not None]
     if not have:
@@ -172,14 +173,14 @@ def plot_prop31_slope(runs: Run | Iterable[Run], notes: list[str] | None = None)
     table = prop31_slopes(have)
     for p in placements:
         rs = [r for r in have if r.placement == p]
-        x = np.concatenate([fits[r.name]["x"] for r in rs])
-        y = np.concatenate([fits[r.name]["y"] for r in rs])
-        k, b = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (np.nan, np.nan)
-        c = placement_color(p)
-        axes[0].scatter(np.exp(x), np.exp(y), s=6, color=c, alpha=0.35, rasterized=True)
-        xx = np.linspace(x.min(), x.max(), 20)
-        axes[0].plot(np.exp(xx), np.exp(k * xx + b), "-", color=c, lw=1.5, label=f"{p}: pooled slope {k:.2f}")
         s = table[table["placement"] == p]["slope"].to_numpy()
+        c = placement_color(p)
+        for j, r in enumerate(rs):  # each run's own fit: runs at other lrs differ in level, not only in slope
+            fr = fits[r.name]
+            axes[0].scatter(np.exp(fr["x"]), np.exp(fr["y"]), s=6, color=c, alpha=0.3, rasterized=True)
+            xx = np.linspace(fr["x"].min(), fr["x"].max(), 20)
+            axes[0].plot(np.exp(xx), np.exp(fr["slope"] * xx + fr["intercept"]), "-", color=c, lw=1,
+                         label=f"{p}: per-run slopes, mean {s.mean():.2f}" if j == 0 else None)
         i = placements.index(p)
         axes[1].scatter(np.full(len(s), i) + np.linspace(-0.12, 0.12, len(s)), s, color=c, s=14, zorder=3)
         axes[1].bar([i], [s.mean()], color=c, alpha=0.3, width=0.5)
@@ -189,7 +190,7 @@ def plot_prop31_slope(runs: Run | Iterable[Run], notes: list[str] | None = None)
         ax.set_xlabel("rms of h = mlp_act (a.u.)")
         ax.set_ylabel("‖∇W2‖_F of mlp.out (loss units / weight unit)")
         ax.legend(fontsize=7)
-    axes[0].set_title("Prop. 3.1: ‖∇W2‖ vs rms(h), trained steps, all layers", fontsize=9)
+    axes[0].set_title("Prop. 3.1: ‖∇W2‖ vs rms(h), trained steps, all layers, one fit per run", fontsize=9)
     axes[1].axhline(1.0, color="k", ls="--", lw=1, label="slope 1 (‖∇W2‖ ∝ ‖h‖)")
     axes[1].axhline(0.0, color="gray", ls=":", lw=1, label="slope 0 (self-regularised)")
     axes[1].set_xticks(range(len(placements)), placements)
