@@ -49,7 +49,8 @@ def matches(printed: str, value: float) -> bool:
 def test_readme_table_is_parsed():
     rows = readme_table()
     assert set(rows) == {"pre", "peri", "post"} and all(len(r) == 5 for r in rows.values()), rows
-    assert re.search(rf"lr {cli.DEMO_LR:g}\b", README.read_text()), "README must state the demo's lr"
+    mantissa, exponent = f"{cli.DEMO_LR:.0e}".split("e")                     # 0.03 -> "3e-2", as printed
+    assert re.search(rf"lr {mantissa}e{int(exponent)}\b", README.read_text()), "README must state the demo's lr"
     assert f"{cli.DEMO_STEPS} steps" in README.read_text()
 
 
