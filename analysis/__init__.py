@@ -5,7 +5,8 @@ numpy / pandas / scipy / matplotlib anywhere. Installed as ``lnprobe.analysis`` 
 ``analysis/`` at the repository top); ``lnprobe.store`` owns the run-directory format and the one
 ``Run`` type. Modules: ``io`` (load a run directory: ``lnprobe.load_run``), ``theory``
 (theory.md predictions), ``fits`` (growth classification, attribution), ``massive`` (massive
-activations, FP16 margin, spike score), ``plots`` (figures), ``verdicts`` (prediction checks),
+activations, FP16 margin, spike score), ``plots`` (figures), ``plots_cross`` (figures across runs and
+sweeps), ``verdicts`` (prediction checks),
 ``compare`` (measured-vs-predicted frames), ``verdict_schema`` (the verdict record and verdicts.json),
 ``render`` (Markdown and HTML tables), ``report`` (report.md / report.html). ``plots``, ``verdicts``,
 ``render`` and ``report`` load on first use so
@@ -26,10 +27,10 @@ __all__ = [
     "Run", "load", "GrowthFit", "classify_growth", "attribution", "growth_over_steps",
     "massive_candidates", "track_massive", "fp16_margin", "spike_score", "predict_init_profile",
     "build_report", "run_report", "fits", "io", "massive", "theory", "plots", "verdicts", "report",
-    "compare", "render", "verdict_schema",
+    "compare", "render", "verdict_schema", "plots_cross",
 ]
 
-_LAZY_MODULES = ("compare", "plots", "verdicts", "verdict_schema", "render", "report")
+_LAZY_MODULES = ("compare", "plots", "plots_cross", "verdicts", "verdict_schema", "render", "report")
 
 
 def __getattr__(name: str) -> Any:

@@ -296,3 +296,58 @@ def last_layer_m2(run: Run, which: str = "end") -> float | None:
         return None
     v = float(t.iloc[0 if which == "init" else -1][L])
     return v if math.isfinite(v) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# across runs: sweeps, slopes, gradient profiles
+# ---------------------------------------------------------------------------------------------
+SWEEP_COLUMNS = ["run", "placement", "lr", "seed", "final_loss", "diverged", "m2_last", "config"]
+
+
+def sweep_frame(runs: list[Run]) -> pd.DataFrame:
+    """One row per run: run name, placement, lr, seed, final_loss (:func:`final_loss`; NaN when
+    diverged or missing), diverged, last-layer resid m2 at the last step, and ``config`` (the
+    configuration key without seed and lr, so rows with equal ``config`` form one lr sweep)."""
+    rows = []
+    for r in runs:
+        loss, div = final_loss(r), diverged(r)
+        m2 = last_layer_m2(r)
+        rows.append({"run": r.name, "placement": r.placement, "lr": lr(r), "seed": seed(r),
+                     "final_loss": np.nan if div or loss is None or not math.isfinite(loss) else loss,
+                     "diverged": div, "m2_last": np.nan if m2 is None else m2,
+                     "config": config_key(r, drop=("seed", "lr"))})
+    return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
+
+
+def prop31_slope(run: Run, min_step: int = 1) -> dict[str, Any] | None:
+    """Least-squares slope of log ‖∇W2‖ (mlp.out) against log rms(h) (h = mlp_act) over the
+    (step, layer) points with step ≥ ``min_step`` (training, not init — Proposition 3.1 is about
+    the trained regime): {"slope", "intercept", "n", "x", "y"}; None with fewer than 3 points or
+    no spread in rms(h). Pre-LN: ‖∇W2‖ = ‖h‖·‖g‖, so slope ≈ 1 when ‖g‖ does not fall as h grows;
+    Peri-LN: the output norm divides by ‖a‖ ∝ ‖h‖, so the slope is expected near 0."""
+    f = prop31_frame(run)
+    if not len(f):
+        return None
+    f = f[f["step"] >= min_step]
+    with np.errstate(divide="ignore", invalid="ignore"):  # a vanished (0) gradient is left out, not a warning
+        x = np.log(f["rms_h"].to_numpy(dtype=np.float64))
+        y = np.log(f["grad_norm"].to_numpy(dtype=np.float64))
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or np.ptp(x[ok]) <= 0:
+        return None
+    slope, intercept = np.polyfit(x[ok], y[ok], 1)
+    return {"slope": float(slope), "intercept": float(intercept), "n": int(ok.sum()), "x": x[ok], "y": y[ok]}
+
+
+def grad_by_layer(run: Run, role: str = "mlp.out", which: str = "init") -> pd.Series | None:
+    """‖∇W‖ of one parameter role per block at step 0 ("init") or the last recorded step ("end"),
+    divided by the last block's (so 1 at layer L−1; below 1 in early layers = vanishing towards the
+    input, Xiong et al.'s Post-LN profile). None when not recorded (or step 0 missing for "init")."""
+    t = run.role_table("grad_norm", role)
+    if t.empty or (which == "init" and int(t.index[0]) != 0):
+        return None
+    row = t.iloc[0 if which == "init" else -1]
+    row = row[row.index >= 0].dropna()
+    if len(row) < 2 or not row.iloc[-1] > 0:
+        return None
+    return row / row.iloc[-1]

@@ -35,7 +35,35 @@ def _runs(runs: Run | Iterable[Run]) -> list[Run]:
 
 
 def _label(run: Run) -> str:
-    return f"{run.name} ({run.placement})"
+    """The run's name, with its placement in brackets only when the name does not already say it."""
+    name, p = run.name, run.placement
+    return name if name == p or name.startswith((f"{p}_", f"{p}-", f"{p}#")) else f"{name} ({p})"
+
+
+def common_tokens_per_step(runs: Sequence[Run]) -> int | None:
+    """Training tokens per optimizer step shared by all ``runs`` (compare.tokens_per_step); None when
+    unknown for one of them or when they differ."""
+    n = {compare.tokens_per_step(r) for r in runs}
+    return n.pop() if len(n) == 1 and None not in n else None
+
+
+def tokens_axis(ax: Any, runs: Sequence[Run], axis: str = "x") -> None:
+    """A second step axis in training tokens (top, or right for ``axis="y"``), when all runs train
+    the same number of tokens per step: token = step × batch × sequence length. Call it after the
+    title is set (the title moves up above the token axis)."""
+    n = common_tokens_per_step(runs)
+    if not n:
+        return
+    fwd, inv = (lambda s: s * n), (lambda t: t / n)
+    sec = ax.secondary_xaxis("top", functions=(fwd, inv)) if axis == "x" else \
+        ax.secondary_yaxis("left", functions=(fwd, inv))
+    sec.tick_params(labelsize=7)
+    if axis == "x":  # room for the token axis between the plot and its title
+        fig = ax.figure
+        fig.subplots_adjust(top=min(fig.subplotpars.top, 1 - 1.0 / fig.get_figheight()))
+        ax.set_title(ax.get_title(), fontsize=9, pad=30)
+    sec.xaxis.set_major_formatter(_TOKENS) if axis == "x" else sec.yaxis.set_major_formatter(_TOKENS)
+    (sec.set_xlabel if axis == "x" else sec.set_ylabel)(f"training tokens ({n} per step)", fontsize=7)
 
 
 def _figure(n_panels: int, ncols: int = 3, w: float = 5.0, h: float = 3.8, **kw: Any) -> tuple[Figure, list]:
@@ -69,6 +97,8 @@ def set_log(ax: Any, axis: str = "y", values: Any = None) -> None:
 
 
 _PLAIN = FuncFormatter(lambda x, _: f"{x:g}")
+_TOKENS = FuncFormatter(lambda x, _: f"{x / 1e6:g}M" if abs(x) >= 1e6
+                        else (f"{x / 1e3:g}k" if abs(x) >= 1e3 else f"{x:g}"))
 
 
 def _integer_ticks(axis: Any) -> None:
@@ -151,7 +181,9 @@ def plot_variance_by_layer(runs: Run | Iterable[Run], stat: str = "m2", site: st
         ax.set_ylabel(f"{'mean x²' if stat == 'm2' else 'per-token variance'} of {site} (a.u.)")
         ax.set_title(f"{_label(run)}: {stat} of {site}, {_steps_text(t.index)}", fontsize=9)
         ax.legend(fontsize=7)
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="step")
+        n_tok = common_tokens_per_step([run])
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax,
+                     label=f"step (1 step = {n_tok} training tokens)" if n_tok else "step")
     _footnote(fig, skipped, notes)
     return fig
 
@@ -161,7 +193,8 @@ def plot_variance_by_layer(runs: Run | Iterable[Run], stat: str = "m2", site: st
 # ---------------------------------------------------------------------------------------------
 def plot_top_activations(run: Run, step: int | None = None, site: str = "resid") -> Figure:
     """Top-1/2/3 and median of |x| of ``site`` against layer at one step (default: the last), log y,
-    with the massive-activation threshold |x| = 100 and massive values (Sun et al.) circled."""
+    with both massive-activation thresholds of Sun et al. — |x| = 100 and 1000 × median (per layer)
+    — and massive values (above both) circled."""
     cand = M.massive_candidates(run, site)
     if cand.empty:
         raise MissingData(f"{run.name}: no top1/top2/top3 (or absmax) recorded at site {site!r}")
@@ -178,11 +211,14 @@ def plot_top_activations(run: Run, step: int | None = None, site: str = "resid")
     med = med[med["step"] == step]
     if len(med):
         ax.plot(med["layer"], med["value"], "-", color="gray", label="median |x|")
+        ax.plot(med["layer"], M.MASSIVE_RATIO * med["value"], "--", color="darkred", lw=1,
+                label=f"{M.MASSIVE_RATIO:g} × median")
     mass = at[at["massive"]]
     if len(mass):
         ax.plot(mass["layer"], mass["value"], "o", mfc="none", mec="red", ms=10, label="massive (Sun et al.)")
     ax.axhline(M.MASSIVE_ABS, color="red", ls=":", lw=1, label="|x| = 100")
-    set_log(ax, "y", np.r_[at["value"].to_numpy(dtype=np.float64), med["value"].to_numpy(), M.MASSIVE_ABS])
+    set_log(ax, "y", np.r_[at["value"].to_numpy(dtype=np.float64), med["value"].to_numpy(),
+                           M.MASSIVE_RATIO * med["value"].to_numpy(), M.MASSIVE_ABS])
     ax.set_xlabel("layer index l")
     _integer_ticks(ax.xaxis)
     ax.set_ylabel(f"|x| of {site} (a.u.)")
@@ -212,6 +248,7 @@ def plot_absmax_over_steps(runs: Run | Iterable[Run], site: str = "resid",
     ax.set_ylabel(f"max over layers of |x| at {site} (a.u.)")
     steps = sorted({int(x) for _, s in have.values() for x in s.index})
     ax.set_title(f"max |x| of {site} over training ({', '.join(have)}), {_steps_text(steps)}", fontsize=9)
+    tokens_axis(ax, [v[0] for v in have.values()])
     _legend_outside(fig, ax)
     _footnote(fig, skipped, notes)
     return fig
@@ -370,6 +407,7 @@ def plot_loss(runs: Run | Iterable[Run], window: int = 1000, threshold: float = 
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title(f"loss curves ({', '.join(r.name for r in have)}), {_steps_text([min(steps), max(steps)])}",
                  fontsize=9)
+    tokens_axis(ax, have)
     _legend_outside(fig, ax)
     _footnote(fig, skipped, notes)
     return fig

@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from . import fits, massive, plots, render, verdicts
+from . import compare, fits, massive, plots, plots_cross, render, verdicts
 from .io import Run, load
 
 HONESTY = (
@@ -70,30 +70,68 @@ def _unique_names(runs: list[Run]) -> None:
             r.name = f"{r.name}#{n + 1}"
 
 
-def _figure_specs(runs: list[Run]) -> list[tuple[str, str, Callable[[list[str]], Figure]]]:
-    """(file name, caption, maker(notes) -> Figure) for every figure of the report."""
+def _representatives(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """Runs drawn in the per-run figures of a sweep: (the smallest seed of every placement × lr, one
+    run per placement at its middle learning rate and smallest seed). A sweep of 27 runs would
+    otherwise give 27 panels and 81 per-run figures that say the same thing."""
+    def key(r: Run) -> tuple:
+        s = compare.seed(r)
+        return (s is None, s if isinstance(s, (int, float)) else 0)
+    first: dict[tuple, Run] = {}
+    for r in sorted(runs, key=key):
+        first.setdefault((r.placement, compare.lr(r), compare.config_key(r, drop=("seed", "lr"))), r)
+    multi = list(first.values())
+    one = []
+    for p in dict.fromkeys(r.placement for r in multi):
+        rs = sorted((r for r in multi if r.placement == p), key=lambda r: compare.lr(r) or 0.0)
+        one.append(rs[(len(rs) - 1) // 2])
+    return multi, one
+
+
+def _figure_specs(runs: list[Run], sweep: bool = False) -> list[tuple[str, str, Callable[[list[str]], Figure]]]:
+    """(file name, caption, maker(notes) -> Figure) for every figure of the report. ``sweep``: the
+    cross-run figures over all runs, the per-run figures for representatives (:func:`_representatives`)."""
+    multi, single = _representatives(runs) if sweep else (runs, runs)
+    lrs = {compare.lr(r) for r in runs} - {None}
+    rep = " (smallest seed of each placement and lr)" if sweep else ""
     specs = [
-        ("variance_m2_by_layer", "(a) Mean x² of the residual stream against layer, one curve per step; "
-         "theory at init as a grey band (paper Figure 1).",
-         lambda n: plots.plot_variance_by_layer(runs, "m2", notes=n)),
-        ("variance_var_by_layer", "(a') Per-token variance of the residual stream against layer.",
-         lambda n: plots.plot_variance_by_layer(runs, "var", notes=n)),
-        ("absmax_over_steps", "(c) Largest |x| of the residual stream over training, with the FP16 maximum.",
-         lambda n: plots.plot_absmax_over_steps(runs, notes=n)),
-        ("grad_norms_by_role", "(d) Weight-gradient norm per layer by parameter role, first and last step.",
-         lambda n: plots.plot_grad_norms_by_role(runs, notes=n)),
-        ("hidden_grad_rms", "(e) RMS of the hidden-state gradient against layer.",
-         lambda n: plots.plot_hidden_grad_rms(runs, notes=n)),
+        ("variance_shared", "(a) Mean x² of the residual stream against layer, every placement on one shared "
+         "axis: last recorded step (solid, seeds averaged with a min–max band), step 0 (dotted).",
+         lambda n: plots_cross.plot_variance_shared(runs, "m2", notes=n)),
+        ("variance_m2_by_layer", "(a) Mean x² of the residual stream against layer, one curve per step (colour "
+         "bar in steps and training tokens); theory at init as a grey band (paper Figure 1)." + rep,
+         lambda n: plots.plot_variance_by_layer(multi, "m2", notes=n)),
+        ("variance_var_by_layer", "(a') Per-token variance of the residual stream against layer." + rep,
+         lambda n: plots.plot_variance_by_layer(multi, "var", notes=n)),
+        ("absmax_over_steps", "(c) Largest |x| of the residual stream over training, with the FP16 maximum." + rep,
+         lambda n: plots.plot_absmax_over_steps(multi, notes=n)),
+        ("top1_ratio_over_steps", "(c') Sun et al.'s two thresholds over training: max over layers of "
+         "top1/median |x| against 1000, and of top1 |x| against 100 (massive = above both).",
+         lambda n: plots_cross.plot_top1_ratio_over_steps(runs, notes=n)),
+        ("grad_norms_by_role", "(d) Weight-gradient norm per layer by parameter role, first and last step." + rep,
+         lambda n: plots.plot_grad_norms_by_role(multi, notes=n)),
+        ("grad_vanishing", "(d') mlp.out gradient norm per layer relative to the last block, at step 0 and at "
+         "the end, per placement (Xiong et al.: Post-LN's early layers below 1 at init).",
+         lambda n: plots_cross.plot_grad_vanishing(runs, notes=n)),
+        ("hidden_grad_rms", "(e) RMS of the hidden-state gradient against layer." + rep,
+         lambda n: plots.plot_hidden_grad_rms(multi, notes=n)),
         ("loss", "(g) Training and validation loss; red crosses mark loss spikes (7σ over the previous "
-         "1000 steps).", lambda n: plots.plot_loss(runs, notes=n)),
-        ("prop31", "(h) Proposition 3.1: mlp.out gradient norm against rms(h) and rms(h)/rms(a).",
-         lambda n: plots.plot_prop31(runs, notes=n)),
+         "1000 steps)." + rep, lambda n: plots.plot_loss(multi, notes=n)),
+        ("prop31", "(h) Proposition 3.1: mlp.out gradient norm against rms(h) and rms(h)/rms(a)." + rep,
+         lambda n: plots.plot_prop31(multi, notes=n)),
+        ("prop31_slope", "(h') Proposition 3.1 as a fitted slope of log ‖∇W2‖ against log rms(h) over the "
+         "trained steps, per placement and per run.", lambda n: plots_cross.plot_prop31_slope(runs, notes=n)),
     ]
-    for r in runs:
+    if sweep or len(lrs) > 1:
+        specs.append(("loss_vs_lr", "(j) Final validation loss against learning rate per placement, mean over "
+                      "seeds with a min–max band; diverged runs counted at the top.",
+                      lambda n: plots_cross.plot_loss_vs_lr(runs, notes=n)))
+    for r in single:
         s = _slug(r.name)
         specs += [
-            (f"top_activations_{s}", f"(b) {r.name}: top-1/2/3 and median |x| against layer at the last step "
-             "(Sun et al.).", lambda n, r=r: plots.plot_top_activations(r)),
+            (f"top_activations_{s}", f"(b) {r.name}: top-1/2/3 and median |x| against layer at the last step, "
+             "with both of Sun et al.'s thresholds (|x| = 100 and 1000 × median).",
+             lambda n, r=r: plots.plot_top_activations(r)),
             (f"heatmaps_{s}", f"(f) {r.name}: layer × step heatmaps of mean x² and of the block gradient norm.",
              lambda n, r=r: plots.plot_heatmaps(r)),
             (f"topk_locations_{s}", f"(i) {r.name}: recorded top-3 (token, channel) locations at the step of "
@@ -101,6 +139,50 @@ def _figure_specs(runs: list[Run]) -> list[tuple[str, str, Callable[[list[str]],
              lambda n, r=r: plots.plot_topk_locations(r)),
         ]
     return specs
+
+
+def scale_notes(runs: list[Run]) -> str:
+    """What these runs did NOT reach, measured: divergence, Sun et al.'s massive activations, FP16."""
+    notes = []
+    n_div = sum(compare.diverged(r) for r in runs)
+    if not n_div:
+        notes.append(f"None of the {len(runs)} run(s) diverged, so the divergence claims are not tested here.")
+    best_ratio, best_abs, n_massive = 0.0, 0.0, 0
+    for r in runs:
+        c = massive.massive_candidates(r)
+        if len(c):
+            best_ratio = max(best_ratio, float(np.nanmax(c["ratio"].to_numpy(dtype=np.float64), initial=0.0)))
+            best_abs = max(best_abs, float(np.nanmax(c["value"].to_numpy(dtype=np.float64), initial=0.0)))
+            n_massive += int(c["massive"].sum())
+    if not n_massive and best_abs > 0:
+        notes.append(f"No activation is massive by Sun et al.'s criterion (|x| > 100 and ≥ 1000 × median): the "
+                     f"largest recorded |x| is {best_abs:.4g} and the largest top1/median {best_ratio:.4g}.")
+    return " ".join(notes)
+
+
+def sweep_summary(runs: list[Run]) -> str:
+    """One paragraph over a sweep: final validation loss (mean over seeds) and divergences by
+    placement and learning rate, and the last-layer m2 ratio Pre/Peri per learning rate."""
+    f = compare.sweep_frame(runs)
+    if not len(f) or f["lr"].isna().all():
+        return ""
+    parts = [f"**sweep** ({len(f)} runs: placements {', '.join(dict.fromkeys(f['placement']))}; learning rates "
+             f"{', '.join(f'{x:g}' for x in sorted(f['lr'].dropna().unique()))}; seeds "
+             f"{', '.join(str(x) for x in sorted(f['seed'].dropna().unique()))})"]
+    for p, g in f.groupby("placement", sort=False):
+        cells = []
+        for lr_, h in g.groupby("lr"):
+            div = int(h["diverged"].sum())
+            loss = h["final_loss"].mean()
+            cells.append(f"lr {lr_:g}: {loss:.3f}" + (f" ({div}/{len(h)} diverged)" if div else ""))
+        parts.append(f"{p} final val loss (mean over seeds) " + ", ".join(cells))
+    pre, peri = f[f["placement"] == "pre"], f[f["placement"] == "peri"]
+    if len(pre) and len(peri):
+        m2 = {p: g.groupby("lr")["m2_last"].mean() for p, g in (("pre", pre), ("peri", peri))}
+        both = sorted(set(pre["lr"]) & set(peri["lr"]))
+        ratio = [f"lr {lr_:g}: {m2['pre'][lr_] / m2['peri'][lr_]:.3g}" for lr_ in both]
+        parts.append("last-layer m2 Pre/Peri (means over seeds) " + ", ".join(ratio))
+    return "; ".join(parts) + ". Per-run numbers: summary.csv next to this report."
 
 
 def _run_summary(run: Run) -> str:
@@ -151,13 +233,15 @@ def _run_summary(run: Run) -> str:
 
 
 def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, formats: Sequence[str] = ("png", "svg"),
-                 dpi: int = 110) -> ReportResult:
+                 dpi: int = 110, sweep: bool = False) -> ReportResult:
     """Analyse ``run_dirs`` together and write the report into ``out_dir`` (created if needed).
 
     Writes ``<figure>.png`` and ``<figure>.svg`` for every figure that can be made, ``verdicts.json``
     (the verdict records, analysis.verdicts), and from them ``report.md`` (figures linked) and
     ``report.html`` (PNGs embedded as base64, no external files), rendered by analysis.render. Raises
     ValueError for an empty ``run_dirs``; FileNotFoundError for a path that is not a directory.
+    ``sweep``: the runs are a grid (lnprobe.sweep): per-run figures for representatives only and a
+    sweep paragraph first in the summary.
     """
     if not run_dirs:
         raise ValueError("build_report needs at least one run directory")
@@ -171,7 +255,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, formats: S
     result = ReportResult(out_dir=out, report_md=out / "report.md", report_html=out / "report.html",
                           runs=[r.name for r in runs])
     captions = {}
-    for name, caption, make in _figure_specs(runs):
+    for name, caption, make in _figure_specs(runs, sweep):
         notes: list[str] = []
         try:
             fig = make(notes)
@@ -196,9 +280,13 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, formats: S
     result.verdicts = verdicts.verdicts_frame(records)
     result.verdicts_json = verdicts.write_json(records, out / "verdicts.json", runs)
     result.summary = [_run_summary(r) for r in runs]
+    swept = sweep_summary(runs) if sweep or len({compare.lr(r) for r in runs}) > 1 else ""
+    if swept:
+        result.summary.insert(0, swept)
     # tables are rendered from the file just written, so the report shows exactly what it holds
     parts = dict(runs=[{"name": r.name, "placement": r.placement, "path": str(r.path)} for r in runs],
-                 records=verdicts.read_json(result.verdicts_json), summary=result.summary, honesty=HONESTY,
+                 records=verdicts.read_json(result.verdicts_json), summary=result.summary,
+                 honesty=" ".join(x for x in (HONESTY, scale_notes(runs)) if x),
                  figures=result.figures, captions=captions, partial=result.partial, missing=result.missing,
                  load_notes=load_notes)
     result.report_md.write_text(render.markdown_report(**parts), encoding="utf-8")

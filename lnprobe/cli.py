@@ -1,4 +1,5 @@
-"""Command line: ``lnprobe train | demo | report | compare | inspect | export | scan`` (also ``python -m lnprobe``).
+"""Command line: ``lnprobe train | demo | sweep | report | compare | inspect | export | scan``
+(also ``python -m lnprobe``).
 
 Distributed training: ``torchrun --nproc-per-node N -m lnprobe train [--fsdp] ...`` (DDP by default,
 FSDP2 with ``--fsdp``; ``--batch-size`` is the global batch). Only rank 0 prints.
@@ -21,14 +22,19 @@ from typing import Any, Sequence
 from .launch import ConfigError
 from .testing import HF_TYPES
 
-__all__ = ["main", "build_parser", "summarize_run", "DEMO_PLACEMENTS", "DEMO_STEPS", "DEMO_EVERY"]
+__all__ = ["main", "build_parser", "summarize_run", "DEMO_PLACEMENTS", "DEMO_STEPS", "DEMO_EVERY", "DEMO_LR"]
 
 DEMO_PLACEMENTS = ("pre", "peri", "post")
-# Demo defaults: the tiny preset (CPU) at lr 1e-2 for 400 steps is theory.md's quick check (Pre-LN's
-# last-layer variance in the hundreds against tens for Peri-LN). Measured on the 2-core machine, the three
-# runs side by side plus the report: 106 s wall with other jobs running (load 2.4-4), about 127 CPU-seconds.
+# Demo defaults: the tiny preset (CPU), 400 steps, lr 3e-2. Candidates measured with the same preset and
+# seed (last-layer m2 of resid at step 399, Pre-LN / Peri-LN; final val loss Pre / Peri): lr 3e-3: 5.5 / 23
+# (2.322 / 2.320); 1e-2: 347 / 31 (2.41 / 2.25); 3e-2: 11163 / 68 (2.489 / 2.265); 1e-1: 1.25e6 / 281 (2.664 /
+# 2.392). 3e-2 shows the paper's contrast (Pre-LN's stream two orders of magnitude above Peri-LN's, with a
+# lower Peri-LN loss) without the extreme lr 1e-1; at none of them does Pre-LN's profile over depth grow
+# super-linearly while Peri-LN's does not (README "What the default demo shows"). The three runs side by
+# side on the 2-core machine: 75 s quiet, about 4 min at load 5-8.
 DEMO_STEPS = 400
 DEMO_EVERY = 20
+DEMO_LR = 3e-2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +76,14 @@ TRAIN_OPTIONS: tuple[tuple[str, dict], ...] = (
     ("--data", dict(default="stdlib", help="'stdlib', a text file or a .bin token file")),
     ("--no-progress", dict(action="store_true", help="no progress bar")),
 )
+# Optimizer options of train, demo and sweep (TrainConfig fields of the same names).
+OPTIM_OPTIONS: tuple[tuple[str, dict], ...] = (
+    ("--grad-clip", dict(type=float, default=1.0, help="clip the global gradient norm to this, 0: no clipping "
+                                                         "(default: %(default)s)")),
+    ("--warmup", dict(type=int, default=None, help="linear warmup steps (default: min(50, steps // 10))")),
+    ("--weight-decay", dict(type=float, default=0.1, help="AdamW weight decay of matrices and embeddings "
+                                                            "(default: %(default)s)")),
+)
 
 
 # Train only: how a run is saved and continued (see lnprobe.train for the guarantees).
@@ -104,11 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The one parser of the command line: a subcommand per command, built from the shared groups."""
     parser = _Parser(prog="lnprobe", description="Probe normalisation placement in Transformer training.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,demo,report,compare,inspect,export,scan}")
+                                metavar="{train,demo,sweep,report,compare,inspect,export,scan}")
 
     p = sub.add_parser("train", help="train a reference GPT with a probe attached")
     _add_group(p, "model (override the preset)", MODEL_OPTIONS)
     _add_group(p, "training", TRAIN_OPTIONS)
+    _add_group(p, "optimizer", OPTIM_OPTIONS)
     p.add_argument("--out", help="run directory (default: runs/<placement>)")
     _add_group(p, "saving and resuming", RUN_OPTIONS)
     p.add_argument("--fsdp", action="store_true",
@@ -119,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train pre, peri and post with the same seed and data, then build a report")
     _add_group(p, "model (override the preset)", MODEL_OPTIONS, skip=("--placement",), preset=None,
                helps={"preset": "model shape preset (default: gpu on CUDA, tiny elsewhere)"})
-    _add_group(p, "training", TRAIN_OPTIONS, steps=DEMO_STEPS, every=str(DEMO_EVERY))
+    _add_group(p, "training", TRAIN_OPTIONS, steps=DEMO_STEPS, every=str(DEMO_EVERY), lr=DEMO_LR)
+    _add_group(p, "optimizer", OPTIM_OPTIONS)
     p.add_argument("--out", default="runs/demo", help="demo directory; its runs are replaced (default: %(default)s)")
     p.add_argument("--figures", default="figures",
                    help="where to copy the report's PNG figures (default: %(default)s)")
@@ -127,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs trained at once (default: all three in parallel, one CPU thread each, on CPU; "
                         "one at a time with every core on CUDA/MPS or with --jobs 1)")
     p.set_defaults(func=_cmd_demo, fsdp=False)
+
+    _add_sweep_parser(sub)
 
     for name, help_ in (("report", "report on one or more run directories"),
                         ("compare", "compare two or more run directories")):
@@ -162,6 +180,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_sweep_parser(sub) -> None:
+    from .sweep import DEFAULT_SWEEP as d
+
+    def csv(values) -> str:
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+    p = sub.add_parser("sweep", help="train placements × learning rates × seeds (× depths × widths), then a "
+                                     "summary.csv and one report over all the runs")
+    g = p.add_argument_group("grid (comma-separated lists)")
+    g.add_argument("--placements", default=csv(d.placements), help="(default: %(default)s)")
+    g.add_argument("--lrs", default=csv(d.lrs), help="peak learning rates (default: %(default)s)")
+    g.add_argument("--seeds", default=csv(d.seeds), help="model init and data order (default: %(default)s)")
+    g.add_argument("--depths", help="numbers of blocks (default: the preset's)")
+    g.add_argument("--widths", help="model widths d_model (default: the preset's)")
+    g = p.add_argument_group("shared by every run")
+    g.add_argument("--preset", default=d.preset, help="model shape preset (default: %(default)s)")
+    g.add_argument("--heads", type=int, help="attention heads (must divide every width)")
+    g.add_argument("--seq-len", type=int, help="context length (model and training)")
+    g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (default: %(default)s)")
+    g.add_argument("--every", default=str(d.every), help="probe schedule (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="validation period (default: %(default)s)")
+    g.add_argument("--data", default=d.data, help="'stdlib', a text file or a .bin token file")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    g.add_argument("--dtype", default=d.dtype, help="auto, fp32, bf16 or fp16 (default: %(default)s)")
+    _add_group(p, "optimizer", OPTIM_OPTIONS, grad_clip=d.grad_clip, warmup=d.warmup, weight_decay=d.weight_decay)
+    p.add_argument("--out", default="runs/sweep", help="sweep directory (default: %(default)s)")
+    p.add_argument("--jobs", type=int, help="runs trained at once (default: one per CPU core, 1 thread each; "
+                                            "one at a time on CUDA/MPS)")
+    p.add_argument("--no-report", action="store_true", help="summary.csv only, no report")
+    p.set_defaults(func=_cmd_sweep)
+
+
 # ----------------------------------------------------------------------------- configs
 def _model_config(args: argparse.Namespace, placement: str, preset: str):
     from .models import config_from_preset
@@ -185,7 +236,8 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device,
                        dtype=args.dtype, every=every, eval_every=args.eval_every, data=args.data,
                        progress=not args.no_progress, fsdp=args.fsdp, tensorboard=getattr(args, "tensorboard", None),
-                       ckpt_every=getattr(args, "ckpt_every", 100), flush_seconds=getattr(args, "flush_seconds", 60.0))
+                       ckpt_every=getattr(args, "ckpt_every", 100), flush_seconds=getattr(args, "flush_seconds", 60.0),
+                       grad_clip=args.grad_clip, warmup=args.warmup, weight_decay=args.weight_decay)
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -316,6 +368,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"figures: {len(copied)} PNG file(s) copied to {figures}")
     for run_dir in runs:
         _print_summary(run_dir.name, run_dir)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """``lnprobe sweep``: :func:`lnprobe.sweep.run_sweep`; bad lists and values end as one-line errors."""
+    from .sweep import SweepSpec, parse_list, run_sweep
+
+    spec = SweepSpec(
+        placements=parse_list(args.placements, str, "--placements"), lrs=parse_list(args.lrs, float, "--lrs"),
+        seeds=parse_list(args.seeds, int, "--seeds"), depths=parse_list(args.depths, int, "--depths"),
+        widths=parse_list(args.widths, int, "--widths"), preset=args.preset, heads=args.heads,
+        seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size,
+        every=int(args.every) if args.every.isdigit() else args.every, eval_every=args.eval_every,
+        grad_clip=args.grad_clip, warmup=args.warmup, weight_decay=args.weight_decay, data=args.data,
+        device=args.device, dtype=args.dtype)
+    res = run_sweep(spec, args.out, jobs=args.jobs, report=not args.no_report)
+    diverged = sum(bool(r["diverged"]) for r in res.rows)
+    print(f"sweep {args.out}: {len(res.trained)} trained, {len(res.skipped)} kept, {diverged} diverged, "
+          f"{res.elapsed_s:.0f} s")
+    print(f"summary: {res.summary_csv}")
+    if res.report is not None:
+        print(f"report: {_report_file(res.report.out_dir)}")
     return 0
 
 

@@ -266,7 +266,8 @@ def test_demo_sequential_matches_a_single_train(tmp_path, corpus, capsys, monkey
 
     monkeypatch.setattr(cli, "_build_report", fake_report)
     out, figures = tmp_path / "demo", tmp_path / "figs"
-    common = ["--steps", "4", "--every", "1", "--data", corpus, *SMALL]
+    # the demo and train have different default learning rates (cli.DEMO_LR): pass one to both
+    common = ["--steps", "4", "--every", "1", "--lr", "1e-2", "--data", corpus, *SMALL]
     assert main(["demo", "--jobs", "1", "--out", str(out), "--figures", str(figures), *common]) == 0
     assert calls == [["pre", "peri", "post"]]
     assert (figures / "fig.png").read_bytes() == b"png"

@@ -306,3 +306,86 @@ def test_load_keeps_the_later_duplicate_and_survives_missing_meta(tmp_path):
         res = build_report([d], tmp_path / "out")
     assert res.verdicts["status"].tolist() == ["n/a"]
     assert "variance_m2_by_layer" in res.figures and "loss" in res.figures
+
+
+# ---------------------------------------------------------------------------------------------
+# figures a reviewer expects
+# ---------------------------------------------------------------------------------------------
+def test_cross_run_figures_in_report(report):
+    res, _ = report
+    for name in ("variance_shared", "top1_ratio_over_steps", "grad_vanishing", "prop31_slope"):
+        assert name in res.figures, (name, res.missing.get(name))
+    assert "loss_vs_lr" not in res.figures and "loss_vs_lr" not in res.missing     # one lr: not a sweep figure
+
+
+def test_titles_do_not_repeat_the_placement(report):
+    from lnprobe.analysis import plots
+
+    _, runs = report
+    pre, plain = analysis.load(runs["pre"]), analysis.load(runs["none"])
+    assert plots._label(pre) == "pre" and plots._label(plain) == "plain (none)"
+    fig = plots.plot_variance_by_layer([pre])
+    assert "pre (pre)" not in fig.axes[0].get_title()
+
+
+def test_top_activations_draw_both_thresholds(report):
+    from lnprobe.analysis import plots
+
+    _, runs = report
+    ax = plots.plot_top_activations(analysis.load(runs["pre"])).axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert "|x| = 100" in labels and "1000 × median" in labels
+    med = next(line for line in ax.get_lines() if line.get_label() == "median |x|").get_ydata()
+    thr = next(line for line in ax.get_lines() if line.get_label() == "1000 × median").get_ydata()
+    np.testing.assert_allclose(thr, 1000 * np.asarray(med))
+
+
+def test_token_axis_uses_tokens_per_step(report):
+    from lnprobe.analysis import plots
+
+    _, runs = report
+    fig = plots.plot_loss([analysis.load(runs["pre"])])
+    tops = [a for a in fig.axes[0].child_axes if a.get_xlabel().startswith("training tokens")]
+    assert tops and f"({B * T} per step)" in tops[0].get_xlabel()
+
+
+def _with_train(path: Path, root: Path, name: str, lr: float, seed: int, loss_shift: float) -> Path:
+    """A copy of a synthetic run with lr, seed and a shifted loss (for sweep figures)."""
+    import shutil
+
+    dest = root / name
+    shutil.copytree(path, dest)
+    meta = json.loads((dest / "meta.json").read_text())
+    meta["run_name"] = name
+    meta["config"]["train"].update(lr=lr, seed=seed)
+    (dest / "meta.json").write_text(json.dumps(meta))
+    part = dest / "records" / "part-000099.parquet"
+    rows = [(s, "train", -1, "val_loss", 3.0 + loss_shift, None, None) for s in (STEPS[-1] + 1,)]
+    df = pd.DataFrame(rows, columns=["step", "site", "layer", "stat", "value", "token", "channel"])
+    df.astype({"token": "Int64", "channel": "Int64"}).to_parquet(part, index=False)
+    return dest
+
+
+def test_sweep_figures_and_slopes(tmp_path):
+    from lnprobe.analysis import compare, plots, plots_cross
+
+    runs = make_runs(tmp_path / "base")
+    made = [_with_train(runs[p], tmp_path, f"{p}_lr{lr:g}_s{s}", lr, s, shift)
+            for p, base in (("pre", 0.5), ("peri", 0.0)) for lr in (1e-2, 1e-1) for s in (0, 1)
+            for shift in [base + (0.3 if lr == 1e-1 and p == "pre" else 0.0) + 0.01 * s]]
+    loaded = [analysis.load(d) for d in made]
+    f = compare.sweep_frame(loaded)
+    assert len(f) == 8 and f.groupby(["placement", "lr"]).size().eq(2).all()
+    assert f.loc[f["run"] == "pre_lr0.1_s1", "final_loss"].iloc[0] == pytest.approx(3.81)
+    ax = plots_cross.plot_loss_vs_lr(loaded).axes[0]
+    pre_line = next(line for line in ax.get_lines() if line.get_label().startswith("pre"))
+    np.testing.assert_allclose(pre_line.get_ydata(), [3.505, 3.805])                 # means over seeds
+    with pytest.raises(plots.MissingData, match="2 learning rates"):
+        plots_cross.plot_loss_vs_lr([loaded[0], loaded[4]])
+    # Prop. 3.1 slope over trained steps: the synthetic ‖∇W2‖ is 0.5·bound ∝ rms(h), so slope 1
+    s = compare.prop31_slope(loaded[0])
+    assert s is not None and s["slope"] == pytest.approx(1.0, abs=1e-6)
+    assert set(plots_cross.prop31_slopes(loaded)["placement"]) == {"pre", "peri"}
+    res = build_report(made, tmp_path / "out", sweep=True)
+    assert "loss_vs_lr" in res.figures and res.summary[0].startswith("**sweep** (8 runs")
+    assert len([n for n in res.figures if n.startswith("heatmaps_")]) == 2            # one run per placement
