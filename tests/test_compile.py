@@ -9,9 +9,9 @@ plain ``eager`` backend to stay fast on 2 CPU cores (Dynamo's tracing and guards
 import numpy as np
 import pytest
 import torch
+from nanogpt import NanoGPT
 
 import lnprobe
-from nanogpt import NanoGPT
 
 VOCAB, T = 64, 16
 SCHEDULE = [0, 2]  # steps 1 and 3 unscheduled
