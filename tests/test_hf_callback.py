@@ -35,6 +35,10 @@ def dataset(n):
     return [{"input_ids": row, "labels": row.clone()} for row in ids]
 
 
+# the module's one fixture trains through transformers.Trainer (~25 s on 2 CPU cores)
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import SMALL, write_corpus
 from nanogpt import NanoGPT
 
 import lnprobe
@@ -242,10 +243,8 @@ def test_train_command_tensorboard_flag(tmp_path):
 
     from lnprobe.cli import main
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(" ".join(f"t{i}" for i in np.random.default_rng(1).integers(0, 50, 5000)))
-    small = ["--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "16", "--batch-size", "4",
-             "--no-progress"]
+    corpus = write_corpus(tmp_path / "corpus.txt", seed=1, prefix="t", n_words=5000)
+    small = SMALL
     assert main(["train", "--steps", "3", "--every", "1", "--data", str(corpus), "--out", str(tmp_path / "run"),
                  "--tensorboard", str(tmp_path / "tb"), *small]) == 0
     acc = EventAccumulator(str(tmp_path / "tb"))
