@@ -41,3 +41,13 @@ def one_line_error(capsys, argv: list[str], match: str) -> str:
     assert lines[0].startswith("lnprobe: error: ") and "Traceback" not in err
     assert match in lines[0], lines[0]
     return lines[0]
+
+
+def tiny_llama(vocab: int, seq_len: int, *, seed: int = 0):
+    """A random 2-layer Llama causal LM of width 32 (4 heads, 2 key/value heads, MLP 64, no padding id,
+    the default attention), built by ``lnprobe.testing.tiny_hf_model`` after ``torch.manual_seed(seed)``."""
+    from lnprobe.testing import tiny_hf_model
+
+    return tiny_hf_model("llama", seed=seed, vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=seq_len,
+                         pad_token_id=None, attn_implementation=None)

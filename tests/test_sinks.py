@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import SMALL, write_corpus
+from helpers import SMALL, tiny_llama, write_corpus
 from nanogpt import NanoGPT
 
 import lnprobe
@@ -262,9 +262,7 @@ def test_hf_callback_forwards_the_summary_into_the_trainer_logs(tmp_path):
     from lnprobe.integrations.hf import ProbeCallback
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama(VOCAB, T)
     ids = torch.randint(0, VOCAB, (8, T), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": row, "labels": row.clone()} for row in ids]
     args = transformers.TrainingArguments(
