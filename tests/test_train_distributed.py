@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_corpus
 
 import lnprobe
 from lnprobe import train as T
@@ -26,6 +27,12 @@ WORLD = 2
 ARGS = ["--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "16", "--batch-size", "4", "--no-progress",
         "--steps", "3", "--every", "1", "--eval-every", "2", "--device", "cpu", "--placement", "peri"]
 KEY = ["step", "site", "layer", "stat"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """This module's own corpus (40 words, not conftest's 50): the checkpoint tolerance below was set on it."""
+    return str(write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", seed=2, prefix="d", vocab=40))
 
 
 def _torchrun(out: Path, corpus: str, *extra: str) -> subprocess.Popen:
