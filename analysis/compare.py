@@ -79,6 +79,7 @@ def predict_init(run: Run, m2_0: float | None = None) -> pd.DataFrame | None:
 
 
 def d_ff(run: Run) -> int | None:
+    """The run's MLP width: the configured d_ff, else the model's default for its d_model; None when unknown."""
     cfg, D = run.model_config, run.d_model
     if cfg.get("d_ff"):
         return int(cfg["d_ff"])
@@ -269,10 +270,12 @@ def diverged(run: Run) -> bool:
 
 
 def seed(run: Run) -> Any:
+    """The run's training seed from the train config (None when not recorded)."""
     return run.train_config.get("seed")
 
 
 def lr(run: Run) -> float | None:
+    """The run's learning rate from the train config as a float; None when not recorded."""
     v = run.train_config.get("lr")
     return float(v) if v is not None else None
 

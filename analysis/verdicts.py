@@ -17,8 +17,20 @@ import numpy as np
 
 from . import compare, massive, theory
 from .io import Run
-from .verdict_schema import (FAIL, NA, PASS, SCHEMA_VERSION, TAGS, Verdict, decide, make, read_json,  # noqa: F401
-                             t_interval, verdicts_frame, write_json)
+from .verdict_schema import (  # noqa: F401
+    FAIL,
+    NA,
+    PASS,
+    SCHEMA_VERSION,
+    TAGS,
+    Verdict,
+    decide,
+    make,
+    read_json,
+    t_interval,
+    verdicts_frame,
+    write_json,
+)
 
 THEORY_PLACEMENTS = ("pre", "post", "peri", "lns", "output")
 
@@ -319,7 +331,8 @@ def check_peri_flattest(groups: dict[str, list[Run]]) -> Verdict:
         if got:
             spread[p] = float(np.mean(got))
     others = {p: v for p, v in spread.items() if p != "peri"}
-    vals = [("peri vs " + "/".join(others), spread["peri"], min(others.values()))] if "peri" in spread and others else []
+    vals = ([("peri vs " + "/".join(others), spread["peri"], min(others.values()))]
+            if "peri" in spread and others else [])
     v = make("grad.peri_flattest", "Peri-LN has the flattest per-layer gradient profile at the end of training",
              "paper", "lt", 0.0, vals, group="post/pre/peri", unit="sd over layers of log‖∇W‖; predicted = "
              "the flattest other placement's", detail={"spread": spread}, note="[paper, unconfirmed]",
@@ -411,7 +424,8 @@ def check_lr_robustness(groups: dict[str, list[Run]]) -> Verdict:
     v = make("sweep.lr_robustness", "Peri-LN's final loss varies less across learning rates than Pre-LN's",
              "paper", "lt", 0.0, vals, group="lr sweep", unit="max − min over lr of final loss (nats); "
              "predicted = Pre-LN's spread", detail={"final_loss_by_lr": detail},
-             note="a diverged run counts as infinite loss", why_na="needs ≥ 2 learning rates for both Pre-LN and Peri-LN")
+             note="a diverged run counts as infinite loss",
+             why_na="needs ≥ 2 learning rates for both Pre-LN and Peri-LN")
     if vals:
         v.n_runs = len(_sweep(groups, "peri")) + len(_sweep(groups, "pre"))
     return v
@@ -440,6 +454,7 @@ def check_divergence(groups: dict[str, list[Run]]) -> Verdict:
 # all verdicts
 # ---------------------------------------------------------------------------------------------
 def group_label(placement: str, n_groups: int = 1, i: int = 0) -> str:
+    """The placement's name, numbered ``placement #i+1`` when it has more than one configuration group."""
     return placement if n_groups == 1 else f"{placement} #{i + 1}"
 
 

@@ -630,18 +630,18 @@ def attach(
         append: deprecated, use ``resume``.
         overwrite: replace a run already in ``out``: its meta.json and record parts are deleted (other files
             such as a checkpoint are kept). Not together with ``resume``.
-
-    Raises (before a hook is registered or a file touched): ``lnprobe.RunExistsError`` (a FileExistsError)
-    when ``out`` holds a run and neither ``resume`` nor ``overwrite`` is passed; ``lnprobe.RunLockedError``
-    while another writer (this or another process, named by pid and host in the message) holds
-    ``out/.lock``. The probe holds that lock until ``close()`` (or interpreter exit); a lock left by a dead
-    process on this host is taken over with a warning.
         sinks: live sinks (``lnprobe.sinks``): ``TensorBoard(logdir)``, ``WandB(run)``, ``MLflow(...)`` or any
             callable ``sink(step, scalars)``; each gets a summary of every recorded step at each flush (the
             values are on the host then: no extra sync). A sink that raises is disabled with a warning.
         updates: an optimizer or a list of them: ``update_rms`` and ``update_ratio`` of every parameter on
             recorded steps, from optimizer step hooks (``lnprobe.updates``). Call ``probe.step()`` before
             ``opt.step()``.
+
+    Raises (before a hook is registered or a file touched): ``lnprobe.RunExistsError`` (a FileExistsError)
+    when ``out`` holds a run and neither ``resume`` nor ``overwrite`` is passed; ``lnprobe.RunLockedError``
+    while another writer (this or another process, named by pid and host in the message) holds
+    ``out/.lock``. The probe holds that lock until ``close()`` (or interpreter exit); a lock left by a dead
+    process on this host is taken over with a warning.
     """
     return Probe(model, out, every, sites=sites, stats=stats, grad_sites=grad_sites, blocks=blocks,
                  placement=placement, example_input=example_input, record=record, flush_every=flush_every,

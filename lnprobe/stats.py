@@ -100,7 +100,8 @@ class Stat:
     slot: int | None = None  # located statistics (value, token, channel): rank in the top 3 (absmax = top1)
 
     @cached_property
-    def merge_code(self) -> int:  # the small int of lnprobe.distributed (MEAN, RMS, ...)
+    def merge_code(self) -> int:
+        """The merge kind's small int, as lnprobe.distributed numbers them (MEAN, RMS, ...)."""
         return MERGE_KINDS.index(self.merge)
 
 
@@ -110,22 +111,30 @@ def _row(name, kind, column, merge, weight, default, definition, needs=(), slot=
 
 _ALL = EVERY_SITE
 REGISTRY: tuple[Stat, ...] = (
-    # name           kind          col merge      weight      default  definition                                  needs / slot
+    # name           kind          col merge      weight      default  definition                          needs / slot
     _row("m2",         "activation", 0, "mean",    "elements", _ALL,    "mean of x² over all elements", {"moments"}),
-    _row("var",        "activation", 1, "mean",    "tokens",   _ALL,    "per-token variance over channels, mean over tokens", {"var"}),
+    _row("var",        "activation", 1, "mean",    "tokens",   _ALL,
+         "per-token variance over channels, mean over tokens", {"var"}),
     _row("rms",        "activation", 2, "rms",     "elements", _ALL,    "sqrt(m2)", {"moments"}),
-    _row("absmax",     "activation", 3, "loc",     "one",      _ALL,    "max |x|, with token and channel", {"topk"}, slot=0),
-    _row("top1",       "activation", 4, "loc",     "one",      STREAM,  "largest |x|, with token and channel", {"topk"}, slot=0),
+    _row("absmax",     "activation", 3, "loc",     "one",      _ALL,    "max |x|, with token and channel",
+         {"topk"}, slot=0),
+    _row("top1",       "activation", 4, "loc",     "one",      STREAM,  "largest |x|, with token and channel",
+         {"topk"}, slot=0),
     _row("top2",       "activation", 5, "loc",     "one",      STREAM,  "2nd largest |x|", {"topk", "top3"}, slot=1),
     _row("top3",       "activation", 6, "loc",     "one",      STREAM,  "3rd largest |x|", {"topk", "top3"}, slot=2),
-    _row("median_abs", "activation", 7, "mean",    "elements", STREAM,  "median |x| (estimated, see above)", {"median"}),
-    _row("kurtosis",   "activation", 8, "mean",    "tokens",   (),      "per-token kurtosis over channels (3: Gaussian)", {"kurtosis"}),
+    _row("median_abs", "activation", 7, "mean",    "elements", STREAM,  "median |x| (estimated, see above)",
+         {"median"}),
+    _row("kurtosis",   "activation", 8, "mean",    "tokens",   (),
+         "per-token kurtosis over channels (3: Gaussian)", {"kurtosis"}),
     _row("nonfinite",  "activation", 9, "sum",     "one",      _ALL,    "count of NaN/Inf", {"nonfinite"}),
     _row("over_fp16",  "activation", 10, "sum",    "one",      STREAM,  f"count of |x| > {FP16_MAX:g}", {"over_fp16"}),
-    _row("massive",    "activation", 11, "sum",    "one",      STREAM,  f"count of |x| > {MASSIVE_ABS:g} and ≥ {MASSIVE_RATIO:g}·median_abs",
+    _row("massive",    "activation", 11, "sum",    "one",      STREAM,
+         f"count of |x| > {MASSIVE_ABS:g} and ≥ {MASSIVE_RATIO:g}·median_abs",
          {"median", "massive"}),
-    _row("grad_rms",    "gradient",  0, "rms",     "elements", ("resid",), "rms of ∂L/∂x, divided by the AMP loss scale"),
-    _row("grad_absmax", "gradient",  1, "max",     "one",      ("resid",), "max |∂L/∂x|, divided by the AMP loss scale"),
+    _row("grad_rms",    "gradient",  0, "rms",     "elements", ("resid",),
+         "rms of ∂L/∂x, divided by the AMP loss scale"),
+    _row("grad_absmax", "gradient",  1, "max",     "one",      ("resid",),
+         "max |∂L/∂x|, divided by the AMP loss scale"),
     # sqsum for a sharded (DTensor) parameter; a replicated one (DDP) has the same value on every rank
     _row("grad_norm",  "parameter",  0, "sqsum",   "one",      _ALL,    "Frobenius norm of the parameter's gradient"),
     _row("param_norm", "parameter",  1, "sqsum",   "one",      _ALL,    "Frobenius norm of the parameter"),
@@ -133,12 +142,15 @@ REGISTRY: tuple[Stat, ...] = (
     _row("gain_absmax", "norm",      1, "max",     "one",      _ALL,    "max |γ|"),
     _row("bias_ms",    "norm",       2, "mean",    "numel",    _ALL,    "mean β²"),
     # optimizer updates (lnprobe.updates), recorded with attach(updates=optimizer); replicated parameters
-    _row("update_rms",   "update",   0, "mean",    "one",      _ALL,    "‖Δp‖/sqrt(numel) of the optimizer step just taken"),
+    _row("update_rms",   "update",   0, "mean",    "one",      _ALL,
+         "‖Δp‖/sqrt(numel) of the optimizer step just taken"),
     _row("update_ratio", "update",   1, "mean",    "one",      _ALL,    "‖Δp‖/‖p‖ of that step, p before the step"),
     _row("loss",       "train",   None, "mean",    "one",      _ALL,    "the step's loss (mean over ranks)"),
     _row("nonfinite_loss", "train", None, "max",   "one",      _ALL,    "1 if the loss is NaN/Inf"),
-    _row("grad_norm",  "train",   None, "derived", "one",      _ALL,    "global gradient norm (from the parameters' grad_norm)"),
-    _row("skipped",    "train",   None, "derived", "one",      _ALL,    "1 if an enabled GradScaler skips the step (non-finite grad_norm)"),
+    _row("grad_norm",  "train",   None, "derived", "one",      _ALL,
+         "global gradient norm (from the parameters' grad_norm)"),
+    _row("skipped",    "train",   None, "derived", "one",      _ALL,
+         "1 if an enabled GradScaler skips the step (non-finite grad_norm)"),
     _row("lr",         "train",   None, "mean",    "one",      _ALL,    "learning rate passed to probe.step()"),
 )
 _BY_KEY = {(s.kind, s.name): s for s in REGISTRY}
@@ -277,7 +289,8 @@ def _count_above(a: torch.Tensor, threshold: torch.Tensor, buf: torch.Tensor) ->
     return torch.nansum(buf, dtype=torch.float64)
 
 
-def _count_rows(xf: torch.Tensor, tok_max: torch.Tensor, sample: torch.Tensor | None, plan: StatPlan) -> torch.Tensor | None:
+def _count_rows(xf: torch.Tensor, tok_max: torch.Tensor, sample: torch.Tensor | None,
+                plan: StatPlan) -> torch.Tensor | None:
     """CPU only: the counts ``(3,)``, reading only the tokens that can hold a counted element.
 
     Every counted element has |x| > 100 (massive), > 65504 (over_fp16) or is not finite, so it lies
@@ -387,7 +400,8 @@ def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
-def _stack_groups(groups: Sequence[Sequence[Any]], get: Callable[[Any], torch.Tensor | None], pad: torch.Tensor | None) -> torch.Tensor:
+def _stack_groups(groups: Sequence[Sequence[Any]], get: Callable[[Any], torch.Tensor | None],
+                  pad: torch.Tensor | None) -> torch.Tensor:
     """``(G, M, ...)``: ``get(part)`` of every part (``pad`` for None), groups padded to M parts with ``pad``.
 
     ``pad`` may be None only when every group has M parts and no ``get`` returns None."""
@@ -539,7 +553,8 @@ def reduce_gradient(g: torch.Tensor) -> GradientPartial:
     return GradientPartial(torch.stack([torch.linalg.vector_norm(gf), hi, lo]), gd.numel())
 
 
-def finalize_gradients(groups: Sequence[Sequence[GradientPartial]], loss_scale: torch.Tensor | None = None) -> torch.Tensor:
+def finalize_gradients(groups: Sequence[Sequence[GradientPartial]],
+                       loss_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``(G, 2)`` float64: grad_rms and grad_absmax of G sites over all micro-batches, divided by the
     AMP loss scale."""
     if not groups or any(len(g) == 0 for g in groups):

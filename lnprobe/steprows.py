@@ -42,6 +42,7 @@ class SiteAccumulator:
     g_elem: int = 0
 
     def clear(self) -> None:
+        """Drop the step's partials and pending gradient count, and zero its counts, for the next step."""
         self.parts.clear()
         self.grads.clear()
         self.pending_grad = 0
@@ -85,6 +86,7 @@ class Rows:
 
     @classmethod
     def from_steps(cls, buf: Sequence[StepRows]) -> "Rows":
+        """The buffered steps concatenated into one Rows (values on the first step's device); empty if none."""
         if buf:
             dev = buf[0].values.device
             flat = torch.cat([e.values.to(dev) for e in buf])  # (K,)
@@ -102,6 +104,7 @@ class Rows:
 
     @property
     def n(self) -> int:
+        """The number of rows K."""
         return int(self.values.numel())
 
     def signature(self) -> int:
@@ -112,6 +115,7 @@ class Rows:
         return sig
 
     def keys(self) -> list[tuple[int, str, int, str]]:
+        """(step, site, layer, stat) of every row, in row order."""
         out = []
         for step, lay in zip(self.steps, self.layouts):
             out.extend((int(step), str(a), int(b), str(c)) for a, b, c in zip(lay.site, lay.layer, lay.stat))
@@ -309,6 +313,7 @@ class StepRowsBuilder:
         return keys
 
     def layout(self, keys: tuple) -> Layout:
+        """The Layout (host key arrays and their crc) of these row keys, built once and cached."""
         lay = self._layouts.get(keys)
         if lay is None:
             lay = Layout(np.array([k[0] for k in keys], dtype=object),

@@ -7,9 +7,9 @@ train/skipped = 1, the same decision as the scaler's own.
 import numpy as np
 import pytest
 import torch
+from nanogpt import NanoGPT
 
 import lnprobe
-from nanogpt import NanoGPT
 
 VOCAB, T = 64, 16
 

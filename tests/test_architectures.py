@@ -1,23 +1,14 @@
 """Standard models without overrides: the example input comes from the model's declared input
 (`main_input_name`, `config.is_encoder_decoder`), and the recorded `resid` statistics equal those
 computed from the model's own hidden states (the oracle of tests/test_oracle.py)."""
-import numpy as np
 import pytest
 import torch
+from helpers import reference_stats
 
 import lnprobe
 from lnprobe.discovery import discover
 
 transformers = pytest.importorskip("transformers")
-
-
-def reference_stats(h: np.ndarray) -> dict:
-    d = h.shape[-1]
-    flat = h.reshape(-1, d).astype(np.float64)
-    a = np.abs(flat).reshape(-1)
-    i = int(np.argmax(a))
-    return {"m2": (flat ** 2).mean(), "var": flat.var(-1).mean(), "absmax": a[i],
-            "token": (i // d) % h.shape[-2], "channel": i % d}
 
 
 def vit():

@@ -9,20 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SMALL, one_line_error
 
 import lnprobe
 from lnprobe.cli import main, summarize_run
 from lnprobe.testing import HF_PLACEMENTS
-
-SMALL = ["--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "16", "--batch-size", "4", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    rng = np.random.default_rng(1)
-    path.write_text(" ".join(f"t{i}" for i in rng.integers(0, 50, 20000)))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +24,6 @@ def trained(tmp_path_factory, corpus) -> Path:
                  "--out", str(out), *SMALL])
     assert code == 0
     return out
-
-
-def one_line_error(capsys, argv: list[str], match: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("lnprobe: error: ") and "Traceback" not in err
-    assert match in lines[0], lines[0]
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- train
@@ -225,6 +204,7 @@ def test_report_on_a_run_dir(trained, tmp_path, capsys):
     assert f"report: {out / 'report.html'}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, corpus, capsys):
     """The default demo path: three runs trained side by side in worker processes, then the real report."""
     out, figures = tmp_path / "demo", tmp_path / "figs"

@@ -9,9 +9,10 @@ plain ``eager`` backend to stay fast on 2 CPU cores (Dynamo's tracing and guards
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_llama
+from nanogpt import NanoGPT
 
 import lnprobe
-from nanogpt import NanoGPT
 
 VOCAB, T = 64, 16
 SCHEDULE = [0, 2]  # steps 1 and 3 unscheduled
@@ -92,13 +93,11 @@ def test_compiled_nanogpt_records_equal_eager_without_recompiles(tmp_path):
 
 
 def test_compiled_hf_llama_records_equal_eager_without_recompiles(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
 
     def make():
         torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T)
-        return transformers.LlamaForCausalLM(cfg)
+        return tiny_llama(VOCAB, T)
 
     check_compiled_equals_eager(tmp_path, make, lambda m, x, y: m(input_ids=x, labels=x).loss, "eager")
 

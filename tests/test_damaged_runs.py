@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import one_line_error
 from test_store import _frame, _meta, write_run
 
 import lnprobe
 from lnprobe import store
-from lnprobe.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK_NAME = ".lock"  # lnprobe.rundir.LOCK_NAME, spelled out: the file name is part of the format
@@ -46,17 +46,6 @@ def _train(model, probe, steps=1):
 
 def _snapshot(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def one_line_error(capsys, argv: list[str], match: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lnprobe: error: ") and "Traceback" not in err, err
-    assert match in lines[0], lines[0]
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- never clobbered

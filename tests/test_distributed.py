@@ -22,8 +22,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import lnprobe  # noqa: E402
 from nanogpt import NanoGPT  # noqa: E402
+
+import lnprobe  # noqa: E402
 
 VOCAB, T, GLOBAL_B, STEPS, WORLD = 64, 16, 8, 3, 2
 PROBE_KW = dict(sites="all", stats="all", grad_sites="all", flush_every=2)

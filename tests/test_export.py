@@ -4,10 +4,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from nanogpt import NanoGPT
 
 import lnprobe
 from lnprobe import export
-from nanogpt import NanoGPT
 
 
 @pytest.fixture(scope="module")

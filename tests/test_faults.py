@@ -24,9 +24,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
+from helpers import write_corpus
 
 import lnprobe
 
@@ -134,12 +134,14 @@ def _records(run_dir: Path) -> pd.DataFrame:
     return r.sort_values(["step", "site", "layer", "stat"]).reset_index(drop=True)
 
 
+# one fixture replays the whole chain of interrupted and resumed runs (~80 s on 2 CPU cores)
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
-    corpus = tmp / "corpus.txt"
-    rng = np.random.default_rng(3)
-    corpus.write_text(" ".join(f"f{i}" for i in rng.integers(0, 50, 20000)))
+    corpus = write_corpus(tmp / "corpus.txt", seed=3, prefix="f")
     args = [*ARGS, "--data", str(corpus)]
     runs = [("none", 0, ["train", *args, "--out", str(tmp / "ref")])]
     for i, (kind, arg) in enumerate(plan()):

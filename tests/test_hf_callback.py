@@ -10,6 +10,7 @@ that the Trainer itself logs.
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -39,9 +40,7 @@ def dataset(n):
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama(VOCAB, T)
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=ACCUM, max_grad_norm=MAX_NORM, learning_rate=1e-2, logging_steps=1,

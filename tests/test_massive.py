@@ -9,8 +9,14 @@ import pandas as pd
 import pytest
 
 import lnprobe.analysis as analysis
-from lnprobe.analysis.massive import (FP16_MAX, absmax_over_steps, fp16_margin, massive_candidates, spike_score,
-                              track_massive)
+from lnprobe.analysis.massive import (
+    FP16_MAX,
+    absmax_over_steps,
+    fp16_margin,
+    massive_candidates,
+    spike_score,
+    track_massive,
+)
 
 STEPS, LAYERS = range(10), range(7)
 
@@ -49,7 +55,8 @@ def _planted_run(tmp_path):
                 rows.append((s, "resid", l, f"top{rank}", v, tok, ch))
             rows.append((s, "resid", l, "absmax", absmax, locs[0][0], locs[0][1]))
             rows.append((s, "resid", l, "median_abs", med, None, None))
-            rows.append((s, "resid", l, "massive", float((s >= 4 and l >= 2) + (6 <= s <= 8 and l in (3, 4))), None, None))
+            n_massive = float((s >= 4 and l >= 2) + (6 <= s <= 8 and l in (3, 4)))
+            rows.append((s, "resid", l, "massive", n_massive, None, None))
             rows.append((s, "resid", l, "over_fp16", float(absmax > FP16_MAX), None, None))
     return _write(tmp_path, rows)
 

@@ -1,7 +1,7 @@
 """Oracle: recorded `resid` statistics equal those computed from the model's own output_hidden_states."""
-import numpy as np
 import pytest
 import torch
+from helpers import reference_stats
 
 import lnprobe
 from lnprobe.testing import HF_PLACEMENTS, tiny_hf_model
@@ -13,15 +13,6 @@ SIZES = dict(vocab_size=96, hidden_size=48, num_hidden_layers=3)
 
 def tiny(kind):
     return tiny_hf_model(kind, **SIZES), HF_PLACEMENTS[kind]
-
-
-def reference_stats(h: np.ndarray) -> dict:
-    d = h.shape[-1]
-    flat = h.reshape(-1, d).astype(np.float64)
-    a = np.abs(flat).reshape(-1)
-    i = int(np.argmax(a))
-    return {"m2": (flat ** 2).mean(), "var": flat.var(-1).mean(), "absmax": a[i],
-            "token": (i // d) % h.shape[-2], "channel": i % d}
 
 
 @pytest.mark.parametrize("kind", list(HF_PLACEMENTS))

@@ -7,13 +7,12 @@ import textwrap
 import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from nanogpt import NanoGPT
 
 import lnprobe
 from lnprobe import stats as S
-from nanogpt import NanoGPT
 
 VOCAB, T = 64, 16
 
@@ -209,7 +208,8 @@ def test_schedules_and_eval_mode(tmp_path):
     with lnprobe.attach(model, tmp_path / "list", every=[1, 4]) as probe:
         train(model, 6, probe)
     assert sorted(lnprobe.load_run(tmp_path / "list").records.step.unique()) == [1, 4]
-    assert [s for s in range(40) if lnprobe.Schedule.parse("log")(s)][:14] == [0, 1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 32]
+    assert ([s for s in range(40) if lnprobe.Schedule.parse("log")(s)][:14]
+            == [0, 1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 32])
     model.eval()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -277,7 +277,8 @@ def run_probed_script(run_dir, flush_every: int, steps: int, ending: str) -> sub
     """Train NanoGPT under a probe for ``steps`` steps in a fresh interpreter, then run ``ending``."""
     script = textwrap.dedent(f"""
         import os, sys, signal, torch
-        sys.path.insert(0, {os.path.dirname(__file__)!r}); sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
         import lnprobe
         from nanogpt import NanoGPT
         torch.manual_seed(0)

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import SMALL, tiny_llama, write_corpus
 from nanogpt import NanoGPT
 
 import lnprobe
@@ -242,10 +243,8 @@ def test_train_command_tensorboard_flag(tmp_path):
 
     from lnprobe.cli import main
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(" ".join(f"t{i}" for i in np.random.default_rng(1).integers(0, 50, 5000)))
-    small = ["--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "16", "--batch-size", "4",
-             "--no-progress"]
+    corpus = write_corpus(tmp_path / "corpus.txt", seed=1, prefix="t", n_words=5000)
+    small = SMALL
     assert main(["train", "--steps", "3", "--every", "1", "--data", str(corpus), "--out", str(tmp_path / "run"),
                  "--tensorboard", str(tmp_path / "tb"), *small]) == 0
     acc = EventAccumulator(str(tmp_path / "tb"))
@@ -263,9 +262,7 @@ def test_hf_callback_forwards_the_summary_into_the_trainer_logs(tmp_path):
     from lnprobe.integrations.hf import ProbeCallback
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama(VOCAB, T)
     ids = torch.randint(0, VOCAB, (8, T), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": row, "labels": row.clone()} for row in ids]
     args = transformers.TrainingArguments(

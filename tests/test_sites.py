@@ -162,7 +162,8 @@ def test_llama_pre_and_post_attention_layernorm_is_pre_mlp():
     assert all(n.kind == "rmsnorm" and n.gain_offset == 0.0 for n in mm.norms)
     assert mm.norms[-1].role == "norm.final" and mm.norms[-1].weight == "model.norm.weight"
     roles = {k: v["role"] for k, v in mm.param_roles.items()}
-    assert [roles[f"model.layers.0.mlp.{p}_proj.weight"] for p in ("gate", "up", "down")] == ["mlp.in", "mlp.in", "mlp.out"]
+    assert ([roles[f"model.layers.0.mlp.{p}_proj.weight"] for p in ("gate", "up", "down")]
+            == ["mlp.in", "mlp.in", "mlp.out"])
     assert [roles[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkvo"] == ["attn.qkv"] * 3 + ["attn.out"]
     assert roles["lm_head.weight"] == "head" and roles["model.embed_tokens.weight"] == "embed"
     norm = model.model.norm

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from nanogpt import NanoGPT
 
 import lnprobe
 from lnprobe import stats as S
 from lnprobe.models import GPT, GPTConfig
-from nanogpt import NanoGPT
 
 PROBE_DIR = Path(lnprobe.__file__).resolve().parent
-NOT_PROBE = {"models.py", "data.py", "train.py", "launch.py", "checkpoint.py", "cli.py", "__main__.py"}  # model and loop code, not probe code
+# model and loop code, not probe code
+NOT_PROBE = {"models.py", "data.py", "train.py", "launch.py", "checkpoint.py", "cli.py", "__main__.py"}
 HOST_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__",
                 "__array__", "__repr__", "__format__")
 VOCAB, T = 64, 16

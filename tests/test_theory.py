@@ -82,8 +82,10 @@ def simulate(placement, L=8, D=128, T=64, B=4, sigma=0.02, seed=0, act="gelu", d
         wo = (rng.standard_normal((D, D), dtype=f32) * sigma * branch_scale).astype(f32)
         w1 = (rng.standard_normal((D, d_ff), dtype=f32) * sigma)
         w2 = (rng.standard_normal((d_ff, D), dtype=f32) * sigma * branch_scale).astype(f32)
-        attn = lambda a: _attn(a, wqkv, wo, 4)
-        mlp = lambda a: (_act(a.reshape(-1, D) @ w1, act) @ w2).reshape(a.shape)
+        def attn(a):
+            return _attn(a, wqkv, wo, 4)
+        def mlp(a):
+            return (_act(a.reshape(-1, D) @ w1, act) @ w2).reshape(a.shape)
         subs = [mlp] if mlp_only else [attn, mlp]
         for f in subs:
             if placement in ("pre", "lns"):
@@ -383,7 +385,8 @@ def _last_w2_grad(placement, seed, L=8, D=64, sigma=0.02):
           for _ in range(L)]
     c = torch.randn(16, D, generator=g, dtype=f64)
     w2_last = ws[-1][1].clone().requires_grad_(True)
-    norm = lambda a: torch.nn.functional.layer_norm(a, (D,), eps=1e-5)
+    def norm(a):
+        return torch.nn.functional.layer_norm(a, (D,), eps=1e-5)
     for i, (w1, w2) in enumerate(ws):
         w2 = w2_last if i == L - 1 else w2
         if placement == "pre":

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import write_corpus
 
 import lnprobe
 from lnprobe import train as T
@@ -27,11 +28,8 @@ def small_cfg(placement: str = "pre", **kw):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     """A deterministic ~120 kB text corpus (no dependence on the machine's stdlib)."""
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    rng = np.random.default_rng(0)
-    words = [f"w{i}" for i in range(60)]
-    path.write_text(" ".join(words[i] for i in rng.integers(0, len(words), 30000)))
-    return str(path)
+    return str(write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", seed=0, prefix="w", vocab=60,
+                            n_words=30000))
 
 
 def tcfg(corpus: str, **kw) -> T.TrainConfig:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_corpus
 
 import lnprobe
 from lnprobe import train as T
@@ -30,10 +31,8 @@ KEY = ["step", "site", "layer", "stat"]
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    rng = np.random.default_rng(2)
-    path.write_text(" ".join(f"d{i}" for i in rng.integers(0, 40, 20000)))
-    return str(path)
+    """This module's own corpus (40 words, not conftest's 50): the checkpoint tolerance below was set on it."""
+    return str(write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", seed=2, prefix="d", vocab=40))
 
 
 def _torchrun(out: Path, corpus: str, *extra: str) -> subprocess.Popen:
@@ -64,6 +63,7 @@ def runs(tmp_path_factory, corpus):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_launch_finished_and_only_rank0_printed(runs, kind):
     run_dir, code, output = runs[kind]
@@ -76,6 +76,7 @@ def test_launch_finished_and_only_rank0_printed(runs, kind):
     assert meta["config"]["train"]["batch_size"] == 4  # the global batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_records_equal_one_process_on_the_global_batch(runs, kind):
     ref = lnprobe.load_run(runs["single"][0]).records
@@ -106,6 +107,7 @@ def test_records_equal_one_process_on_the_global_batch(runs, kind):
     np.testing.assert_allclose(*pair(train & (m.stat == "grad_norm")), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_rank0_checkpoint_holds_the_unwrapped_full_model(runs, kind):
     ref = torch.load(runs["single"][0] / T.CHECKPOINT_NAME, weights_only=True)
@@ -119,6 +121,7 @@ def test_rank0_checkpoint_holds_the_unwrapped_full_model(runs, kind):
     assert (ckpt["optimizer"] is None) == (kind == "fsdp")
 
 
+@pytest.mark.slow
 def test_ddp_checkpoint_resumes_in_one_process(runs, corpus, tmp_path):
     """A DDP checkpoint is a plain one: a single process continues it (here to 4 steps)."""
     import shutil
@@ -134,6 +137,7 @@ def test_ddp_checkpoint_resumes_in_one_process(runs, corpus, tmp_path):
     assert list(loss.step) == [0, 1, 2, 3] and np.isfinite(loss.value).all()
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_refuses_resume(runs, corpus, tmp_path, capsys):
     import shutil
 
@@ -168,6 +172,7 @@ def test_mean_across_ranks_is_the_value_in_one_process():
     assert v.dtype == torch.float64 and v.item() == 2.5
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_rank_after_the_same_step(corpus, tmp_path):
     """SIGTERM to torchrun (as Slurm or kill sends it): the agent passes it to the ranks, which agree
     on one last step (lnprobe.launch.loss_and_stop), flush, checkpoint and end 'interrupted'."""

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 import lnprobe.analysis as analysis
-from lnprobe.analysis import compare, render, theory, verdicts as V
+from lnprobe.analysis import compare, render, theory
+from lnprobe.analysis import verdicts as V
 
 L, D, DFF, SIGMA, T, B = 4, 64, 256, 0.02, 32, 4
 STEPS = (0, 50, 100)
@@ -119,13 +120,15 @@ def test_peri_init_law(tmp_path):
 
 def test_peri_init_law_uses_the_norm_eps(tmp_path):
     # branch outputs of power ε: each sublayer adds 1/2, so 1 + l is RIGHT and 1 + 2l is wrong
-    tiny = lambda s: np.full(2 * L, 1e-5)
+    def tiny(s):
+        return np.full(2 * L, 1e-5)
     assert status([make_run(tmp_path, "a", "peri", m2=lambda s: 1 + LAY, raw_var=tiny)], "peri.init_law") == "pass"
     assert status([make_run(tmp_path, "b", "peri", raw_var=tiny)], "peri.init_law") == "fail"
 
 
 def test_post_init_level(tmp_path):
-    ok = lambda s: np.r_[8e-4, np.ones(L)]
+    def ok(s):
+        return np.r_[8e-4, np.ones(L)]
     assert status([make_run(tmp_path, "a", "post", m2=ok)], "post.init_level") == "pass"
     assert status([make_run(tmp_path, "b", "post", m2=lambda s: np.r_[8e-4, 1.3 * np.ones(L)])],
                   "post.init_level") == "fail"
@@ -154,49 +157,62 @@ def test_init_interval(tmp_path, placement):
 
 def test_peri_hard_bound(tmp_path):
     assert status([make_run(tmp_path, "a", "peri")], "peri.hard_bound") == "pass"
-    big = lambda s: 1 + 2 * LAY if s == 0 else 0.5 * 3.0 ** LAY * 10       # RMS 14 at layer 4 > bound 9
+    def big(s):
+        return 1 + 2 * LAY if s == 0 else 0.5 * 3.0 ** LAY * 10       # RMS 14 at layer 4 > bound 9
     assert status([make_run(tmp_path, "b", "peri", m2=big)], "peri.hard_bound") == "fail"
 
 
 def test_pre_growth_superlinear(tmp_path):
-    expo = lambda s: _pre_init_mid() if s == 0 else 0.05 * 2.2 ** LAY
+    def expo(s):
+        return _pre_init_mid() if s == 0 else 0.05 * 2.2 ** LAY
     assert status([make_run(tmp_path, "a", "pre", m2=expo)], "pre.growth_superlinear") == "pass"
-    lin = lambda s: _pre_init_mid() if s == 0 else 1 + 3 * LAY
+    def lin(s):
+        return _pre_init_mid() if s == 0 else 1 + 3 * LAY
     assert status([make_run(tmp_path, "b", "pre", m2=lin)], "pre.growth_superlinear") == "fail"
 
 
 def test_peri_growth_linear(tmp_path):
     assert status([make_run(tmp_path, "a", "peri", m2=lambda s: 1 + 2.4 * LAY)], "peri.growth_linear") == "pass"
-    sq = lambda s: 1 + 2 * LAY if s == 0 else (1 + 1.5 * LAY) ** 2         # RMS growing linearly: m2 quadratic
+    def sq(s):
+        return 1 + 2 * LAY if s == 0 else (1 + 1.5 * LAY) ** 2         # RMS growing linearly: m2 quadratic
     assert status([make_run(tmp_path, "b", "peri", m2=sq)], "peri.growth_linear") == "fail"
 
 
 def test_peri_fp16_margin(tmp_path):
     assert status([make_run(tmp_path, "a", "peri")], "peri.fp16_margin") == "pass"
-    over = lambda s: np.r_[np.ones(L) * 3, 7e4 if s == 100 else 3]
+    def over(s):
+        return np.r_[np.ones(L) * 3, 7e4 if s == 100 else 3]
     assert status([make_run(tmp_path, "b", "peri", absmax=over)], "peri.fp16_margin") == "fail"
 
 
 def test_prop31_batched_bound(tmp_path):
-    h = lambda s: np.full(L, 0.2 * (1 + s / 100))
-    g = lambda s: np.full(L, 1e-4)
+    def h(s):
+        return np.full(L, 0.2 * (1 + s / 100))
+    def g(s):
+        return np.full(L, 1e-4)
     assert status([make_run(tmp_path, "a", "pre", rms_h=h, g_a=g)], "prop31.batched_bound") == "pass"
-    bound = lambda s, role: 2.0 * B * T * math.sqrt(DFF * D) * h(s) * g(s) if role == "mlp.out" else np.ones(L)
+    def bound(s, role):
+        return 2.0 * B * T * math.sqrt(DFF * D) * h(s) * g(s) if role == "mlp.out" else np.ones(L)
     assert status([make_run(tmp_path, "b", "pre", rms_h=h, g_a=g, grad=bound)], "prop31.batched_bound") == "fail"
 
 
 def test_prop31_pre_identity(tmp_path):
-    h = lambda s: 0.2 * (1 + s / 25) * np.linspace(1, 3, L)
-    g = lambda s: np.full(L, 1e-4)
+    def h(s):
+        return 0.2 * (1 + s / 25) * np.linspace(1, 3, L)
+    def g(s):
+        return np.full(L, 1e-4)
     assert status([make_run(tmp_path, "a", "pre", rms_h=h, g_a=g)], "prop31.pre_identity") == "pass"
-    flat = lambda s, role: np.full(L, 0.3)                                 # gradient blind to h
+    def flat(s, role):
+        return np.full(L, 0.3)                                 # gradient blind to h
     assert status([make_run(tmp_path, "b", "pre", rms_h=h, g_a=g, grad=flat)], "prop31.pre_identity") == "fail"
 
 
 def test_post_grad_vanishing(tmp_path):
-    grows = lambda s, role: np.array([0.4, 0.6, 0.8, 1.0])
+    def grows(s, role):
+        return np.array([0.4, 0.6, 0.8, 1.0])
     assert status([make_run(tmp_path, "a", "post", grad=grows)], "post.grad_vanishing") == "pass"
-    shrinks = lambda s, role: np.array([1.0, 0.8, 0.6, 0.4])
+    def shrinks(s, role):
+        return np.array([1.0, 0.8, 0.6, 0.4])
     assert status([make_run(tmp_path, "b", "post", grad=shrinks)], "post.grad_vanishing") == "fail"
 
 
@@ -204,7 +220,8 @@ def test_post_grad_vanishing(tmp_path):
 # cross-placement verdicts
 # ---------------------------------------------------------------------------------------------
 def test_xiong_post_over_pre(tmp_path):
-    m2_pre = lambda s: np.r_[0.01, 0.5, 1.0, 2.0, 4.0]                     # sqrt(m2_L) = 2
+    def m2_pre(s):
+        return np.r_[0.01, 0.5, 1.0, 2.0, 4.0]                     # sqrt(m2_L) = 2
     pre = make_run(tmp_path, "pre", "pre", m2=m2_pre, grad=lambda s, r: np.full(L, 0.5))
     ok = make_run(tmp_path, "post_ok", "post", grad=lambda s, r: np.full(L, 1.0))      # ratio 2
     bad = make_run(tmp_path, "post_bad", "post", grad=lambda s, r: np.full(L, 0.5 * 2 * 10))  # ×10 off
@@ -277,7 +294,8 @@ def test_sweep_lr_robustness(tmp_path):
 
 
 def test_sweep_divergence(tmp_path):
-    same = lambda lr: 2.0
+    def same(lr):
+        return 2.0
     assert status(_lr_sweep(tmp_path, "a", same, same, pre_div=(1e-2,)), "sweep.divergence") == "pass"
     assert status(_lr_sweep(tmp_path, "b", same, same, peri_div=(1e-2,)), "sweep.divergence") == "fail"
 
@@ -313,7 +331,8 @@ def test_decide_rules():
 
 
 def test_json_schema_and_rendering(tmp_path):
-    runs = [make_run(tmp_path, "peri", "peri"), make_run(tmp_path, "post", "post", m2=lambda s: np.r_[8e-4, np.ones(L)])]
+    runs = [make_run(tmp_path, "peri", "peri"),
+            make_run(tmp_path, "post", "post", m2=lambda s: np.r_[8e-4, np.ones(L)])]
     vs = V.all_verdicts(runs)
     path = V.write_json(vs, tmp_path / "verdicts.json", runs)
     doc = json.loads(path.read_text())

@@ -35,6 +35,7 @@ def _module_lists(root: nn.Module) -> list[tuple[str, nn.Module, bool, int]]:
 
 
 def describe_lists(root: nn.Module) -> str:
+    """One line naming each ModuleList/Sequential of blocks: classes, count, params; "none" when there is none."""
     items = []
     for name, m, same, n in _module_lists(root):
         classes = sorted({type(k).__name__ for k in m.children()})
@@ -44,6 +45,7 @@ def describe_lists(root: nn.Module) -> str:
 
 
 def describe_norms(root: nn.Module) -> str:
+    """The norm modules' names and classes, the first 12 then a count; "none" when there is none."""
     names = [f"'{n}' ({type(m).__name__})" for n, m in root.named_modules() if is_norm(m)]
     shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
     return shown or "none"
@@ -91,6 +93,8 @@ def other_block_lists(root: nn.Module, chosen: str) -> list[tuple[str, list[tupl
 
 @dataclass
 class BlockResult:
+    """One block's mapping: its BlockInfo, whether it was mapped (else `why`), X and Y, norm calls and roles."""
+
     info: BlockInfo
     mapped: bool
     why: str = ""
@@ -130,6 +134,7 @@ class Block:
     tol: float
 
     def atol(self, *ts: torch.Tensor) -> float:
+        """Absolute tolerance: `tol` times the largest |value| of X, Y and `ts`."""
         return self.tol * max([amax(self.x.t), amax(self.y.t)] + [amax(t) for t in ts])
 
 

@@ -51,11 +51,13 @@ def is_norm(m: nn.Module) -> bool:
 
 
 def is_attention(m: nn.Module) -> bool:
+    """True for nn.MultiheadAttention or a module whose class name contains "attention" or "attn"."""
     name = type(m).__name__.lower()
     return isinstance(m, nn.MultiheadAttention) or "attention" in name or "attn" in name
 
 
 def norm_eps(m: nn.Module) -> float | None:
+    """The norm's epsilon (attribute eps, variance_epsilon or epsilon); None when it has none."""
     for attr in ("eps", "variance_epsilon", "epsilon"):
         value = getattr(m, attr, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -64,6 +66,7 @@ def norm_eps(m: nn.Module) -> float | None:
 
 
 def norm_params(m: nn.Module) -> tuple[nn.Parameter | None, nn.Parameter | None]:
+    """(gain, bias): the norm's own parameters by their usual names, None for each it lacks."""
     params = dict(m.named_parameters(recurse=False))
     weight = next((params[k] for k in ("weight", "scale", "gamma", "g") if k in params), None)
     bias = next((params[k] for k in ("bias", "beta", "b") if k in params), None)
@@ -71,12 +74,14 @@ def norm_params(m: nn.Module) -> tuple[nn.Parameter | None, nn.Parameter | None]
 
 
 def model_device(root: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer; CPU when it has none."""
     for t in itertools.chain(root.parameters(), root.buffers()):
         return t.device
     return torch.device("cpu")
 
 
 def model_dtype(root: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating parameter; float32 when it has none."""
     return next((p.dtype for p in root.parameters() if p.is_floating_point()), torch.float32)
 
 

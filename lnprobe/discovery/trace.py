@@ -33,6 +33,8 @@ class Pt:
 
 @dataclass
 class Call:
+    """One forward call of a module during the trace: its span in the event order, inputs and outputs."""
+
     name: str
     module: nn.Module
     start: int
@@ -42,9 +44,11 @@ class Call:
     dtype: torch.dtype | None = None   # dtype of the first floating input (for tolerances)
 
     def in_points(self) -> list[Pt]:
+        """The call's floating inputs as points, placed at the call's start."""
         return [Pt(HookPoint(self.name, "in", k), t, self.start, self) for k, t in self.ins]
 
     def out_points(self) -> list[Pt]:
+        """The call's floating outputs as points, placed at the call's end."""
         return [Pt(HookPoint(self.name, "out", k), t, self.end, self) for k, t in self.outs]
 
     def io(self) -> tuple[Pt, Pt] | None:
@@ -270,10 +274,12 @@ def rel_tol(dtype: torch.dtype | None) -> float:
 
 
 def amax(t: torch.Tensor) -> float:
+    """Largest |value| of `t`; 0.0 for an empty tensor."""
     return float(t.abs().max()) if t.numel() else 0.0
 
 
 def close(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
+    """True when `a` and `b` have the same shape and differ by at most `atol` everywhere."""
     return a.shape == b.shape and float((a - b).abs().max()) <= atol
 
 
@@ -302,6 +308,7 @@ def norm_io(c: Call, shape: torch.Size) -> tuple[Pt, Pt] | None:
 
 
 def outermost_linears(calls: list[Call]) -> list[Call]:
+    """The linear-layer calls among `calls` that do not run inside another linear call."""
     lin = [c for c in calls if is_linear(c.module)]
     return [c for c in lin
             if not any(o is not c and o.start < c.start and c.end < o.end for o in lin)]

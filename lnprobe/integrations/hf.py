@@ -85,6 +85,7 @@ class ProbeCallback(TrainerCallback):
 
     # ----------------------------------------------------------------- Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Attach a probe to the Trainer's model (resuming at its global step) and hook the model's output."""
         if self.probe is not None:  # a previous train() raised before on_train_end
             self._close(status="crashed", error="Trainer.train() ended without on_train_end")
         if model is None:
@@ -122,6 +123,7 @@ class ProbeCallback(TrainerCallback):
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):
+        """Note (once) a probe step that drifted from the Trainer's global step; reset the step's loss sum."""
         # The probe numbers steps by counting its step() calls (one per on_pre_optimizer_step), from
         # the global step it was attached at; it should never drift from the Trainer's count.
         if self.probe is not None and self.probe.current_step != state.global_step and not self._warned_drift:
@@ -132,6 +134,7 @@ class ProbeCallback(TrainerCallback):
         return control
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        """End the probe's step with the step's loss and learning rate, before the optimizer updates."""
         if self.probe is None:
             return control
         if self.probe.recording and not self.probe.param_grads_captured and not self._warned_fallback:
@@ -157,6 +160,7 @@ class ProbeCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Remove the hooks and close the probe as finished."""
         self._close()
         return control
 
