@@ -486,8 +486,9 @@ def plot_topk_locations(run: Run, step: int | None = None, site: str = "resid") 
     sc = ax.scatter(at["channel"].astype("float64"), at["token"].astype("float64"), s=size,
                     c=at["layer"].to_numpy(), cmap="viridis", alpha=0.75)
     big = at[at["layer"] == top_layer]
-    ax.scatter(big["channel"].astype("float64"), big["token"].astype("float64"), s=size[at["layer"].to_numpy() == top_layer],
-               facecolors="none", edgecolors="red", linewidths=1.5, label=f"layer {top_layer} (largest |x| = {v.max():.3g})")
+    ax.scatter(big["channel"].astype("float64"), big["token"].astype("float64"),
+               s=size[at["layer"].to_numpy() == top_layer], facecolors="none", edgecolors="red", linewidths=1.5,
+               label=f"layer {top_layer} (largest |x| = {v.max():.3g})")
     cb = fig.colorbar(sc, ax=ax, label="layer index l")
     _integer_ticks(cb.ax.yaxis)
     ax.set_xlabel("channel index")

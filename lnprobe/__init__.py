@@ -29,7 +29,7 @@ _LAZY_NAMES = {
 _SUBMODULES = ("analysis", "checkpoint", "cli", "constants", "data", "discovery", "distributed", "export",
                "integrations", "launch", "models", "testing",
                "probe", "rundir", "schedule", "sinks", "sites", "stats", "store", "train", "updates",
-               "validate")
+               "summary", "validate")
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time these load on first use
     from . import analysis, integrations  # noqa: F401

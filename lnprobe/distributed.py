@@ -174,6 +174,29 @@ def agree(ctx: DistContext, error: str | None, what: str) -> None:
         _raise_failed(ctx, failed, error, what)
 
 
+def on_writer(ctx: DistContext | None, what: str, act) -> None:
+    """Run ``act()`` on the writing rank (rank 0, or the only process) and let every rank learn of a
+    failure (one tiny collective); the writer raises its own error, the others a ProbeDistributedError.
+
+    Used for claiming a run directory: RunExistsError, RunLockedError or a file given as the directory.
+    """
+    error = None
+    if ctx is None or ctx.rank == 0:
+        try:
+            act()
+        except (OSError, ValueError, RuntimeError) as exc:
+            if ctx is None:
+                raise
+            error = exc
+    if ctx is not None:
+        try:
+            agree(ctx, f"{type(error).__name__}: {error}" if error else None, what)
+        except ProbeDistributedError:
+            if error is not None:
+                raise error from None
+            raise
+
+
 def _raise_failed(ctx: DistContext, failed: list[int], error: str | None, what: str) -> None:
     import torch.distributed as dist
 

@@ -87,3 +87,26 @@ def _last_step_on_disk(out: str | Path) -> int:
             continue
         on_disk = max(on_disk, -1 if top is None else int(top))
     return max(on_disk, int(last) if last is not None else -1)
+
+
+def select_sites(points: dict, sites_wanted, grad_wanted: set, site_stats: dict):
+    """The probe's accumulators from discovery's ``{(site, layer): hook point}``.
+
+    Returns ``(acc, grad_keys, by_point)``: ``acc`` maps each wanted (site, layer) to its accumulator
+    in forward order (site order of ``ALL_SITES``, then layer), ``grad_keys`` the (site, layer) whose
+    hidden-state gradient is recorded, ``by_point`` the keys each hook point produces.
+    """
+    from collections import defaultdict
+
+    from .sites import ALL_SITES
+    from .steprows import SiteAccumulator
+
+    acc, grad_keys, by_point = {}, set(), defaultdict(list)
+    for key, point in sorted(points.items(), key=lambda kv: (ALL_SITES.index(kv[0][0]), kv[0][1])):
+        if key[0] not in sites_wanted:
+            continue
+        acc[key] = SiteAccumulator(site_stats[key[0]])
+        if key[0] in grad_wanted:
+            grad_keys.add(key)
+        by_point[point].append(key)
+    return acc, grad_keys, by_point

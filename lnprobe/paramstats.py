@@ -92,3 +92,15 @@ def gain_values(weight: torch.Tensor | None, offset: float, bias: torch.Tensor |
         torch.stack([nan, torch.full_like(nan, float("-inf"))])
     b = gain_stats(None, offset, bias)[2:] if bias is not None and bias.numel() else nan.reshape(1)
     return torch.cat([w.to(dev), b.to(dev)])  # (3,)
+
+
+def norm_param_entries(norms, params: dict) -> list[tuple[str, str | None, str | None, float]]:
+    """(norm name, weight name, bias name, gain offset) of every norm in ``norms`` (NormInfo) whose
+    gain or bias is among ``params`` (name -> parameter); the gain statistics are read from these."""
+    out = []
+    for norm in norms:
+        w = norm.weight if norm.weight in params else None
+        b = norm.bias if norm.bias in params else None
+        if w is not None or b is not None:
+            out.append((norm.name, w, b, float(norm.gain_offset)))
+    return out

@@ -29,9 +29,7 @@ raises, the probe warns once, stops using that hook point and training goes on.
 from __future__ import annotations
 
 import atexit
-import os
 import platform
-import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -43,14 +41,16 @@ from torch import nn
 
 from . import distributed as D
 from . import stats as S
+from .flushclock import FlushClock
 from .hooks import SiteObserver
-from .options import first_step, legacy_resume, parse_sites, parse_stats
+from .options import first_step, legacy_resume, parse_sites, parse_stats, select_sites
+from .paramstats import norm_param_entries
 from .rundir import check_claim
 from .runtime import close_at_exit, is_fsdp2, local_shard, loss_scale, scaler_enabled, version
 from .schedule import Schedule
 from .sinks import SinkSet, first_nonfinite
 from .sites import ALL_SITES, SiteKey
-from .steprows import Rows, SiteAccumulator, StepRows, StepRowsBuilder, scalar_frame
+from .steprows import Rows, StepRows, StepRowsBuilder, scalar_frame
 from .store import RunWriter
 from .updates import UpdateTracker
 
@@ -97,36 +97,7 @@ class Probe:
     ):
         """Discover the model's blocks and sites, register the hooks and write meta.json.
 
-        Args:
-            model: the model; a bare module, a DDP/FSDP2 wrapper or a ``torch.compile``d module.
-            out: the run directory (meta.json and records/); under torch.distributed rank 0 writes it.
-            every: which steps to record: N (every N-th), ``"log"``/``"log:K"``, a list of steps, a Schedule.
-            sites: site names, ``"all"`` or None (every site of the design page that the model has).
-            stats: activation statistics: None (registry defaults per site), ``"all"``, a list, or a dict site -> list.
-            grad_sites: sites whose hidden-state gradients are recorded (default from the registry: ``("resid",)``).
-            blocks: override: dotted name of the module list that holds the Transformer blocks.
-            placement: override: ``pre``, ``post``, ``peri``, ``output`` or ``none``.
-            example_input: input of the discovery forward (default: a small batch of token ids).
-            record: ``"train"`` records forwards made in training mode only; ``"all"`` every forward.
-            flush_every: recorded steps per flush (one Parquet part each).
-            flush_seconds: also flush at the ``step()`` that finds at least this many seconds passed since
-                the last flush (0: every step; None: no time bound), so a killed process loses at most that.
-            scaler: a ``torch.amp.GradScaler``: hidden-state gradients are divided by its scale.
-            config: a dict stored under ``config`` in meta.json.
-            run_name: the run's name in meta.json (default: the directory's name).
-            resume: False: a new run (``out`` must not hold a run, see ``overwrite``); True: append to ``out``
-                and continue after the last step recorded in its meta.json; an int k: append, the first step is k.
-            distributed: None: reduce across ranks when torch.distributed has more than one rank; False:
-                every rank records alone (give each its own ``out``); True: require it.
-            process_group: the group to reduce over (default: the world).
-            start_step: deprecated, use ``resume``: with ``append=True`` the same as ``resume=start_step``.
-            append: deprecated, use ``resume``.
-            overwrite: replace a run already in ``out``: its meta.json and record parts are deleted (once the
-                probe is set up, just before the new meta.json is written). Without it, or ``resume``, a
-                directory holding a run raises ``RunExistsError``; a directory another writer holds raises
-                ``RunLockedError`` (see ``lnprobe.rundir``). Both are raised before anything is touched.
-            sinks: live sinks, sent a summary of every recorded step at each flush (``lnprobe.sinks``).
-            updates: optimizer(s) whose parameter updates are recorded (``lnprobe.updates``).
+        The arguments are those of :func:`attach`, documented there.
         """
         from .discovery import discover, unwrap
 
@@ -141,7 +112,8 @@ class Probe:
             raise RuntimeError("lnprobe.attach(distributed=True): torch.distributed is not initialised with more "
                                "than one rank; call torch.distributed.init_process_group first (e.g. under torchrun)")
         # Refuse an existing or locked run directory before a hook is registered or a file touched.
-        self._claim(out, lambda: check_claim(out, resume=resume is not False, overwrite=overwrite))
+        D.on_writer(self._dist, f"claim the run directory {out}",
+                    lambda: check_claim(out, resume=resume is not False, overwrite=overwrite))
         self.model = unwrap(model)
         self.map = discover(self.model, example_input, blocks=blocks, placement=placement)
         # FSDP2 swaps parameter objects between sharded and unsharded states: reshard what the discovery
@@ -151,11 +123,7 @@ class Probe:
             m.reshard()
         self.record_all = record == "all"
         self.flush_every = flush_every
-        if flush_seconds is not None and not flush_seconds >= 0:
-            raise ValueError(f"flush_seconds must be ≥ 0 or None, found {flush_seconds}")
-        self.flush_seconds = flush_seconds
-        self._last_flush = self._started = time.monotonic()
-        self._since_flush = 0  # steps closed since the last flush (recorded or not)
+        self._clock = FlushClock(flush_seconds, self._dist)
         self.scaler = scaler
         self._closed = False
         self._handles: list[Any] = []
@@ -174,18 +142,8 @@ class Probe:
         grad_wanted = set(parse_sites(grad_sites, ALL_SITES)) if grad_sites else set()
         self._site_stats = parse_stats(stats, ALL_SITES)
 
-        # (site, layer) -> accumulator, grouped by the hook point that produces the tensor.
-        points = self.map.site_points()
-        self._acc: dict[SiteKey, SiteAccumulator] = {}
-        self._grad_keys: set[SiteKey] = set()
-        by_point: dict[Any, list[SiteKey]] = defaultdict(list)
-        for key, point in sorted(points.items(), key=lambda kv: (ALL_SITES.index(kv[0][0]), kv[0][1])):
-            if key[0] not in sites_wanted:
-                continue
-            self._acc[key] = SiteAccumulator(self._site_stats[key[0]])
-            if key[0] in grad_wanted:
-                self._grad_keys.add(key)
-            by_point[point].append(key)
+        self._acc, self._grad_keys, by_point = select_sites(self.map.site_points(), sites_wanted, grad_wanted,
+                                                            self._site_stats)
         missing = sorted(set(sites_wanted) - {k[0] for k in self._acc})
         if missing:
             self._notes.append(f"sites not found in this model and not recorded: {missing}")
@@ -194,7 +152,7 @@ class Probe:
         self._register(by_point)
 
         self._params = [(n, p) for n, p in self.model.named_parameters()]
-        self._gain_entries = self._norm_param_entries()
+        self._gain_entries = norm_param_entries(self.map.norms, dict(self._params))
         self._sinks = SinkSet(sinks, self._notes)
         self._update_step: int | None = None  # the step the next optimizer.step() belongs to, if recorded
         self._flush_deferred, self._step_calls = False, 0
@@ -220,8 +178,9 @@ class Probe:
         # Only rank 0 writes; the other ranks keep no writer but take part in every reduction.
         self.writer = None
         try:
-            self._claim(out, lambda: setattr(self, "writer", RunWriter(out, meta, resume=resume is not False,
-                                                                        overwrite=overwrite)))
+            D.on_writer(self._dist, f"claim the run directory {out}",
+                        lambda: setattr(self, "writer", RunWriter(out, meta, resume=resume is not False,
+                                                                  overwrite=overwrite)))
         except BaseException:  # claimed by another writer since the check above: leave the model as it was
             for h in self._handles:
                 h.remove()
@@ -231,37 +190,6 @@ class Probe:
         self._atexit = close_at_exit(self, _close_interrupted)
 
     # ----------------------------------------------------------------- configuration
-    def _claim(self, out: str | Path, act: Any) -> None:
-        """Run ``act`` (check or open the run directory) on the writing rank; under torch.distributed
-        every rank learns of a failure (one tiny collective), and the writer raises its own error."""
-        error = None
-        if self._dist is None or self._dist.rank == 0:
-            try:
-                act()
-            except (OSError, ValueError, RuntimeError) as exc:  # RunExistsError, RunLockedError, a file as out
-                if self._dist is None:
-                    raise
-                error = exc
-        if self._dist is not None:
-            try:
-                D.agree(self._dist, f"{type(error).__name__}: {error}" if error else None,
-                        f"claim the run directory {out}")
-            except D.ProbeDistributedError:
-                if error is not None:
-                    raise error from None
-                raise
-
-    def _norm_param_entries(self) -> list[tuple[str, str | None, str | None, float]]:
-        """(norm name, weight name, bias name, gain offset) of every norm with parameters."""
-        names = dict(self._params)
-        out = []
-        for norm in self.map.norms:
-            w = norm.weight if norm.weight in names else None
-            b = norm.bias if norm.bias in names else None
-            if w is not None or b is not None:
-                out.append((norm.name, w, b, float(norm.gain_offset)))
-        return out
-
     # ----------------------------------------------------------------- hooks
     def _register(self, by_point: dict[Any, list[SiteKey]]) -> None:
         modules = dict(self.model.named_modules())
@@ -323,41 +251,15 @@ class Probe:
         self._step += 1
         self._step_calls += 1
         self._active = self.schedule(self._step)
-        self._since_flush += 1
+        time_due = self._clock.tick()
         # Counted in steps, not buffer entries: a step dropped on one rank must not shift that rank's
         # flushes (and so its collectives) against the other ranks'.
-        if self._pending_steps >= self.flush_every or self._flush_due():
+        if self._pending_steps >= self.flush_every or time_due:
             if self._updates is not None and self._update_step is not None:
                 # after this step's update rows (optimizer post-hook) or at the next step()
                 self._flush_deferred = True
             else:
                 self.flush()
-
-    def _flush_due(self) -> bool:
-        """The time bound: True when ``flush_seconds`` have passed since the last flush.
-
-        One ``time.monotonic()`` on the host, no device sync. Under torch.distributed a flush is a
-        collective, so the ranks must agree although their clocks differ: rank 0's clock decides, asked
-        (one tiny broadcast) 1, 2, 4, ..., 64 steps after a flush and then every 64 steps. There a flush
-        comes at most as many steps late as passed since the previous check (≤ 64).
-        """
-        if self.flush_seconds is None:
-            return False
-        if self._dist is None:
-            return time.monotonic() - self._last_flush >= self.flush_seconds
-        n = self._since_flush
-        if not (n % 64 == 0 or (n & (n - 1)) == 0):
-            return False
-        return bool(D.broadcast_from_writer(self._dist, lambda: time.monotonic() - self._last_flush
-                                            >= self.flush_seconds))
-
-    def _heartbeat(self) -> dict[str, Any]:
-        """meta.json's ``heartbeat``: the last step closed, when (UTC and Unix time), seconds since attach,
-        and the writing process (host, pid), so a reader can tell a live run from a killed one."""
-        now = time.time()
-        return {"step": self._step - 1, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-                "unix": round(now, 3), "elapsed_s": round(time.monotonic() - self._started, 3),
-                "host": platform.node(), "pid": os.getpid()}
 
     def capture_param_grads(self, loss_scale: "torch.Tensor | float | None" = None) -> None:
         """Read the parameter gradient norms now, for the step that the next ``step()`` closes.
@@ -426,11 +328,10 @@ class Probe:
         Under torch.distributed this is a collective call (every rank must make it): the steps are
         reduced across ranks (``lnprobe.distributed.reduce_rows``) and rank 0 writes the part.
         meta.json's ``last_step`` (the last step closed, where ``resume=True`` continues) and
-        ``heartbeat`` (that step and the wall time, see ``_heartbeat``) are updated at every flush.
+        ``heartbeat`` (that step and the wall time, see ``lnprobe.flushclock``) are updated at every flush.
         """
         self._pending_steps, self._flush_deferred = 0, False
-        self._since_flush = 0
-        self._last_flush = time.monotonic()
+        self._clock.flushed()
         scalars, self._scalars = self._scalars, []
         buf, self._buffer = self._buffer, []
         if self._dist is None:
@@ -456,7 +357,8 @@ class Probe:
                     path = self.writer.append(frame)
                     self._after_write(frame)
                 # Also without new rows: the heartbeat says the process was alive at this step.
-                self.writer.update_meta(last_step=self._step - 1, notes=self._notes, heartbeat=self._heartbeat())
+                self.writer.update_meta(last_step=self._step - 1, notes=self._notes,
+                                        heartbeat=self._clock.heartbeat(self._step - 1))
             except Exception as exc:
                 if self._dist is None:
                     raise
@@ -522,7 +424,7 @@ class Probe:
             raise
         finally:
             fields: dict[str, Any] = {"status": status, "notes": self._notes, "last_step": self._step - 1,
-                                      "heartbeat": self._heartbeat()}
+                                      "heartbeat": self._clock.heartbeat(self._step - 1)}
             if error:
                 fields["error"] = error
             if self.writer is not None:

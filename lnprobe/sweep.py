@@ -55,7 +55,7 @@ class SweepSpec:
 
     placements: Sequence[str] = ("pre", "peri", "post")
     lrs: Sequence[float] = (1e-2, 3e-2, 1e-1)
-    seeds: Sequence[int] = (0, 1)
+    seeds: Sequence[int] = (0, 1, 2)
     depths: Sequence[int] | None = None
     widths: Sequence[int] | None = None
     preset: str = "tiny"

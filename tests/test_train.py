@@ -432,7 +432,7 @@ def test_cuda_matches_first_loss(tmp_path, corpus):
 
 # ----------------------------------------------------------------------------- time-bound flush, heartbeat
 def test_probe_flushes_on_a_time_bound_and_writes_a_heartbeat(tmp_path, monkeypatch):
-    from lnprobe import probe as P
+    from lnprobe import flushclock as P
 
     clock = [1000.0]
     monkeypatch.setattr(P.time, "monotonic", lambda: clock[0])
