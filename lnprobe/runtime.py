@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import atexit
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -79,3 +79,26 @@ def version() -> str:
         return _v("lnprobe")
     except Exception:
         return "0+unknown"
+
+
+def to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """A small float64 tensor from host numbers without a host sync (pinned, non-blocking on CUDA)."""
+    host = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def stack_groups(groups: Sequence[Sequence[Any]], get: Callable[[Any], torch.Tensor | None],
+                  pad: torch.Tensor | None) -> torch.Tensor:
+    """``(G, M, ...)``: ``get(part)`` of every part (``pad`` for None), groups padded to M parts with ``pad``.
+
+    ``pad`` may be None only when every group has M parts and no ``get`` returns None."""
+    m = max(len(g) for g in groups)
+    items = []
+    for g in groups:
+        for p in g:
+            v = get(p)
+            items.append(pad if v is None else v)
+        items.extend(pad for _ in range(m - len(g)))
+    return torch.stack(items).reshape(len(groups), m, *items[0].shape)

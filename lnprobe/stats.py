@@ -62,11 +62,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from .constants import FP16_MAX, MASSIVE_ABS, MASSIVE_RATIO
+from .runtime import stack_groups as _stack_groups
+from .runtime import to_device as _to_device
 
 MEDIAN_SAMPLE = 8192
 TOPK = 3
@@ -239,14 +241,6 @@ class ActivationPartial:
 
 
 @dataclass
-class GradientPartial:
-    """Reduction of one hidden-state gradient: ``packed (3,)`` float32 = ‖g‖₂, max g, min g."""
-
-    packed: torch.Tensor
-    n_elem: int
-
-
-@dataclass
 class StatPlan:
     """Which groups of work a set of statistics needs (decided once, off the hot path)."""
 
@@ -392,29 +386,6 @@ def reduce_activation(x: torch.Tensor, plan: StatPlan) -> ActivationPartial:
     return part
 
 
-def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
-    """A small float64 tensor from host numbers without a host sync (pinned, non-blocking on CUDA)."""
-    host = torch.tensor(values, dtype=torch.float64)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
-def _stack_groups(groups: Sequence[Sequence[Any]], get: Callable[[Any], torch.Tensor | None],
-                  pad: torch.Tensor | None) -> torch.Tensor:
-    """``(G, M, ...)``: ``get(part)`` of every part (``pad`` for None), groups padded to M parts with ``pad``.
-
-    ``pad`` may be None only when every group has M parts and no ``get`` returns None."""
-    m = max(len(g) for g in groups)
-    items = []
-    for g in groups:
-        for p in g:
-            v = get(p)
-            items.append(pad if v is None else v)
-        items.extend(pad for _ in range(m - len(g)))
-    return torch.stack(items).reshape(len(groups), m, *items[0].shape)
-
-
 def _top_candidates(parts: list[ActivationPartial]) -> dict[int, torch.Tensor]:
     """``id(part) -> (3, 3)`` float64 rows value, token, channel: the 3 largest |x| among the part's
     candidate rows, for every part that has candidates.
@@ -543,37 +514,7 @@ def finalize_activation(parts: list[ActivationPartial], stats: tuple[str, ...]) 
     return torch.stack([values[0, i] for i in idx]), torch.stack([loc[:, 0, i] for i in idx], 1)
 
 
-def reduce_gradient(g: torch.Tensor) -> GradientPartial:
-    """Reduce one hidden-state gradient (any shape) to ‖g‖₂, max and min (three reads, no temporaries)."""
-    gd = g.detach()
-    gf = gd if gd.dtype == torch.float32 else gd.float()
-    if gf.numel() == 0:
-        return GradientPartial(gf.new_zeros(3), 0)
-    lo, hi = torch.aminmax(gf)  # NaN-propagating
-    return GradientPartial(torch.stack([torch.linalg.vector_norm(gf), hi, lo]), gd.numel())
-
-
-def finalize_gradients(groups: Sequence[Sequence[GradientPartial]],
-                       loss_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``(G, 2)`` float64: grad_rms and grad_absmax of G sites over all micro-batches, divided by the
-    AMP loss scale."""
-    if not groups or any(len(g) == 0 for g in groups):
-        raise ValueError("finalize_gradients: expected a non-empty list of non-empty groups of partials")
-    pad = groups[0][0].packed.new_zeros(3)  # contributes nothing: ‖g‖ 0, max 0, min 0 (|0| ≤ any |g|)
-    pk = _stack_groups(groups, lambda p: p.packed, pad).double()  # (G, M, 3)
-    n = _to_device([float(sum(p.n_elem for p in g)) for g in groups], pk.device)  # (G,)
-    sumsq = pk[..., 0].square().sum(1)  # (G,)
-    absmax = torch.maximum(pk[..., 1].amax(1), pk[..., 2].amin(1).neg())  # (G,)
-    out = torch.stack([(sumsq / n).sqrt(), absmax], 1)  # (G, 2)
-    if loss_scale is not None:
-        out = out / loss_scale.double()
-    return out
-
-
-def finalize_gradient(parts: list[GradientPartial], loss_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``(2,)`` float64: grad_rms and grad_absmax over all micro-batches, divided by the AMP loss scale."""
-    return finalize_gradients([parts], loss_scale)[0]
-
-
-# Parameter and norm reductions live in their own module; re-exported so ``stats`` holds every reduction.
+# Hidden-state gradient, parameter and norm reductions live in their own modules; re-exported so that
+# ``stats`` offers every reduction.
+from .gradstats import GradientPartial, finalize_gradient, finalize_gradients, reduce_gradient  # noqa: E402,F401
 from .paramstats import gain_stats, gain_stats_many, gain_values, norms_of  # noqa: E402,F401
