@@ -153,7 +153,10 @@ def markdown_report(*, runs: Sequence[dict[str, str]], records: Sequence[dict[st
 
 
 def _md_summary(s: str, runs: Sequence[dict[str, str]]) -> str:
-    """A summary paragraph (report._run_summary: "**name** ...") with the run name bold and escaped."""
+    """A summary paragraph (report._run_summary: "**name** ...", report.sweep_summary: "**sweep** ...")
+    with its bold head kept and everything quoted from the runs escaped."""
+    if s.startswith("**sweep** "):  # a label lnprobe writes itself, not a run name
+        return "**sweep**" + md_text(s[len("**sweep**"):])
     for r in runs:
         head = f"**{r['name']}**"
         if s.startswith(head):
