@@ -211,6 +211,8 @@ def _add_sweep_parser(sub) -> None:
     p.add_argument("--jobs", type=int, help="runs trained at once (default: one per CPU core, 1 thread each; "
                                             "one at a time on CUDA/MPS)")
     p.add_argument("--no-report", action="store_true", help="summary.csv only, no report")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard run directories under OUT/runs that hold other settings (refused otherwise)")
     p.set_defaults(func=_cmd_sweep)
 
 
@@ -343,7 +345,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         every=int(args.every) if args.every.isdigit() else args.every, eval_every=args.eval_every,
         grad_clip=args.grad_clip, warmup=args.warmup, weight_decay=args.weight_decay, data=args.data,
         device=args.device, dtype=args.dtype)
-    res = run_sweep(spec, args.out, jobs=args.jobs, report=not args.no_report)
+    res = run_sweep(spec, args.out, jobs=args.jobs, report=not args.no_report, overwrite=args.overwrite)
     diverged = sum(bool(r["diverged"]) for r in res.rows)
     print(f"sweep {args.out}: {len(res.trained)} trained, {len(res.skipped)} kept, {diverged} diverged, "
           f"{res.elapsed_s:.0f} s")

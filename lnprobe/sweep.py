@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,24 +159,29 @@ def _comparable(train: dict) -> dict:
     return {k: v for k, v in train.items() if k not in ("progress", "threads", "device", "ckpt_every")}
 
 
-def is_done(run: SweepRun, run_dir: Path) -> bool:
-    """The run directory holds a final outcome (finished or diverged) of exactly this configuration."""
+def run_state(run: SweepRun, run_dir: Path) -> str:
+    """What the run directory holds for ``run``: ``"new"`` (nothing), ``"done"`` (a final outcome,
+    finished or diverged, of exactly this configuration), ``"resume"`` (this configuration, not
+    finished: killed, interrupted or crashed) or ``"other"`` (another configuration, or unreadable)."""
+    from .rundir import existing_run
     from .store import read_meta
 
-    if not (run_dir / "meta.json").is_file():
-        return False
+    if not run_dir.is_dir() or existing_run(run_dir) is None:
+        return "new"
     try:
         meta = read_meta(run_dir)
-    except Exception:  # an unreadable meta.json: train again
-        return False
+    except Exception:  # an unreadable meta.json: not ours to discard without being asked
+        return "other"
     cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    if meta.get("status") not in _FINAL:
-        return False
-    return (cfg.get("model") == run.model_cfg.to_dict()
+    same = (cfg.get("model") == run.model_cfg.to_dict()
             and _comparable(cfg.get("train") or {}) == _comparable(run.train_cfg.to_dict()))
+    if not same:
+        return "other"
+    return "done" if meta.get("status") in _FINAL else "resume"
 
 
-def _train_one(model_cfg, train_cfg, run_dir: str) -> tuple[str, float]:
+def _train_one(model_cfg, train_cfg, run_dir: str, resume: bool = False,
+               overwrite: bool = False) -> tuple[str, float]:
     """Worker entry (module level so that it pickles): train one run, return (status, seconds).
     The trainer sets torch's thread count; it is put back, for a sweep run inside a caller's process."""
     import torch
@@ -187,7 +191,7 @@ def _train_one(model_cfg, train_cfg, run_dir: str) -> tuple[str, float]:
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
     try:
-        result = train(model_cfg, train_cfg, run_dir)
+        result = train(model_cfg, train_cfg, run_dir, resume=resume, overwrite=overwrite)
     finally:
         torch.set_num_threads(threads)
     return result.status, time.perf_counter() - t0
@@ -263,10 +267,13 @@ def read_summary(path: str | Path):
 
 # ----------------------------------------------------------------------------- the sweep
 def run_sweep(spec: SweepSpec, out_dir: str | Path, jobs: int | None = None, report: bool = True,
-              log: Callable[[str], None] = print) -> SweepResult:
+              log: Callable[[str], None] = print, overwrite: bool = False) -> SweepResult:
     """Train every grid point of ``spec`` not already done under ``out_dir``, then write the summary
     and (``report``) the report. ``jobs``: runs at once (default: every CPU core this process may
-    use; on CUDA/MPS one at a time). ConfigError for a bad grid, before anything is trained."""
+    use; on CUDA/MPS one at a time). A finished run of the same configuration is kept, an unfinished
+    one continues from its checkpoint; a run directory holding other settings is refused
+    (ConfigError, nothing touched) unless ``overwrite``. ConfigError for a bad grid, before anything
+    is trained."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -280,10 +287,16 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, jobs: int | None = None, rep
         raise ConfigError(f"--jobs must be ≥ 1, got {jobs}")
     jobs = jobs or (cpu_threads() if device.type == "cpu" else 1)
     dirs = {p.name: out / "runs" / p.name for p in points}
-    todo = [p for p in points if not is_done(p, dirs[p.name])]
-    for p in todo:  # an unfinished or different run is trained again from scratch, in a clean directory
-        if dirs[p.name].exists():
-            shutil.rmtree(dirs[p.name])
+    state = {p.name: run_state(p, dirs[p.name]) for p in points}
+    other = [p.name for p in points if state[p.name] == "other"]
+    if other and not overwrite:  # never discard a recorded run without being asked
+        raise ConfigError(f"{out / 'runs'} holds {len(other)} run(s) with other settings than this sweep "
+                          f"({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); pass --overwrite to "
+                          f"discard them, or choose another --out")
+    todo = [p for p in points if state[p.name] != "done"]
+    # an unfinished run of the same configuration continues from its checkpoint (the trainer trims the
+    # records past it); one with other settings is replaced only under overwrite
+    how = {p.name: dict(resume=state[p.name] == "resume", overwrite=state[p.name] == "other") for p in todo}
     result = SweepResult(out_dir=out, runs=list(dirs.values()))
     n = len(points)
     index = {p.name: i + 1 for i, p in enumerate(points)}
@@ -305,13 +318,14 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, jobs: int | None = None, rep
     if todo and jobs > 1 and device.type == "cpu":
         ctx = mp.get_context("spawn")  # forking a process whose OpenMP pool has started can hang the child
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
-            futures = {pool.submit(_train_one, p.model_cfg, p.train_cfg, str(dirs[p.name])): p for p in todo}
+            futures = {pool.submit(_train_one, p.model_cfg, p.train_cfg, str(dirs[p.name]), **how[p.name]): p
+                       for p in todo}
             for fut in as_completed(futures):
                 done(futures[fut], *fut.result())
     else:
         for p in todo:
             cfg = p.train_cfg if device.type == "cpu" else dataclasses.replace(p.train_cfg, threads=None)
-            done(p, *_train_one(p.model_cfg, cfg, str(dirs[p.name])))
+            done(p, *_train_one(p.model_cfg, cfg, str(dirs[p.name]), **how[p.name]))
     result.rows = [summarize(d) for d in dirs.values()]
     out.mkdir(parents=True, exist_ok=True)
     result.summary_csv = write_summary(result.rows, out / "summary.csv")

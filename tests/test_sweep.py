@@ -10,7 +10,7 @@ import pytest
 from lnprobe import cli
 from lnprobe.analysis import verdicts
 from lnprobe.launch import ConfigError
-from lnprobe.store import load_run, read_meta, write_meta
+from lnprobe.store import load_run, read_meta
 from lnprobe.sweep import SUMMARY_COLUMNS, SweepSpec, grid, parse_list, run_sweep
 
 TINY = dict(placements=("pre", "peri"), lrs=(1e-2, 3e-2), seeds=(0,), depths=(2,), widths=(32,), heads=2,
@@ -81,17 +81,31 @@ def test_sweep_report(swept):
 
 def test_sweep_resumes_and_reruns_unfinished(swept):
     out, _, _ = swept
-    victim = out / "runs" / "peri_lr0.01_s0_L2_D32"
-    meta = read_meta(victim)
-    write_meta(victim, {**meta, "status": "interrupted"})
+    from lnprobe.train import train
+
+    point = next(p for p in grid(SweepSpec(**TINY)) if p.name == "peri_lr0.01_s0_L2_D32")
+    victim = out / "runs" / point.name
+    key = ["step", "site", "layer", "stat"]
+    uninterrupted = load_run(victim).records.sort_values(key).reset_index(drop=True)
+    train(point.model_cfg, point.train_cfg, victim, overwrite=True, stop_after=4)  # cut short after 4 steps
+    assert read_meta(victim)["status"] != "finished"
     lines: list[str] = []
     res = run_sweep(SweepSpec(**TINY), out, jobs=1, report=False, log=lines.append)
     assert res.trained == [victim.name] and len(res.skipped) == 3
     assert sum("kept (finished earlier)" in line for line in lines) == 3
     assert read_meta(victim)["status"] == "finished"
-    # a different setting is a different run: trained again, not kept
-    res = run_sweep(SweepSpec(**{**TINY, "placements": ("pre",), "lrs": (1e-2,), "weight_decay": 0.0}), out,
-                    jobs=1, report=False, log=lambda s: None)
+    # continued from its checkpoint, not retrained: the records equal the uninterrupted run's
+    assert read_meta(victim)["resumed_from"] == [4]
+    resumed = load_run(victim).records.sort_values(key).reset_index(drop=True)
+    assert resumed[key + ["value"]].equals(uninterrupted[key + ["value"]])
+    # a different setting is a different run: refused, nothing touched, unless overwrite
+    other = SweepSpec(**{**TINY, "placements": ("pre",), "lrs": (1e-2,), "weight_decay": 0.0})
+    kept = out / "runs" / "pre_lr0.01_s0_L2_D32"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in kept.rglob("*") if p.is_file())
+    with pytest.raises(ConfigError, match="other settings.*--overwrite"):
+        run_sweep(other, out, jobs=1, report=False, log=lambda s: None)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in kept.rglob("*") if p.is_file()) == before
+    res = run_sweep(other, out, jobs=1, report=False, log=lambda s: None, overwrite=True)
     assert res.trained == ["pre_lr0.01_s0_L2_D32"]
     assert read_meta(out / "runs" / "pre_lr0.01_s0_L2_D32")["config"]["train"]["weight_decay"] == 0.0
 
