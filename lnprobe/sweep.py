@@ -9,8 +9,10 @@ Runs train in worker processes (spawned, one torch thread each: a model this sma
 with a second intra-op thread, so the cores are better spent on runs side by side), at most ``jobs``
 at a time. A sweep is resumable: a run whose ``meta.json`` says ``status: finished`` or ``diverged``
 (both are final outcomes of the same configuration) and whose recorded configuration equals the
-requested one is kept and skipped; any other run (missing, crashed, interrupted, stopped, or trained
-with other settings) is trained again from scratch. Each run prints one progress line when it ends.
+requested one is kept and skipped; an unfinished run of that configuration (crashed, interrupted,
+stopped, killed) continues from its last checkpoint, with the records past it trimmed; a directory
+holding other settings is refused unless ``overwrite`` (nothing recorded is discarded unasked). Each
+run prints one progress line when it ends.
 
 Definitions of the summary columns (all read back from the run directory):
 - ``final_loss``: training loss of the last step run; ``val_loss``: the last validation loss (the
