@@ -144,3 +144,30 @@ def test_mixture_of_experts_roles(tmp_path, kind):
         ref = reference_stats(out.hidden_states[layer].numpy())
         row = r[(r.site == "resid") & (r.layer == layer) & (r.stat == "m2")].iloc[0]
         assert row.value == pytest.approx(ref["m2"], rel=1e-5)
+
+
+@pytest.mark.parametrize("sandwich,placement", [(False, "pre"), (True, "peri")])
+def test_x_transformers_sublayer_pairs_are_blocks(tmp_path, sandwich, placement):
+    """x-transformers loops over (norms, block, residual) sublayer entries: attention + feed-forward
+    pairs are mapped as virtual blocks, and resid equals the hidden states x-transformers returns."""
+    xt = pytest.importorskip("x_transformers")
+    torch.manual_seed(0)
+    model = xt.TransformerWrapper(num_tokens=100, max_seq_len=32, attn_layers=xt.Decoder(
+        dim=64, depth=3, heads=4, pre_norm=True, sandwich_norm=sandwich)).eval()
+    m = discover(model)
+    assert (m.blocks_path, m.placement, m.n_layers) == ("attn_layers.layers", placement, 3)
+    assert all("attn_out" in b.points and "mlp_out" in b.points for b in m.blocks)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with lnprobe.attach(model, tmp_path / "xt", record="all") as probe:
+        with torch.no_grad():
+            _, inter = model(ids, return_intermediates=True)
+        probe.step()
+    r = lnprobe.load_run(tmp_path / "xt").records
+    r = r[r.site == "resid"]
+    assert len(inter.hiddens) == 3  # the stream entering each attention sublayer
+    for layer in range(3):
+        ref = reference_stats(inter.hiddens[layer].numpy())
+        rows = r[r.layer == layer].set_index("stat")
+        for stat in ("m2", "var", "absmax"):
+            assert rows.loc[stat, "value"] == pytest.approx(ref[stat], rel=1e-5), (layer, stat)
+        assert (rows.loc["absmax", "token"], rows.loc["absmax", "channel"]) == (ref["token"], ref["channel"])

@@ -32,6 +32,7 @@ from .blocks import describe_lists, describe_norms, find_blocks, map_block, othe
 from .modules import unwrap
 from .norms import outside_norms, residual_norms
 from .roles import embed_and_head, parameter_roles
+from .sublayers import sublayer_pairs, virtual_blocks
 from .trace import example_inputs, run_trace
 
 __all__ = ["discover", "unwrap"]
@@ -66,6 +67,14 @@ def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None 
                 f"tensor, a tuple of args or a dict of kwargs that its forward accepts).") from err
 
     notes: list[str] = []
+    pairs = sublayer_pairs(root.get_submodule(blocks_path))
+    if pairs is not None:
+        # x-transformers: (norms, block, residual) entries, two per block, run by the parent
+        found = virtual_blocks(root, blocks_path, pairs, tr)
+        if found is not None:
+            block_list, tr = found
+            notes.append(f"'{blocks_path}' holds sublayers (norms, block, residual), not blocks: each "
+                         f"attention + feed-forward pair is one block, hooked on its residual modules")
     results = [map_block(i, n, tr, notes) for i, (n, _) in enumerate(block_list)]
     failed = [r for r in results if not r.mapped]
     if failed and blocks is None and placement is None:
