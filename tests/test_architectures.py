@@ -52,7 +52,15 @@ def modernbert():
     return model, x, "hidden_states", "layers", "pre"
 
 
-ARCHS = {"vit": vit, "whisper": whisper, "t5": t5, "modernbert": modernbert}
+def bloom():
+    # the residual is added inside the attention and MLP modules (dropout_add)
+    cfg = transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=3, n_head=4)
+    model = transformers.BloomModel(cfg)
+    x = {"input_ids": torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))}
+    return model, x, "hidden_states", "h", "pre"
+
+
+ARCHS = {"vit": vit, "whisper": whisper, "t5": t5, "modernbert": modernbert, "bloom": bloom}
 
 
 @pytest.mark.parametrize("kind", list(ARCHS))
@@ -83,6 +91,17 @@ def test_resid_records_equal_hidden_states(tmp_path, kind):
         for stat in ("m2", "var", "absmax"):
             assert rows.loc[stat, "value"] == pytest.approx(ref[stat], rel=1e-5), (kind, layer, stat)
         assert (rows.loc["absmax", "token"], rows.loc["absmax", "channel"]) == (ref["token"], ref["channel"])
+
+
+def test_bloom_attention_adding_the_residual_is_no_note():
+    """BLOOM's attention module returns X + T1 (T1 is its dense's output): it still counts as the
+    attention module of the first sublayer, so there is no "no attention module" note."""
+    torch.manual_seed(0)
+    model = bloom()[0]
+    m = lnprobe.inspect(model)
+    assert m.placement == "pre"
+    assert not [n for n in m.notes if "no attention module" in n], m.notes
+    assert m.blocks[0].attn_out_proj == "h.0.self_attention.dense"
 
 
 def test_opt_flattened_mlp_records_sequence_positions(tmp_path):
