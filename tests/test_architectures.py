@@ -165,14 +165,14 @@ def test_mixture_of_experts_roles(tmp_path, kind):
         assert row.value == pytest.approx(ref["m2"], rel=1e-5)
 
 
-@pytest.mark.parametrize("sandwich,placement", [(False, "pre"), (True, "peri")])
-def test_x_transformers_sublayer_pairs_are_blocks(tmp_path, sandwich, placement):
+@pytest.mark.parametrize("pre,sandwich,placement", [(True, False, "pre"), (True, True, "peri"), (False, False, "post")])
+def test_x_transformers_sublayer_pairs_are_blocks(tmp_path, pre, sandwich, placement):
     """x-transformers loops over (norms, block, residual) sublayer entries: attention + feed-forward
     pairs are mapped as virtual blocks, and resid equals the hidden states x-transformers returns."""
     xt = pytest.importorskip("x_transformers")
     torch.manual_seed(0)
     model = xt.TransformerWrapper(num_tokens=100, max_seq_len=32, attn_layers=xt.Decoder(
-        dim=64, depth=3, heads=4, pre_norm=True, sandwich_norm=sandwich)).eval()
+        dim=64, depth=3, heads=4, pre_norm=pre, sandwich_norm=sandwich)).eval()
     m = discover(model)
     assert (m.blocks_path, m.placement, m.n_layers) == ("attn_layers.layers", placement, 3)
     assert all("attn_out" in b.points and "mlp_out" in b.points for b in m.blocks)

@@ -6,7 +6,8 @@ list has two entries per block. Such a list is recognised from its structure (ev
 ModuleList of three whose first item is a ModuleList of norms and whose last item is a module
 called as `residual(branch_out, stream)`), and each attention + feed-forward pair becomes one
 VIRTUAL block: a synthetic trace call spanning both entries whose input X is the stream entering the
-first residual module (its argument 1) and whose output Y is the second residual module's output.
+first residual module (its argument 1) and whose output Y is the second residual module's output
+(or, Post-LN, the output of the second entry's post-main norm).
 The ordinary residual matching (`blocks.map_block`) then runs unchanged on that span; the hook
 points of X and Y name the real residual modules, so the probe hooks modules that do run.
 """
@@ -66,6 +67,11 @@ def virtual_blocks(root: nn.Module, path: str, pairs: list[tuple[str, str]],
         if tr.count.get(ra) != 1 or tr.count.get(rf) != 1:
             return None
         ca, cf = tr.by_name[ra][0], tr.by_name[rf][0]
+        # Post-LN (pre_norm=False): the stream leaving the pair is the output of the second entry's
+        # post-main norm (its norms[2]), which runs after the residual module
+        post = f"{prefix}{f}.0.2"
+        if tr.count.get(post) == 1:
+            cf, rf = tr.by_name[post][0], post
         x = dict(ca.ins).get(1)
         y = dict(cf.outs).get(None)
         if x is None or y is None:
