@@ -176,6 +176,9 @@ def test_x_transformers_sublayer_pairs_are_blocks(tmp_path, pre, sandwich, place
     m = discover(model)
     assert (m.blocks_path, m.placement, m.n_layers) == ("attn_layers.layers", placement, 3)
     assert all("attn_out" in b.points and "mlp_out" in b.points for b in m.blocks)
+    # its LayerNorm is a gamma around a parameter-free nn.LayerNorm: the wrapper is the norm
+    assert not [n for n, v in m.param_roles.items() if v["role"] == "other"]
+    assert {n.kind for n in m.norms} == {"layernorm"} and all(n.weight for n in m.norms)
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
     with lnprobe.attach(model, tmp_path / "xt", record="all") as probe:
         with torch.no_grad():

@@ -16,7 +16,7 @@ from torch import nn
 from ..sites import BlockInfo, DiscoveryError
 from .modules import is_norm
 from .placement import label_sublayers, label_sum_block
-from .trace import Call, Pt, Trace, amax, close, norm_io, rel_tol, shaped
+from .trace import Call, Pt, Trace, amax, close, norm_io, outermost_norms, rel_tol, shaped
 
 
 def _module_lists(root: nn.Module) -> list[tuple[str, nn.Module, bool, int]]:
@@ -171,7 +171,7 @@ def map_block(index: int, name: str, tr: Trace, notes: list[str]) -> BlockResult
         return res
     once = [c for c in inner if tr.count[c.name] == 1]  # a hook on a shared module fires twice
     shape = xp.t.shape
-    norms = [c for c in inner if is_norm(c.module)]
+    norms = outermost_norms(inner)
     dnorms = [(c, norm_io(c, shape)) for c in norms if tr.count[c.name] == 1]
     blk = Block(index, calls[0], xp, yp, inner,
                  outs=shaped([p for c in once for p in c.out_points()], shape),
