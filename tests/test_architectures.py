@@ -52,7 +52,15 @@ def modernbert():
     return model, x, "hidden_states", "layers", "pre"
 
 
-ARCHS = {"vit": vit, "whisper": whisper, "t5": t5, "modernbert": modernbert}
+def bloom():
+    # the residual is added inside the attention and MLP modules (dropout_add)
+    cfg = transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=3, n_head=4)
+    model = transformers.BloomModel(cfg)
+    x = {"input_ids": torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))}
+    return model, x, "hidden_states", "h", "pre"
+
+
+ARCHS = {"vit": vit, "whisper": whisper, "t5": t5, "modernbert": modernbert, "bloom": bloom}
 
 
 @pytest.mark.parametrize("kind", list(ARCHS))
@@ -83,6 +91,17 @@ def test_resid_records_equal_hidden_states(tmp_path, kind):
         for stat in ("m2", "var", "absmax"):
             assert rows.loc[stat, "value"] == pytest.approx(ref[stat], rel=1e-5), (kind, layer, stat)
         assert (rows.loc["absmax", "token"], rows.loc["absmax", "channel"]) == (ref["token"], ref["channel"])
+
+
+def test_bloom_attention_adding_the_residual_is_no_note():
+    """BLOOM's attention module returns X + T1 (T1 is its dense's output): it still counts as the
+    attention module of the first sublayer, so there is no "no attention module" note."""
+    torch.manual_seed(0)
+    model = bloom()[0]
+    m = lnprobe.inspect(model)
+    assert m.placement == "pre"
+    assert not [n for n in m.notes if "no attention module" in n], m.notes
+    assert m.blocks[0].attn_out_proj == "h.0.self_attention.dense"
 
 
 def test_opt_flattened_mlp_records_sequence_positions(tmp_path):
@@ -144,3 +163,33 @@ def test_mixture_of_experts_roles(tmp_path, kind):
         ref = reference_stats(out.hidden_states[layer].numpy())
         row = r[(r.site == "resid") & (r.layer == layer) & (r.stat == "m2")].iloc[0]
         assert row.value == pytest.approx(ref["m2"], rel=1e-5)
+
+
+@pytest.mark.parametrize("pre,sandwich,placement", [(True, False, "pre"), (True, True, "peri"), (False, False, "post")])
+def test_x_transformers_sublayer_pairs_are_blocks(tmp_path, pre, sandwich, placement):
+    """x-transformers loops over (norms, block, residual) sublayer entries: attention + feed-forward
+    pairs are mapped as virtual blocks, and resid equals the hidden states x-transformers returns."""
+    xt = pytest.importorskip("x_transformers")
+    torch.manual_seed(0)
+    model = xt.TransformerWrapper(num_tokens=100, max_seq_len=32, attn_layers=xt.Decoder(
+        dim=64, depth=3, heads=4, pre_norm=pre, sandwich_norm=sandwich)).eval()
+    m = discover(model)
+    assert (m.blocks_path, m.placement, m.n_layers) == ("attn_layers.layers", placement, 3)
+    assert all("attn_out" in b.points and "mlp_out" in b.points for b in m.blocks)
+    # its LayerNorm is a gamma around a parameter-free nn.LayerNorm: the wrapper is the norm
+    assert not [n for n, v in m.param_roles.items() if v["role"] == "other"]
+    assert {n.kind for n in m.norms} == {"layernorm"} and all(n.weight for n in m.norms)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with lnprobe.attach(model, tmp_path / "xt", record="all") as probe:
+        with torch.no_grad():
+            _, inter = model(ids, return_intermediates=True)
+        probe.step()
+    r = lnprobe.load_run(tmp_path / "xt").records
+    r = r[r.site == "resid"]
+    assert len(inter.hiddens) == 3  # the stream entering each attention sublayer
+    for layer in range(3):
+        ref = reference_stats(inter.hiddens[layer].numpy())
+        rows = r[r.layer == layer].set_index("stat")
+        for stat in ("m2", "var", "absmax"):
+            assert rows.loc[stat, "value"] == pytest.approx(ref[stat], rel=1e-5), (layer, stat)
+        assert (rows.loc["absmax", "token"], rows.loc["absmax", "channel"]) == (ref["token"], ref["channel"])

@@ -2,6 +2,7 @@
 fetches the tensor it claims, checked against independent references (HF output_hidden_states,
 layer-by-layer reruns, explicit norm formulas, explicit linear maps)."""
 import json
+import re
 import warnings
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import lnprobe
 from lnprobe.discovery import discover, unwrap
 from lnprobe.sites import DiscoveryError, HookPoint, ModelMap
 from lnprobe.testing import tiny_hf_model
@@ -559,6 +561,64 @@ def test_no_residual_structure_error_and_override():
     assert set(mm.site_points()) == {("resid", 0), ("resid", 1), ("resid", 2)}
     with pytest.raises(DiscoveryError, match="not a submodule"):
         discover(NanoGPT(), blocks="transformer.blocks")
+
+
+def suggested(msg: str) -> dict:
+    """The first override of each kind the error message suggests (after its "Pass"), as attach() keywords."""
+    found = {}
+    for key, value in re.findall(r"\b(blocks|placement)='([^'.][^']*)'", msg[msg.rfind("Pass "):]):
+        found.setdefault(key, value)
+    return found
+
+
+class TwoKinds(TinyLM):
+    """Blocks of two classes in one list: no list of identical blocks exists."""
+
+    def __init__(self):
+        super().__init__(["pre", "pre"])
+        self.blocks[1] = type("OtherBlock", (TinyBlock,), {})(D, "pre", nn.LayerNorm)
+
+
+class BigAdapters(TwoKinds):
+    """The only list of identical modules holds non-blocks (no residual) that run before the blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.adapters = nn.ModuleList([nn.Sequential(nn.Linear(D, 4 * D), nn.Tanh(), nn.Linear(4 * D, D))
+                                       for _ in range(2)])
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for a in self.adapters:
+            x = a(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.final_norm(x))
+
+
+@pytest.mark.parametrize("build,example,expect", [
+    (TwoKinds, None, {"blocks": "blocks"}),
+    (BigAdapters, None, {"blocks": "blocks"}),
+    (NoResidual, torch.randn(1, T, D), {"placement": "none"}),
+])
+def test_suggested_override_makes_attach_succeed(tmp_path, build, example, expect):
+    """Each override a DiscoveryError suggests, passed as it is written there, lets attach map the model."""
+    torch.manual_seed(0)
+    model = build()
+    with pytest.raises(DiscoveryError) as err:
+        lnprobe.attach(model, tmp_path / "fail", example_input=example)
+    msg = str(err.value)
+    assert "found" in msg  # what was found is listed
+    override = suggested(msg)
+    assert expect.items() <= override.items(), msg
+    for key, value in expect.items():
+        with lnprobe.attach(model, tmp_path / key, example_input=example, **{key: value}) as probe:
+            with torch.no_grad():
+                model(ids() if example is None else example)
+            probe.step()
+        assert probe.map.n_layers == 2
+        if key == "placement":
+            assert probe.map.placement == value
 
 
 def test_blocks_override_and_example_input_forms():

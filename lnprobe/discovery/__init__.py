@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from ..sites import PLACEMENTS, DiscoveryError, ModelMap
-from .blocks import describe_lists, describe_norms, find_blocks, map_block, other_block_lists
-from .modules import unwrap
+from .blocks import block_list_hints, describe_lists, describe_norms, find_blocks, map_block, other_block_lists
+from .modules import is_norm, unwrap
 from .norms import outside_norms, residual_norms
 from .roles import embed_and_head, parameter_roles
+from .sublayers import sublayer_pairs, virtual_blocks
 from .trace import example_inputs, run_trace
 
 __all__ = ["discover", "unwrap"]
@@ -66,6 +67,14 @@ def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None 
                 f"tensor, a tuple of args or a dict of kwargs that its forward accepts).") from err
 
     notes: list[str] = []
+    pairs = sublayer_pairs(root.get_submodule(blocks_path))
+    if pairs is not None:
+        # x-transformers: (norms, block, residual) entries, two per block, run by the parent
+        found = virtual_blocks(root, blocks_path, pairs, tr)
+        if found is not None:
+            block_list, tr = found
+            notes.append(f"'{blocks_path}' holds sublayers (norms, block, residual), not blocks: each "
+                         f"attention + feed-forward pair is one block, hooked on its residual modules")
     results = [map_block(i, n, tr, notes) for i, (n, _) in enumerate(block_list)]
     failed = [r for r in results if not r.mapped]
     if failed and blocks is None and placement is None:
@@ -82,12 +91,20 @@ def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None 
                 blocks_path, block_list, results, failed = path, blist, alt, []
                 break
     if failed and (placement is None or all(r.x is None for r in results)):
+        hints = block_list_hints(root, exclude=blocks_path)
+        other = (f"Pass {' or '.join(hints[:3])} if '{blocks_path}' does not hold the Transformer blocks"
+                 if hints else "")
+        if all(r.x is not None for r in results) and placement is None:
+            # forcing a placement maps resid (and whatever else maps) once every block has an X
+            guess = "none" if not any(is_norm(m) for _, b in block_list for m in b.modules()) else "pre"
+            force = (f"pass placement='{guess}' (or 'pre'|'post'|'peri'|'output'|'none') to label the "
+                     f"blocks and map only what can be mapped")
+            other = f"{other}, or {force}" if other else force[0].upper() + force[1:]
         raise DiscoveryError(
             f"cannot map the residual structure of {type(root).__name__} (blocks='{blocks_path}', "
             f"{len(block_list)} x {type(block_list[0][1]).__name__}): {failed[0].why}. "
             f"Module lists found: {describe_lists(root)}; norms found: {describe_norms(root)}. "
-            f"Pass blocks='...' if these are not the Transformer blocks, or placement='pre'|'post'|"
-            f"'peri'|'output'|'none' to label the blocks and map only what can be mapped.")
+            f"{other or 'Pass example_input= matching its forward, or blocks= naming the list of blocks'}.")
     for r in failed:
         notes.append(f"{r.why}; only resid mapped")
     x0, y_last = results[0].x, results[-1].y

@@ -16,7 +16,7 @@ from torch import nn
 from ..sites import BlockInfo, DiscoveryError
 from .modules import is_norm
 from .placement import label_sublayers, label_sum_block
-from .trace import Call, Pt, Trace, amax, close, norm_io, rel_tol, shaped
+from .trace import Call, Pt, Trace, amax, close, norm_io, outermost_norms, rel_tol, shaped
 
 
 def _module_lists(root: nn.Module) -> list[tuple[str, nn.Module, bool, int]]:
@@ -51,6 +51,15 @@ def describe_norms(root: nn.Module) -> str:
     return shown or "none"
 
 
+def block_list_hints(root: nn.Module, exclude: str | None = None) -> list[str]:
+    """`blocks='path'` for every ModuleList/Sequential (other than `exclude`) with a non-leaf entry:
+    the lists an explicit `blocks=` accepts (its entries need not be identical), most params first."""
+    found = sorted(((n, c) for name, m, _, c in _module_lists(root) for n in [name]
+                    if n != exclude and any(any(True for _ in k.children()) for k in m.children())),
+                   key=lambda v: v[1], reverse=True)
+    return [f"blocks='{n}'" for n, _ in found]
+
+
 def find_blocks(root: nn.Module, blocks: str | None) -> tuple[str, list[tuple[str, nn.Module]]]:
     """(path of the block container, [(block path, block)]): the container at `blocks`, or the
     ModuleList/Sequential of identical non-leaf blocks with the most parameters."""
@@ -67,11 +76,14 @@ def find_blocks(root: nn.Module, blocks: str | None) -> tuple[str, list[tuple[st
     else:
         cands = [c for c in _module_lists(root) if c[2]]
         if not cands:
+            hints = block_list_hints(root)
+            # name the lists an explicit blocks= would accept, so the override in the message works
+            what = (" or ".join(hints[:3]) + " (a list of blocks need not hold identical ones)" if hints
+                    else "blocks='...' (the dotted path of the ModuleList/Sequential holding the blocks)")
             raise DiscoveryError(
                 f"no Transformer blocks found in {type(root).__name__}: looked for a "
                 f"ModuleList/Sequential of identical blocks; module lists found: "
-                f"{describe_lists(root)}; norms found: {describe_norms(root)}. "
-                f"Pass blocks='...' (e.g. blocks='encoder.layers').")
+                f"{describe_lists(root)}; norms found: {describe_norms(root)}. Pass {what}.")
         blocks, container, _, _ = max(cands, key=lambda c: (c[3], len(list(c[1].children()))))
         kids = list(container.named_children())
     prefix = f"{blocks}." if blocks else ""
@@ -159,7 +171,7 @@ def map_block(index: int, name: str, tr: Trace, notes: list[str]) -> BlockResult
         return res
     once = [c for c in inner if tr.count[c.name] == 1]  # a hook on a shared module fires twice
     shape = xp.t.shape
-    norms = [c for c in inner if is_norm(c.module)]
+    norms = outermost_norms(inner)
     dnorms = [(c, norm_io(c, shape)) for c in norms if tr.count[c.name] == 1]
     blk = Block(index, calls[0], xp, yp, inner,
                  outs=shaped([p for c in once for p in c.out_points()], shape),

@@ -44,10 +44,16 @@ def is_linear(m: nn.Module) -> bool:
 
 def is_norm(m: nn.Module) -> bool:
     """A normalisation module: class name containing "Norm" (LayerNorm, RMSNorm, LlamaRMSNorm,
-    Gemma2RMSNorm, ...) that is not a container of other norms."""
+    Gemma2RMSNorm, ...) that is not a container of other norms, except a wrapper that holds the
+    gain of a parameter-free core norm (x-transformers' LayerNorm: nn.LayerNorm without affine,
+    times its own gamma): the wrapper is the norm, its core runs inside it (`outermost_norms`)."""
     if "norm" not in type(m).__name__.lower():
         return False
-    return not any(is_norm(c) for c in m.children())
+    inner = [c for c in m.children() if is_norm(c)]
+    if not inner:
+        return True
+    return (not any(True for c in inner for _ in c.parameters())
+            and any(True for _ in m.parameters(recurse=False)))
 
 
 def is_attention(m: nn.Module) -> bool:
@@ -57,12 +63,14 @@ def is_attention(m: nn.Module) -> bool:
 
 
 def norm_eps(m: nn.Module) -> float | None:
-    """The norm's epsilon (attribute eps, variance_epsilon or epsilon); None when it has none."""
+    """The norm's epsilon (attribute eps, variance_epsilon or epsilon), else its core norm's (a gain
+    wrapper, see `is_norm`); None when it has none."""
     for attr in ("eps", "variance_epsilon", "epsilon"):
         value = getattr(m, attr, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-    return None
+    core = next((c for c in m.children() if "norm" in type(c).__name__.lower()), None)
+    return None if core is None else norm_eps(core)
 
 
 def norm_params(m: nn.Module) -> tuple[nn.Parameter | None, nn.Parameter | None]:

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ..sites import NORM_ROLES, NormInfo
-from .modules import is_norm, norm_eps, norm_params
-from .trace import Call, Pt, Trace, amax, close, norm_io, rel_tol
+from .modules import norm_eps, norm_params
+from .trace import Call, Pt, Trace, amax, close, norm_io, outermost_norms, rel_tol
 
 if TYPE_CHECKING:
     from .blocks import BlockResult
@@ -82,8 +82,8 @@ def outside_norms(tr: Trace, first_call: Call, last_call: Call, x0: Pt, y_last: 
     input is its output."""
     tol = rel_tol(first_call.dtype)
     found: dict[str, tuple[Call, Pt]] = {}
-    for c in tr.calls:
-        if tr.count[c.name] != 1 or not is_norm(c.module):
+    for c in outermost_norms(tr.calls):
+        if tr.count[c.name] != 1:
             continue
         if c.end < first_call.start:
             io = norm_io(c, x0.t.shape)

@@ -95,7 +95,9 @@ def label_sublayers(blk: Block, ranges, res: BlockResult, tr: Trace, notes: list
         if kind == "attn":
             info.attn_out_proj = None if last is None else last.name
             res.mha = [c.name for c in calls if isinstance(c.module, nn.MultiheadAttention)]
-            if not any(is_attention(c.module) for c in calls):
+            # an attention module that starts in the sublayer counts even when it ends after T1:
+            # BLOOM's adds the residual inside, so its output is X + T1 and T1 is its dense's output
+            if not any(is_attention(c.module) and rng[0] < c.start < rng[1] for c in blk.inner):
                 notes.append(f"block {index}: no attention module (class named *Attention*/*attn* "
                              f"or nn.MultiheadAttention) ran in the first sublayer")
             continue

@@ -307,6 +307,14 @@ def norm_io(c: Call, shape: torch.Size) -> tuple[Pt, Pt] | None:
     return (io[0], io[1]) if len(io) == 2 else None
 
 
+def outermost_norms(calls: list[Call]) -> list[Call]:
+    """The norm calls among `calls` that do not run inside another norm call (a gain wrapper's
+    parameter-free core runs inside it and is not a norm of its own)."""
+    nrm = [c for c in calls if is_norm(c.module)]
+    return [c for c in nrm
+            if not any(o is not c and o.start < c.start and c.end < o.end for o in nrm)]
+
+
 def outermost_linears(calls: list[Call]) -> list[Call]:
     """The linear-layer calls among `calls` that do not run inside another linear call."""
     lin = [c for c in calls if is_linear(c.module)]
