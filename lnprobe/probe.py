@@ -5,9 +5,8 @@ Measurement points (design page section 3): forward pre-hooks and forward hooks 
 the parameters' ``.grad`` at ``probe.step()``. The rows of a finished step are built by
 ``lnprobe.steprows`` from the reductions of ``lnprobe.stats``.
 
-Steps are numbered by the probe itself: the n-th ``probe.step()`` call closes step n (0-based), or
-step k + n when the probe resumes at step k (``resume=``). The schedule (``every``) is a set of
-those numbers.
+Steps are numbered by the probe: the n-th ``probe.step()`` call closes step n (0-based), step k + n
+when it resumes at step k (``resume=``); the schedule (``every``) is a set of those numbers.
 
 Hot-path rules (design page section 6):
 - hooks stay registered for the whole run and return at once off schedule (one Python bool test);
@@ -19,9 +18,9 @@ Hot-path rules (design page section 6):
 - hidden-state gradients are divided by the AMP loss scale of that backward;
 - under torch.distributed (DDP, FSDP2) statistics are reduced across ranks once per flush and only
   rank 0 writes (``lnprobe.distributed``); ``flush()`` and ``close()`` are then collective calls;
-- under ``torch.compile`` the hook bodies are ``torch.compiler.disable``d (``runtime.no_compile``):
-  the schedule flag is read outside the traced code, so it never enters Dynamo's guards and flipping
-  it never recompiles. The price is a graph break at every hooked module call.
+- under ``torch.compile`` the hook bodies are ``torch.compiler.disable``d (``runtime.no_compile``): the
+  schedule flag never enters Dynamo's guards, so flipping it never recompiles; the price is a graph
+  break at every hooked module call.
 
 A probe observes only: every hook returns ``None`` and never touches the tensors it reads. If a hook
 raises, the probe warns once, stops using that hook point and training goes on.
