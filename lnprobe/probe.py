@@ -57,7 +57,6 @@ DEFAULT_SITES = ALL_SITES
 DEFAULT_GRAD_SITES: tuple[str, ...] = S.default_sites("gradient")  # ("resid",), from the registry
 
 
-
 class Probe:
     """Records per-layer statistics of a Transformer during training. Create it with ``lnprobe.attach``.
 
@@ -468,7 +467,6 @@ class Probe:
 def _close_interrupted(probe: Probe) -> None:
     if not probe._closed:
         probe.close(status="interrupted")  # distributed: no collective at exit (see close)
-
 
 
 def attach(
