@@ -156,15 +156,11 @@ def grid(spec: SweepSpec) -> list[SweepRun]:
 
 
 # ----------------------------------------------------------------------------- resuming
-def _comparable(train: dict) -> dict:
-    """A recorded train config without the fields that do not change the run's numbers."""
-    return {k: v for k, v in train.items() if k not in ("progress", "threads", "device", "ckpt_every")}
-
-
 def run_state(run: SweepRun, run_dir: Path) -> str:
     """What the run directory holds for ``run``: ``"new"`` (nothing), ``"done"`` (a final outcome,
     finished or diverged, of exactly this configuration), ``"resume"`` (this configuration, not
     finished: killed, interrupted or crashed) or ``"other"`` (another configuration, or unreadable)."""
+    from .checkpoint import changed_fields
     from .rundir import existing_run
     from .store import read_meta
 
@@ -175,9 +171,9 @@ def run_state(run: SweepRun, run_dir: Path) -> str:
     except Exception:  # an unreadable meta.json: not ours to discard without being asked
         return "other"
     cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    same = (cfg.get("model") == run.model_cfg.to_dict()
-            and _comparable(cfg.get("train") or {}) == _comparable(run.train_cfg.to_dict()))
-    if not same:
+    model, train = (cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("model", "train"))
+    # the same rule as a resume's (checkpoint.changed_fields), so "resume" here is one the trainer accepts
+    if changed_fields(model, train, run.model_cfg.to_dict(), run.train_cfg.to_dict()):
         return "other"
     return "done" if meta.get("status") in _FINAL else "resume"
 
