@@ -271,4 +271,11 @@ def test_empty_fsdp_shard_of_a_norm_carries_no_weight():
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    sys.exit(worker(Path(sys.argv[2])))
+    code = worker(Path(sys.argv[2]))
+    # Leave without running C++ static destructors: after every Python frame has returned and the process
+    # group is destroyed, torch's teardown sometimes aborts the rank whose flush failed ("terminate called
+    # without an active exception", SIGABRT, no Python frame; about 1 run in 8 on 2 CPU cores). The results
+    # are on disk and the exit code is set by then, so the tests judge lnprobe, not that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
