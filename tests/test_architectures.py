@@ -1,6 +1,7 @@
 """Standard models without overrides: the example input comes from the model's declared input
-(`main_input_name`, `config.is_encoder_decoder`), and the recorded `resid` statistics equal those
-computed from the model's own hidden states (the oracle of tests/test_oracle.py)."""
+(`main_input_name`, `config.is_encoder_decoder`), both stacks of an encoder–decoder are recorded in one
+run, and the recorded `resid` statistics equal those computed from the model's own hidden states (the
+oracle of tests/test_oracle.py)."""
 import pytest
 import torch
 from helpers import reference_stats
@@ -16,7 +17,18 @@ def vit():
                                  image_size=16, patch_size=4)
     model = transformers.ViTModel(cfg)
     x = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
-    return model, x, "hidden_states", "layers", "pre"
+    return model, x, _states("hidden_states"), "layers", "pre", None
+
+
+def _states(*names):
+    """The hidden states entering each block, in global layer order: those of each stack's output field
+    `names` without its last entry (the stack's output, for some after its final norm)."""
+    return lambda out: [h for n in names for h in getattr(out, n)[:-1]]
+
+
+# the stacks an encoder–decoder records (3 encoder and 2 decoder blocks), as meta.json's map.stacks
+ENC_DEC = [{"name": "encoder", "first_layer": 0, "n_layers": 3, "placement": "pre"},
+           {"name": "decoder", "first_layer": 3, "n_layers": 2, "placement": "pre"}]
 
 
 def whisper():
@@ -29,7 +41,8 @@ def whisper():
     gen = torch.Generator().manual_seed(1)
     x = {"input_features": torch.randn(2, 16, 32, generator=gen),
          "decoder_input_ids": torch.randint(0, 100, (2, 5), generator=gen)}
-    return model, x, "encoder_hidden_states", "encoder.layers", "pre"
+    return model, x, _states("encoder_hidden_states", "decoder_hidden_states"), "encoder.layers, decoder.layers", \
+        "pre", ENC_DEC
 
 
 def t5():
@@ -39,7 +52,8 @@ def t5():
     gen = torch.Generator().manual_seed(1)
     x = {"input_ids": torch.randint(0, 100, (2, 7), generator=gen),
          "decoder_input_ids": torch.randint(0, 100, (2, 5), generator=gen)}
-    return model, x, "encoder_hidden_states", "encoder.block", "pre"
+    return model, x, _states("encoder_hidden_states", "decoder_hidden_states"), "encoder.block, decoder.block", \
+        "pre", ENC_DEC
 
 
 def modernbert():
@@ -49,7 +63,7 @@ def modernbert():
                                         cls_token_id=1, sep_token_id=2, attn_implementation="eager")
     model = transformers.ModernBertModel(cfg)
     x = {"input_ids": torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))}
-    return model, x, "hidden_states", "layers", "pre"
+    return model, x, _states("hidden_states"), "layers", "pre", None
 
 
 def bloom():
@@ -57,7 +71,7 @@ def bloom():
     cfg = transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=3, n_head=4)
     model = transformers.BloomModel(cfg)
     x = {"input_ids": torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))}
-    return model, x, "hidden_states", "h", "pre"
+    return model, x, _states("hidden_states"), "h", "pre", None
 
 
 ARCHS = {"vit": vit, "whisper": whisper, "t5": t5, "modernbert": modernbert, "bloom": bloom}
@@ -66,16 +80,21 @@ ARCHS = {"vit": vit, "whisper": whisper, "t5": t5, "modernbert": modernbert, "bl
 @pytest.mark.parametrize("kind", list(ARCHS))
 def test_discovered_without_overrides(kind):
     torch.manual_seed(0)
-    model, _, _, blocks, placement = ARCHS[kind]()
+    model, _, _, blocks, placement, stacks = ARCHS[kind]()
     m = discover(model)
-    assert (m.blocks_path, m.placement, m.n_layers) == (blocks, placement, 3)
+    n_layers = 5 if stacks else 3
+    assert (m.blocks_path, m.placement, m.n_layers) == (blocks, placement, n_layers)
     assert all("attn_out" in b.points and "mlp_out" in b.points for b in m.blocks)
+    assert m.to_meta().get("map", {}).get("stacks") == stacks
+    # decoder blocks have a cross-attention sublayer, encoder blocks do not
+    cross = [b.index for b in m.blocks if {"xattn_out", "xattn_raw", "resid_xattn"} <= set(b.points)]
+    assert cross == ([3, 4] if stacks else [])
 
 
 @pytest.mark.parametrize("kind", list(ARCHS))
 def test_resid_records_equal_hidden_states(tmp_path, kind):
     torch.manual_seed(0)
-    model, x, hidden, _, placement = ARCHS[kind]()
+    model, x, hidden, _, placement, stacks = ARCHS[kind]()
     model.eval()
     with lnprobe.attach(model, tmp_path / kind, record="all") as probe:
         with torch.no_grad():
@@ -83,10 +102,12 @@ def test_resid_records_equal_hidden_states(tmp_path, kind):
         probe.step()
     run = lnprobe.load_run(tmp_path / kind)
     assert run.meta["placement"] == placement
+    assert run.meta.get("map", {}).get("stacks") == stacks
     r = run.records[run.records.site == "resid"]
-    states = getattr(out, hidden)
-    for layer in range(3):
-        ref = reference_stats(states[layer].numpy())
+    states = hidden(out)
+    assert len(states) == (5 if stacks else 3)
+    for layer, state in enumerate(states):
+        ref = reference_stats(state.numpy())
         rows = r[r.layer == layer].set_index("stat")
         for stat in ("m2", "var", "absmax"):
             assert rows.loc[stat, "value"] == pytest.approx(ref[stat], rel=1e-5), (kind, layer, stat)

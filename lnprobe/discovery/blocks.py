@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..sites import BlockInfo, DiscoveryError
+from ..sites import SUBLAYERS, BlockInfo, DiscoveryError
 from .modules import is_norm
 from .placement import label_sublayers, label_sum_block
 from .trace import Call, Pt, Trace, amax, close, norm_io, outermost_norms, rel_tol, shaped
@@ -189,15 +189,15 @@ def map_block(index: int, name: str, tr: Trace, notes: list[str]) -> BlockResult
         info.points.update(resid_mid=mid.point, attn_out=t1.point, attn_raw=t1.point,
                            mlp_out=t2.point, mlp_raw=t2.point)
     else:
-        pair = _match_sum(blk)
-        if pair is None:
+        branches = _match_sum(blk)
+        if branches is None:
             res.why = (f"block '{name}': its output is neither a norm output (Post-LN) nor X + T1 + T2 "
-                       f"for two module outputs T1, T2 inside it (norms in block: "
+                       f"(+ T3) for two (three) module outputs T1, T2 (T3) inside it (norms in block: "
                        f"{', '.join(c.name for c in norms) or 'none'})")
             return res
-        t1, t2 = pair
-        ranges = (blk.call.start, t1.seq), (t1.seq, t2.seq)
-        label_sum_block(blk, t1, t2, ranges, res, notes)
+        starts = [blk.call.start] + [t.seq for t in branches]
+        ranges = tuple(zip(starts[:-1], starts[1:]))
+        label_sum_block(blk, branches, ranges, res, notes)
     label_sublayers(blk, ranges, res, tr, notes)
     if len(once) < len(inner):
         shared = sorted({c.name for c in inner if tr.count[c.name] > 1})
@@ -207,19 +207,48 @@ def map_block(index: int, name: str, tr: Trace, notes: list[str]) -> BlockResult
     return res
 
 
-def _match_sum(blk: Block) -> tuple[Pt, Pt] | None:
-    """(T1, T2) with X + T1 + T2 == Y, T1's module finished before T2's started. Among equal-valued
-    candidates the one that finishes LAST wins: the outermost module, after dropout, which is the
-    tensor actually added to the stream in training mode."""
-    X, Y = blk.x.t, blk.y.t                                            # (B, T, D)
-    for t2 in sorted(blk.outs, key=lambda p: p.seq, reverse=True):
-        rest = Y - X - t2.t                                            # (B, T, D)
-        atol = blk.atol(t2.t)
-        for t1 in sorted((p for p in blk.outs if p.seq < t2.call.start), key=lambda p: p.seq,
-                         reverse=True):
-            if close(t1.t, rest, atol):
-                return t1, t2
+def _match_sum(blk: Block) -> list[Pt] | None:
+    """[T1, T2] with X + T1 + T2 == Y, each branch's module finished before the next one started;
+    failing that [T1, T2, T3] with X + T1 + T2 + T3 == Y (a decoder block: self-attention,
+    cross-attention, MLP). Among equal-valued candidates the one that finishes LAST wins: the
+    outermost module, after dropout, which is the tensor actually added to the stream in training
+    mode."""
+    for n in sorted(SUBLAYERS):
+        found = _match_branches(blk, n)
+        if found is not None:
+            return found
     return None
+
+
+def _match_branches(blk: Block, n: int) -> list[Pt] | None:
+    """[T1 … Tn] in forward order with X + ΣTi == Y, latest candidates first. A random projection
+    of every candidate screens the combinations (a necessary condition, in float64 scalars) before
+    the tensors are compared."""
+    X, Y = blk.x.t, blk.y.t                                            # (B, T, D)
+    outs = sorted(blk.outs, key=lambda p: p.seq, reverse=True)
+    if len(outs) < n:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    proj = torch.randn(X.shape, generator=gen, dtype=torch.float64)    # (B, T, D)
+    sig = [float((p.t.double() * proj).sum()) for p in outs]
+    slack = float(proj.abs().sum())  # |Σ (a - b)·proj| <= max|a - b| · Σ|proj|
+
+    def search(rest: torch.Tensor, rest_sig: float, before: float, k: int, used: list[Pt]) -> list[Pt] | None:
+        # the k-th branch from the end: it ends before `before` (the start of the branch after it)
+        for i, p in enumerate(outs):
+            if p.seq >= before:
+                continue
+            if k == 1:
+                atol = blk.atol(*(u.t for u in used))
+                if abs(sig[i] - rest_sig) <= atol * slack * 1.01 and close(p.t, rest, atol):
+                    return [p, *used]
+                continue
+            found = search(rest - p.t, rest_sig - sig[i], p.call.start, k - 1, [p, *used])
+            if found is not None:
+                return found
+        return None
+
+    return search(Y - X, float(((Y - X).double() * proj).sum()), float("inf"), n, [])
 
 
 def _match_post(blk: Block) -> tuple[Call, Call, Pt, Pt] | None:
