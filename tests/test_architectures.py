@@ -26,9 +26,10 @@ def _states(*names):
     return lambda out: [h for n in names for h in getattr(out, n)[:-1]]
 
 
-# the stacks an encoder–decoder records (3 encoder and 2 decoder blocks), as meta.json's map.stacks
-ENC_DEC = [{"name": "encoder", "first_layer": 0, "n_layers": 3, "placement": "pre"},
-           {"name": "decoder", "first_layer": 3, "n_layers": 2, "placement": "pre"}]
+def enc_dec(placement):
+    """The stacks an encoder–decoder of 3 encoder and 2 decoder blocks records, as meta.json's map.stacks."""
+    return [{"name": "encoder", "first_layer": 0, "n_layers": 3, "placement": placement},
+            {"name": "decoder", "first_layer": 3, "n_layers": 2, "placement": placement}]
 
 
 def whisper():
@@ -42,7 +43,7 @@ def whisper():
     x = {"input_features": torch.randn(2, 16, 32, generator=gen),
          "decoder_input_ids": torch.randint(0, 100, (2, 5), generator=gen)}
     return model, x, _states("encoder_hidden_states", "decoder_hidden_states"), "encoder.layers, decoder.layers", \
-        "pre", ENC_DEC
+        "pre", enc_dec("pre")
 
 
 def t5():
@@ -53,7 +54,21 @@ def t5():
     x = {"input_ids": torch.randint(0, 100, (2, 7), generator=gen),
          "decoder_input_ids": torch.randint(0, 100, (2, 5), generator=gen)}
     return model, x, _states("encoder_hidden_states", "decoder_hidden_states"), "encoder.block, decoder.block", \
-        "pre", ENC_DEC
+        "pre", enc_dec("pre")
+
+
+def bart():
+    # Post-LN in both stacks: a decoder block is norm3(norm2(norm1(X + T1) + T2) + T3)
+    cfg = transformers.BartConfig(vocab_size=100, d_model=32, encoder_layers=3, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                                  eos_token_id=2, decoder_start_token_id=2)
+    model = transformers.BartModel(cfg)
+    gen = torch.Generator().manual_seed(1)
+    x = {"input_ids": torch.randint(3, 100, (2, 7), generator=gen),
+         "decoder_input_ids": torch.randint(3, 100, (2, 5), generator=gen)}
+    return model, x, _states("encoder_hidden_states", "decoder_hidden_states"), "encoder.layers, decoder.layers", \
+        "post", enc_dec("post")
 
 
 def modernbert():
@@ -74,7 +89,7 @@ def bloom():
     return model, x, _states("hidden_states"), "h", "pre", None
 
 
-ARCHS = {"vit": vit, "whisper": whisper, "t5": t5, "modernbert": modernbert, "bloom": bloom}
+ARCHS = {"vit": vit, "whisper": whisper, "t5": t5, "bart": bart, "modernbert": modernbert, "bloom": bloom}
 
 
 @pytest.mark.parametrize("kind", list(ARCHS))
@@ -89,6 +104,13 @@ def test_discovered_without_overrides(kind):
     # decoder blocks have a cross-attention sublayer, encoder blocks do not
     cross = [b.index for b in m.blocks if {"xattn_out", "xattn_raw", "resid_xattn"} <= set(b.points)]
     assert cross == ([3, 4] if stacks else [])
+    if stacks:
+        side = "pre" if placement == "pre" else "post"
+        for b in m.blocks:
+            kinds = ("attn", "xattn", "mlp") if b.index >= 3 else ("attn", "mlp")
+            assert sorted(n.role for n in b.norms) == sorted(f"norm.{side}_{k}" for k in kinds), b.index
+        out_proj = {n.rsplit(".", 1)[0] for n, v in m.param_roles.items() if v["role"] == "xattn.out"}
+        assert out_proj == {b.xattn_out_proj for b in m.blocks[3:]} and len(out_proj) == 2
 
 
 @pytest.mark.parametrize("kind", list(ARCHS))

@@ -181,13 +181,18 @@ def map_block(index: int, name: str, tr: Trace, notes: list[str]) -> BlockResult
 
     found = _match_post(blk)
     if found is not None:
-        n1, nl, t1, t2 = found
+        post_norms, branches = found
+        kinds = SUBLAYERS[len(branches)]
         info.placement = "post"
-        res.norm_calls = {"norm.post_attn": n1, "norm.post_mlp": nl}
-        mid = next(io for c, io in blk.dnorms if c is n1)[1]
-        ranges = (blk.call.start, t1.seq), (n1.end, t2.seq)
-        info.points.update(resid_mid=mid.point, attn_out=t1.point, attn_raw=t1.point,
-                           mlp_out=t2.point, mlp_raw=t2.point)
+        res.norm_calls = {f"norm.post_{k}": c for k, c in zip(kinds, post_norms)}
+        # the stream after sublayer i is the output of its norm: resid_mid after the attention,
+        # resid_xattn after a decoder's cross-attention
+        for site, c in zip(("resid_mid", "resid_xattn"), post_norms[:-1]):
+            info.points[site] = next(io for d, io in blk.dnorms if d is c)[1].point
+        for kind, t in zip(kinds, branches):
+            info.points.update({f"{kind}_out": t.point, f"{kind}_raw": t.point})
+        starts = [blk.call.start] + [c.end for c in post_norms[:-1]]
+        ranges = tuple((lo, t.seq) for lo, t in zip(starts, branches))
     else:
         branches = _match_sum(blk)
         if branches is None:
@@ -251,24 +256,35 @@ def _match_branches(blk: Block, n: int) -> list[Pt] | None:
     return search(Y - X, float(((Y - X).double() * proj).sum()), float("inf"), n, [])
 
 
-def _match_post(blk: Block) -> tuple[Call, Call, Pt, Pt] | None:
-    """(norm1, norm_last, T1, T2) of a Post-LN block: Y = norm_last(norm1(X + T1) + T2)."""
+def _match_post(blk: Block) -> tuple[list[Call], list[Pt]] | None:
+    """([norm1 … norm_n], [T1 … Tn]) of a Post-LN block, n = 2: Y = norm2(norm1(X + T1) + T2), or
+    n = 3 (a decoder block): Y = norm3(norm2(norm1(X + T1) + T2) + T3)."""
     X, Y = blk.x.t, blk.y.t                                            # (B, T, D)
     last = [(c, io) for c, io in blk.dnorms if close(io[1].t, Y, blk.tol * max(amax(Y), 1e-30))]
     if not last:
         return None
-    nl, (nl_in, _) = max(last, key=lambda v: v[0].end)
-    for n1, (n1_in, n1_out) in sorted(blk.dnorms, key=lambda v: v[0].start):
-        if n1.end >= nl.start:
-            break
-        for t1 in sorted((p for p in blk.outs if p.seq < n1.start), key=lambda p: p.seq,
-                         reverse=True):
-            if not close(n1_in.t, X + t1.t, blk.atol(t1.t, n1_in.t)):
-                continue
-            for t2 in sorted((p for p in blk.outs if n1.end < p.seq < nl.start),
-                             key=lambda p: p.seq, reverse=True):
-                if close(nl_in.t, n1_out.t + t2.t, blk.atol(n1_out.t, t2.t, nl_in.t)):
-                    return n1, nl, t1, t2
+    nl, nl_io = max(last, key=lambda v: v[0].end)
+
+    def search(norm: Call, norm_in: Pt, k: int) -> tuple[list[Call], list[Pt]] | None:
+        # norm's input is (the output of the norm before it, or X for the first) + its branch T_k
+        if k == 1:
+            for t in sorted((p for p in blk.outs if p.seq < norm.start), key=lambda p: p.seq, reverse=True):
+                if close(norm_in.t, X + t.t, blk.atol(t.t, norm_in.t)):
+                    return [norm], [t]
+            return None
+        for prev, (prev_in, prev_out) in sorted(blk.dnorms, key=lambda v: v[0].start):
+            if prev.end >= norm.start:
+                break
+            for t in sorted((p for p in blk.outs if prev.end < p.seq < norm.start), key=lambda p: p.seq,
+                            reverse=True):
+                if close(norm_in.t, prev_out.t + t.t, blk.atol(prev_out.t, t.t, norm_in.t)):
+                    found = search(prev, prev_in, k - 1)
+                    if found is not None:
+                        return found[0] + [norm], found[1] + [t]
+        return None
+
+    for n in sorted(SUBLAYERS):
+        found = search(nl, nl_io[0], n)
+        if found is not None:
+            return found
     return None
-
-
