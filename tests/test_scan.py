@@ -237,6 +237,14 @@ def test_whisper_checkpoint_scan_frames_and_both_stacks(tmp_path):
     enc, dec = tokens[tokens["stack"] == "encoder"], tokens[tokens["stack"] == "decoder"]
     assert len(enc) == 3 * 50 and list(enc.token[:2]) == ["frame 0", "frame 1"] and (enc.token_id == -1).all()
     assert len(dec) == 3 and set(dec.token_id) == {3} and set(dec.token) == {"3"}
+    summary = pd.read_csv(out / "report" / "summary.csv")
+    assert list(summary["stack"]) == ["encoder"] * 2 + ["decoder"] * 3  # resid 0..4: 2 encoder blocks, 2 decoder + out
+    # the figures draw each stack as its own curve: one line per statistic and stack, none across the boundary
+    from lnprobe.analysis.scan_report import figure_top_by_layer
+
+    ax = figure_top_by_layer(run, 0).axes[0]
+    curves = [ln for ln in ax.lines if len(ln.get_xdata()) > 1 or ln.get_xdata()[0] not in (1.5,)]
+    assert sorted(tuple(ln.get_xdata()) for ln in curves if len(ln.get_xdata()) > 2) == [(2, 3, 4)] * 4
     extractor = transformers.WhisperFeatureExtractor.from_pretrained(tmp_path / "whisper")
     feats = extractor(synthetic_waveforms(3, 16000), sampling_rate=16000, return_tensors="pt")["input_features"]
     with torch.no_grad():
