@@ -13,7 +13,7 @@ from helpers import SMALL, one_line_error
 
 import lnprobe
 from lnprobe.cli import main, summarize_run
-from lnprobe.testing import HF_PLACEMENTS
+from lnprobe.testing import ENCODER_DECODERS, HF_PLACEMENTS
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +270,8 @@ def test_inspect_hf(capsys, model_type, placement):
     pytest.importorskip("transformers")
     assert main(["inspect", "--hf", model_type]) == 0
     out = capsys.readouterr().out
-    assert f"placement={placement}" in out and "n_layers=2" in out
+    # an encoder–decoder maps both stacks of 2 blocks
+    assert f"placement={placement}" in out and f"n_layers={4 if model_type in ENCODER_DECODERS else 2}" in out
 
 
 def test_python_dash_m(tmp_path):
