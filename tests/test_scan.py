@@ -266,3 +266,23 @@ def test_whisper_scan_of_a_wav_file(tmp_path):
     run = lnprobe.load_run(out)
     assert run.meta["config"]["scan"]["audio"] == [str(tmp_path / "a.wav")]
     assert len(pd.read_parquet(out / "tokens.parquet")) == 50 + 1
+
+
+def test_t5_checkpoint_scan_both_stacks_see_the_text(tmp_path):
+    """An encoder–decoder given text: the decoder gets the same ids, tokens.parquet names both stacks' tokens."""
+    words = [f"w{i}" for i in range(60)]
+    tok = word_tokenizer(words)
+    model = tiny_hf_model("t5", vocab_size=64, hidden_size=32, num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    out = tmp_path / "scan"
+    text = " ".join(words * 2)
+    assert main(["scan", str(tmp_path / "t5"), "--prompt", text, "--sequences", "2", "--seq-len", "10",
+                 "--out", str(out)]) == 0
+    run = lnprobe.load_run(out)
+    assert [(s["name"], s["first_layer"], s["n_layers"]) for s in run.meta["map"]["stacks"]] == [
+        ("encoder", 0, 2), ("decoder", 2, 2)]
+    assert sorted(run.records[run.records.site == "resid"].layer.unique()) == [0, 1, 2, 3, 4]
+    tokens = pd.read_parquet(out / "tokens.parquet")
+    enc, dec = (tokens[tokens["stack"] == s].reset_index(drop=True) for s in ("encoder", "decoder"))
+    assert len(enc) == len(dec) == 2 * 10 and enc.token.equals(dec.token) and enc.token[0] == "<s>"
