@@ -236,3 +236,38 @@ def test_x_transformers_sublayer_pairs_are_blocks(tmp_path, pre, sandwich, place
         for stat in ("m2", "var", "absmax"):
             assert rows.loc[stat, "value"] == pytest.approx(ref[stat], rel=1e-5), (layer, stat)
         assert (rows.loc["absmax", "token"], rows.loc["absmax", "channel"]) == (ref["token"], ref["channel"])
+
+
+@pytest.mark.parametrize("norm_first,placement", [(True, "pre"), (False, "post")])
+def test_torch_transformer_stacks_from_the_dataflow(norm_first, placement):
+    """nn.Transformer (no config, no names to go by): its decoder layers read the encoder's output (after
+    the encoder's final norm) as memory, so both lists are stacks, decoder blocks with three sublayers."""
+    torch.manual_seed(0)
+    model = torch.nn.Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=64,
+                                 dropout=0.0, batch_first=True, norm_first=norm_first)
+    gen = torch.Generator().manual_seed(1)
+    m = discover(model, (torch.randn(2, 7, 32, generator=gen), torch.randn(2, 5, 32, generator=gen)))
+    assert (m.blocks_path, m.n_layers, m.placement) == ("encoder.layers, decoder.layers", 5, placement)
+    assert [(s.name, s.first_layer, s.n_layers) for s in m.stacks] == [("encoder", 0, 2), ("decoder", 2, 3)]
+    assert all("xattn_out" in b.points for b in m.blocks[2:]) and not any("xattn_out" in b.points for b in m.blocks[:2])
+    assert {m.param_roles[f"decoder.layers.{i}.multihead_attn.out_proj.weight"]["role"] for i in range(3)} == {
+        "xattn.out"}
+
+
+def test_two_lists_on_one_stream_are_not_an_encoder_decoder():
+    """Two lists of blocks run one after the other on the same stream: the second's input is the first's
+    output, which is no cross-attention memory, so only one list is mapped (the larger) and no stacks."""
+    class Sequential2(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+            self.a = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.b = torch.nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    torch.manual_seed(0)
+    m = discover(Sequential2(), torch.randn(2, 7, 32))
+    assert (m.blocks_path, m.n_layers, m.stacks) == ("b.layers", 3, [])
+    assert "map" not in m.to_meta()

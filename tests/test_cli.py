@@ -153,7 +153,7 @@ def test_other_bad_options(capsys, tmp_path, trained):
     one_line_error(capsys, ["train", "--d-model", "30", "--heads", "4", "--out", str(tmp_path / "x")], "divisible")
     one_line_error(capsys, ["train", "--resume", "--out", str(tmp_path / "fresh"), *SMALL], "no checkpoint")
     one_line_error(capsys, ["compare", str(trained), "--out", str(tmp_path / "c")], "at least two")
-    one_line_error(capsys, ["inspect", "--hf", "t5"], "unknown --hf model type")
+    one_line_error(capsys, ["inspect", "--hf", "mamba"], "unknown --hf model type")
     one_line_error(capsys, ["demo", "--jobs", "0", "--out", str(tmp_path / "d")], "--jobs")
     one_line_error(capsys, ["frobnicate"], "invalid choice")
     one_line_error(capsys, [], "required")

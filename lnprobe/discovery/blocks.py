@@ -114,7 +114,7 @@ class BlockResult:
     y: Pt | None = None
     norm_calls: dict[str, Call] = field(default_factory=dict)      # role -> call
     module_roles: dict[str, str] = field(default_factory=dict)      # module path -> param role
-    mha: list[str] = field(default_factory=list)
+    mha: dict[str, str] = field(default_factory=dict)              # nn.MultiheadAttention path -> attn/xattn
 
 
 def _block_io(call: Call) -> tuple[Pt, Pt] | None:

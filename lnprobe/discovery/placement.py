@@ -109,7 +109,7 @@ def label_sublayers(blk: Block, ranges, res: BlockResult, tr: Trace, notes: list
             res.module_roles[c.name] = f"{kind}.{'out' if c is last else other}"
         if kind in ("attn", "xattn"):
             setattr(info, f"{kind}_out_proj", None if last is None else last.name)
-            res.mha += [c.name for c in calls if isinstance(c.module, nn.MultiheadAttention)]
+            res.mha.update({c.name: kind for c in calls if isinstance(c.module, nn.MultiheadAttention)})
             # an attention module that starts in the sublayer counts even when it ends after T1:
             # BLOOM's adds the residual inside, so its output is X + T1 and T1 is its dense's output
             if not any(is_attention(c.module) and rng[0] < c.start < rng[1] for c in blk.inner):

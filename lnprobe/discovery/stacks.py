@@ -66,10 +66,10 @@ def _reads_output(enc: Stack, dec_first: BlockResult, dec_call: Call) -> bool:
     def same(a, b) -> bool:
         return close(a, b, tol * max(amax(a), amax(b), 1e-30))
 
-    x = dec_first.x.t
-    if any(same(x, m) for m in memories):
+    if any(same(dec_first.x.t, m) for m in memories):
         return False
-    return any(same(t, m) for _, t in dec_call.ins for m in memories if t is not dec_first.x.t)
+    # X is no memory, so an input equal to one is another argument (the cross-attention's memory)
+    return any(same(t, m) for _, t in dec_call.ins for m in memories)
 
 
 def decoder_pair(root: nn.Module, path: str, block_list, results: list[BlockResult], tr: Trace
