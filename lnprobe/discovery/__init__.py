@@ -8,9 +8,12 @@ DATAFLOW, not from module names:
 - per block, with X = block input and Y = block output (both from the block's own hooks):
   Post-LN when Y is the output of a norm inside the block (`Norm(Norm(X + T1) + T2)`); otherwise
   two module outputs T1 (attention branch, earlier) and T2 (MLP branch, later) with
-  `X + T1 + T2 == Y` (`blocks`). Norms are then labelled by what they see: input == X ->
-  pre-attention, input == X + T1 -> pre-MLP, output == T1 / T2 -> output norm of that sublayer
+  `X + T1 + T2 == Y` (`blocks`), or three, T2 the cross-attention of a decoder block. Norms are
+  then labelled by what they see: input == X -> pre-attention, input == X + T1 -> pre-MLP (pre-
+  cross-attention in a decoder block), output == T1 / T2 -> output norm of that sublayer
   (`placement`).
+- an encoder–decoder: a second list of blocks whose block 0 reads the first list's output besides
+  its own stream is its decoder; both are mapped, numbered in forward order (`stacks`).
 - outside the blocks: a norm whose output is the block-0 input is the embedding norm; a norm after
   the last block whose input is the last block output is the final norm (`norms`).
 - norm kind (LayerNorm vs RMSNorm) and gain offset (`w` vs Gemma's `1 + w`) are fitted from the

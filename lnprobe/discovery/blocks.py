@@ -3,7 +3,9 @@ each block from its traced dataflow.
 
 With X = block input and Y = block output (both from the block's own hooks), a block is Post-LN
 when Y is the output of a norm inside it (`Norm(Norm(X + T1) + T2)`); otherwise two module outputs
-T1 (attention branch, earlier) and T2 (MLP branch, later) with `X + T1 + T2 == Y` are searched for.
+T1 (attention branch, earlier) and T2 (MLP branch, later) with `X + T1 + T2 == Y` are searched for,
+and failing that three (`X + T1 + T2 + T3 == Y`, or three chained norms for Post-LN): a decoder
+block, self-attention, cross-attention and MLP (`lnprobe.sites.SUBLAYERS`).
 What the norms of a block are, and so its placement, is worked out in `placement`.
 """
 from __future__ import annotations
