@@ -7,7 +7,9 @@ the last step (checkpoint) of the scan, plus the step dimension when there are s
 - `top_by_layer`: the top-1, top-2, top-3 |x| and the median |x| by layer (log scale);
 - `map`: |x| over token × channel for the sequence and layer holding the largest |x|;
 - `channels`: which channels hold the top-1/2/3 values at each layer;
-- `variance_by_layer`: per-token variance (mean over tokens) by layer, one curve per checkpoint.
+- `variance_by_layer`: m2 (mean x²) by layer, one curve per checkpoint, against the theory of the
+  detected placement (`theory_m2`: Post-LN's stream level from the norm gains, else the additive law
+  of the measured branch powers).
 
 An encoder–decoder's stacks (meta.json `map.stacks`) are drawn as separate curves, split at the
 decoder's first layer (a dotted line): layer numbers are global, and the decoder's stream is not
@@ -28,7 +30,7 @@ from matplotlib.figure import Figure
 from .io import Run, load
 
 __all__ = ["FIGURES", "build_scan_report", "figure_channels", "figure_map", "figure_top_by_layer",
-           "figure_variance"]
+           "figure_variance", "theory_m2"]
 
 FIGURES = ("top_by_layer", "map", "channels", "variance_by_layer")
 _TOP = ("top1", "top2", "top3")
@@ -131,10 +133,65 @@ def figure_channels(run: Run, step: int) -> Figure:
     return fig
 
 
+def _stack_placements(run: Run) -> list[str]:
+    """The placement of each stack of `_stacks` (meta.json `map.stacks`, else the run's)."""
+    entries = (run.meta.get("map") or {}).get("stacks") or []
+    found = [str(e.get("placement")) for e in entries if isinstance(e, dict)]
+    return found if len(found) == len(_stacks(run)) else [str(run.meta.get("placement"))] * len(_stacks(run))
+
+
+def theory_m2(run: Run, step: int) -> pd.DataFrame:
+    """Predicted m2 of `resid` by layer for `step`, per stack, from the theory of its placement
+    (docs/theory.md), with measured inputs — columns layer, m2, law:
+
+    - `post`: the stream level mean(γ²) + mean(β²) of the norm that produced resid l (the previous
+      block's last norm; `analysis.theory.post_level`), from the recorded gain_ms / bias_ms;
+    - any other placement: the additive law m2(resid_first) + Σ m2(branch outputs) over the blocks
+      before l (attn_out, xattn_out, mlp_out as recorded; cross terms taken as 0), the sum that
+      `theory.peri_additive_m2` makes of the output gains in Peri-LN and that holds for Pre-LN with
+      the measured branch powers."""
+    from .theory import post_level
+
+    r = run.records[run.records.step == step]
+    m2 = r[r.stat == "m2"]
+    rows = []
+    norms = run.meta.get("norms") or []
+    for (name, first, last), placement in zip(_stacks(run), _stack_placements(run)):
+        resid = m2[(m2.site == "resid") & (m2.layer >= first) & (m2.layer <= last)].set_index("layer").value
+        if resid.empty:
+            continue
+        if placement == "post":
+            param = r.set_index(["site", "stat"]).value
+            for n in norms:
+                # resid l comes out of block l-1's last norm; resid 0 out of the embedding norm, which
+                # belongs to a stack only when there is one
+                if n.get("role") == "norm.post_mlp" and first <= int(n.get("layer", -1)) + 1 <= last:
+                    layer = int(n["layer"]) + 1
+                elif n.get("role") == "norm.embed" and not name:
+                    layer = 0
+                else:
+                    continue
+                g = param.get((f"param:{n.get('weight')}", "gain_ms"), np.nan)
+                b = param.get((f"param:{n.get('bias')}", "bias_ms"), 0.0) if n.get("bias") else 0.0
+                rows.append((layer, float(post_level(g, b)), "post: mean γ² + mean β²"))
+            continue
+        branch = m2[m2.site.isin(["attn_out", "xattn_out", "mlp_out"])].groupby("layer").value.sum()
+        start = int(resid.index.min())
+        total = float(resid.loc[start])
+        rows.append((start, total, "additive: m2(resid) + Σ m2(branch)"))
+        for layer in range(start, int(resid.index.max())):
+            if layer not in branch.index:
+                break
+            total += float(branch.loc[layer])
+            rows.append((layer + 1, total, "additive: m2(resid) + Σ m2(branch)"))
+    return pd.DataFrame(rows, columns=["layer", "m2", "law"]).sort_values("layer", ignore_index=True)
+
+
 def figure_variance(run: Run) -> Figure:
-    """Mean per-token variance of `resid` by layer, one curve per step (checkpoint)."""
+    """m2 (mean x², the variance about 0) of `resid` by layer, one curve per step (checkpoint), and
+    for the last step the prediction of the detected placement's theory (`theory_m2`, dashed)."""
     r = run.records
-    df = r[(r.site == "resid") & (r.stat == "var")]
+    df = r[(r.site == "resid") & (r.stat == "m2")]
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     names = run.meta.get("config", {}).get("checkpoints") or []
@@ -142,12 +199,17 @@ def figure_variance(run: Run) -> Figure:
         label = Path(names[step]).name if step < len(names) else f"step {step}"
         for j, (_, s) in enumerate(_by_stack(run, rows)):
             ax.plot(s.layer, s.value, "o-", ms=3, color=f"C{i % 10}", label=label if j == 0 else None)
+    if len(df):
+        theory = theory_m2(run, int(df.step.max()))
+        for law, part in theory.groupby("law"):
+            for j, (_, s) in enumerate(_by_stack(run, part)):
+                ax.plot(s.layer, s.m2, "k--", lw=1, label=f"theory ({law})" if j == 0 else None)
     _mark_stacks(ax, run)
     if len(df) and df.value.max() / max(df.value.min(), 1e-30) > 100:
         ax.set_yscale("log")
     ax.set_xlabel("layer")
-    ax.set_ylabel("variance over channels (mean over tokens)")
-    ax.set_title("variance by layer")
+    ax.set_ylabel("m2 = mean x² of resid")
+    ax.set_title(f"second moment by layer, placement {run.meta.get('placement')}")
     ax.legend(fontsize=7)
     return fig
 

@@ -46,6 +46,18 @@ def test_minilm_scan(minilm, tmp_path):
         assert r.loc[layer, "value"] == pytest.approx(top1, rel=0.03), layer
         lo, hi = MINILM_RATIO[layer]
         assert lo < r.loc[layer, "value"] / med.loc[layer] < hi, layer
+    # the Post-LN theory line: resid l's m2 is mean γ² + mean β² of the norm that made it (block l-1's last,
+    # the embedding norm for l = 0). Measured / theory on these 4 × 64 tokens: 0.66, 0.95, 0.96, 0.92, 0.87, 0.65,
+    # 0.21 at layers 0-6: the law's assumption (power not concentrated in a few channels) fails at the ends
+    from lnprobe.analysis.scan_report import theory_m2
+
+    theory = theory_m2(run, 0).set_index("layer").m2
+    params = run.records[run.records.stat.isin(["gain_ms", "bias_ms"])].set_index("site").value
+    for layer in range(7):
+        norm = "embeddings.LayerNorm" if layer == 0 else f"encoder.layer.{layer - 1}.output.LayerNorm"
+        assert theory.loc[layer] == pytest.approx(params[f"param:{norm}.weight"] + params[f"param:{norm}.bias"])
+    m2 = run.records[(run.records.site == "resid") & (run.records.stat == "m2")].set_index("layer").value
+    assert all(m2.loc[layer] == pytest.approx(theory.loc[layer], rel=0.12) for layer in (1, 2, 3)), m2 / theory
     massive = pd.read_csv(out / "massive.csv")
     assert len(massive) == 0 and "ratio" in massive.columns
     tokens = pd.read_parquet(out / "tokens.parquet")
@@ -249,6 +261,17 @@ def test_whisper_checkpoint_scan_frames_and_both_stacks(tmp_path):
     feats = extractor(synthetic_waveforms(3, 16000), sampling_rate=16000, return_tensors="pt")["input_features"]
     with torch.no_grad():
         o = model.eval()(input_features=feats, decoder_input_ids=torch.full((3, 1), 3), output_hidden_states=True)
+    # the Pre-LN theory line, per stack: m2 of the stack's first resid plus the recorded branch m2 of each block
+    from lnprobe.analysis.scan_report import theory_m2
+
+    theory = theory_m2(run, 0).set_index("layer").m2
+    rec = run.records[run.records.stat == "m2"].set_index(["site", "layer"]).value
+    sites = ("attn_out", "xattn_out", "mlp_out")
+    branch = {layer: sum(rec.get((site, layer), 0.0) for site in sites) for layer in range(4)}
+    assert sorted(theory.index) == [0, 1, 2, 3, 4]
+    assert theory.loc[1] == pytest.approx(rec[("resid", 0)] + branch[0])
+    assert theory.loc[2] == pytest.approx(rec[("resid", 2)])  # the decoder starts from its own stream
+    assert theory.loc[4] == pytest.approx(rec[("resid", 2)] + branch[2] + branch[3])
     states = list(o.encoder_hidden_states[:-1]) + list(o.decoder_hidden_states[:-1])
     r = run.records[(run.records.site == "resid") & (run.records.stat == "m2")].set_index("layer").value
     for layer, h in enumerate(states):
