@@ -263,7 +263,7 @@ def build_inputs(model: nn.Module, source: Any, *, text: str | None = None, imag
         n_patches = (int(size) // int(patch)) ** 2 if isinstance(size, int) and isinstance(patch, int) else None
 
         def image_batch(lo: int, hi: int) -> dict:
-            return _call_kwargs(model, {"pixel_values": pixels[lo:hi]})
+            return _call_kwargs(model, {"pixel_values": pixels[lo:hi].to(model_dtype(model))})
 
         made = "synthetic" if images is None else [str(i) if isinstance(i, (str, Path)) else "image" for i in images]
         return ScanInputs("image", len(items), image_batch, {"main": None}, n_patches=n_patches,
