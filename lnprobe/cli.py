@@ -167,11 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="scan Hugging Face checkpoints (eval mode, no gradients) for massive "
                                     "activations")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint directories (model + tokenizer, local files)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint directories (model + tokenizer, image "
+                                                            "processor or feature extractor; local files)")
     text = p.add_mutually_exclusive_group()
     text.add_argument("--text", metavar="FILE", help="UTF-8 text file to run (default: the built-in stdlib corpus)")
     text.add_argument("--prompt", metavar="STR", help="a text given on the command line")
-    p.add_argument("--sequences", type=int, default=8, help="sequences (default: %(default)s)")
+    text.add_argument("--image", metavar="FILE", action="append",
+                      help="an image file for an image model, one item each (repeatable; default: --sequences "
+                           "generated images)")
+    text.add_argument("--audio", metavar="FILE", action="append",
+                      help="a WAV file for an audio model, one item each (repeatable; default: --sequences "
+                           "generated waveforms)")
+    p.add_argument("--sequences", type=int, default=8, help="sequences, images or waveforms (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence, special tokens included "
                                                              "(default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="load the weights in this dtype")
@@ -449,9 +456,13 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         if not Path(args.text).is_file():
             _die(f"--text {args.text}: no such file")
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+    for flag, files in (("--image", args.image), ("--audio", args.audio)):
+        for f in files or []:
+            if not Path(f).is_file():
+                _die(f"{flag} {f}: no such file")
     try:
-        result = scan(args.paths, args.out, text=text, sequences=args.sequences, seq_len=args.seq_len,
-                      dtype=args.dtype, device=args.device)
+        result = scan(args.paths, args.out, text=text, images=args.image, audio=args.audio,
+                      sequences=args.sequences, seq_len=args.seq_len, dtype=args.dtype, device=args.device)
     except (ValueError, OSError) as exc:  # short text, unreadable checkpoint, missing tokenizer files
         _die(f"cannot scan: {exc}")
     print(f"scan: {result.path} ({len(result.massive)} massive activations); "

@@ -3,10 +3,16 @@ that model discovery (`lnprobe.discovery.discover`) returns.
 
 Site names and their meaning are those of the design page: at layer l, `resid` is the residual
 stream entering block l (resid L = output of the last block), `resid_mid` the stream between the
-attention and the MLP sublayer (X + attn_out), `attn_out` / `mlp_out` what each sublayer adds to
+attention and the next sublayer (X + attn_out), `attn_out` / `mlp_out` what each sublayer adds to
 the stream, `attn_raw` / `mlp_raw` the sublayer output before its output norm (equal to *_out when
 there is none), `mlp_act` the input of the MLP's last projection, and `final` the output of the
 final norm (layer L).
+
+A decoder block of an encoder–decoder has a third sublayer between the two, the cross-attention
+(`SUBLAYERS`): `xattn_out` / `xattn_raw` are its branch output as above, and `resid_xattn` is the
+stream after it, entering the MLP (X + attn_out + xattn_out); `resid_mid` stays X + attn_out. The
+stacks of such a model (`StackInfo`) are numbered globally in forward order: encoder blocks
+0..Le-1, decoder blocks Le..Le+Ld-1.
 """
 from __future__ import annotations
 
@@ -28,23 +34,33 @@ __all__ = [
     "HookPoint",
     "ModelMap",
     "NormInfo",
+    "SUBLAYERS",
     "SiteKey",
+    "StackInfo",
 ]
 
-ALL_SITES: tuple[str, ...] = ("resid", "resid_mid", "attn_out", "mlp_out", "attn_raw", "mlp_raw", "mlp_act", "final")
+ALL_SITES: tuple[str, ...] = ("resid", "resid_mid", "attn_out", "mlp_out", "attn_raw", "mlp_raw", "mlp_act",
+                              "resid_xattn", "xattn_out", "xattn_raw", "final")
 # the sites inside a block (layers 0..L-1); `final` is at layer L only
 BLOCK_SITES = tuple(s for s in ALL_SITES if s != "final")
 SiteKey = tuple[str, int]  # (site, layer)
+# the sublayers of a block in forward order, by their number: a Transformer block has two, a decoder
+# block of an encoder–decoder three (self-attention, cross-attention reading the encoder, MLP); each
+# kind names its sites (`<kind>_out`, `<kind>_raw`), norm roles and projection roles
+SUBLAYERS: dict[int, tuple[str, ...]] = {2: ("attn", "mlp"), 3: ("attn", "xattn", "mlp")}
 
 PLACEMENTS = ("pre", "post", "peri", "output", "none", "mixed")
 NORM_ROLES = (
-    "norm.pre_attn", "norm.post_attn", "norm.pre_mlp", "norm.post_mlp", "norm.embed", "norm.final",
+    "norm.pre_attn", "norm.post_attn", "norm.pre_xattn", "norm.post_xattn", "norm.pre_mlp", "norm.post_mlp",
+    "norm.embed", "norm.final",
 )
-# role of every parameter in ModelMap.param_roles: sublayer projections, QK-norms, residual norms,
+# role of every parameter in ModelMap.param_roles: sublayer projections (xattn: a decoder's
+# cross-attention), QK-norms, residual norms,
 # embeddings, the lm head (a head tied to the embedding keeps "embed"), mixture-of-experts parts
 # (router, experts, shared expert; lnprobe.discovery.moe), and "other"
 PARAM_ROLES = (
-    "embed", "attn.qkv", "attn.out", "attn.qk_norm", "mlp.in", "mlp.out", "mlp.router", "mlp.experts", "mlp.shared",
+    "embed", "attn.qkv", "attn.out", "attn.qk_norm", "xattn.qkv", "xattn.out",
+    "mlp.in", "mlp.out", "mlp.router", "mlp.experts", "mlp.shared",
     *NORM_ROLES, "head", "other",
 )
 
@@ -136,6 +152,25 @@ class BlockInfo:
     norms: list[NormInfo]
     attn_out_proj: str | None
     mlp_out_proj: str | None
+    xattn_out_proj: str | None = None  # decoder blocks of an encoder–decoder only
+
+
+@dataclass
+class StackInfo:
+    """One stack of blocks of a model with several (an encoder–decoder): its name ("encoder",
+    "decoder"), the dotted path of its block list, its first global layer and block count, and the
+    placement of its blocks (their common one, else "mixed")."""
+
+    name: str
+    blocks_path: str
+    first_layer: int
+    n_layers: int
+    placement: str
+
+    def to_meta(self) -> dict:
+        """The entry of meta.json's `map.stacks`: name, first_layer, n_layers, placement."""
+        return {"name": self.name, "first_layer": self.first_layer, "n_layers": self.n_layers,
+                "placement": self.placement}
 
 
 @dataclass
@@ -154,10 +189,12 @@ class ModelMap:
     norms: list[NormInfo]
     param_roles: dict[str, dict]
     notes: list[str] = field(default_factory=list)
+    # several stacks (encoder, decoder), in forward order; empty for a model with one stack
+    stacks: list[StackInfo] = field(default_factory=list)
 
     def site_points(self) -> dict[SiteKey, HookPoint]:
         """(site, layer) -> hook point for every site found: resid 0..L (L = output of the last
-        block), resid_mid/attn_out/mlp_out/attn_raw/mlp_raw/mlp_act 0..L-1, final at L."""
+        block), the block sites 0..L-1 (the cross-attention's in decoder blocks only), final at L."""
         points: dict[SiteKey, HookPoint] = {}
         for block in self.blocks:
             for site in BLOCK_SITES:
@@ -186,6 +223,11 @@ class ModelMap:
             f"{self.model_class}: d_model={self.d_model} n_layers={self.n_layers} "
             f"blocks='{self.blocks_path}' placement={self.placement} norm_type={self.norm_type()}",
             f"embed: {self.embed}    resid_out: {self.resid_out}    final: {self.final}",
+        ]
+        lines += [f"stack {s.name}: '{s.blocks_path}' layers "
+                  f"{_ranges(list(range(s.first_layer, s.first_layer + s.n_layers)))} placement={s.placement}"
+                  for s in self.stacks]
+        lines += [
             "",
             f"{'layer':>5}  {'block':<{wb}}  {'placement':<9}  {'attn_out_proj':<{wa}}  mlp_out_proj",
         ]
@@ -201,7 +243,7 @@ class ModelMap:
         for site, layer in self.site_points():
             by_site.setdefault(site, []).append(layer)
         for site, layers in by_site.items():
-            lines.append(f"  {site:<10} layers {_ranges(sorted(layers))}")
+            lines.append(f"  {site:<11} layers {_ranges(sorted(layers))}")
         if self.blocks:
             lines.append("  block 0 hook points: " + ", ".join(
                 f"{k}={v}" for k, v in self.blocks[0].points.items()))
@@ -223,6 +265,8 @@ class ModelMap:
             "param_roles": {k: dict(v) for k, v in self.param_roles.items()},
             "sites": sorted({site for site, _ in self.site_points()}),
             "notes": list(self.notes),
+            # meta.json `map.stacks` (absent for one stack): which global layers each stack holds
+            **({"map": {"stacks": [s.to_meta() for s in self.stacks]}} if len(self.stacks) > 1 else {}),
         }
 
 

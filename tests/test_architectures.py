@@ -1,6 +1,7 @@
 """Standard models without overrides: the example input comes from the model's declared input
-(`main_input_name`, `config.is_encoder_decoder`), and the recorded `resid` statistics equal those
-computed from the model's own hidden states (the oracle of tests/test_oracle.py)."""
+(`main_input_name`, `config.is_encoder_decoder`), both stacks of an encoder–decoder are recorded in one
+run, and the recorded `resid` statistics equal those computed from the model's own hidden states (the
+oracle of tests/test_oracle.py)."""
 import pytest
 import torch
 from helpers import reference_stats
@@ -16,7 +17,19 @@ def vit():
                                  image_size=16, patch_size=4)
     model = transformers.ViTModel(cfg)
     x = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
-    return model, x, "hidden_states", "layers", "pre"
+    return model, x, _states("hidden_states"), "layers", "pre", None
+
+
+def _states(*names):
+    """The hidden states entering each block, in global layer order: those of each stack's output field
+    `names` without its last entry (the stack's output, for some after its final norm)."""
+    return lambda out: [h for n in names for h in getattr(out, n)[:-1]]
+
+
+def enc_dec(placement):
+    """The stacks an encoder–decoder of 3 encoder and 2 decoder blocks records, as meta.json's map.stacks."""
+    return [{"name": "encoder", "first_layer": 0, "n_layers": 3, "placement": placement},
+            {"name": "decoder", "first_layer": 3, "n_layers": 2, "placement": placement}]
 
 
 def whisper():
@@ -29,7 +42,8 @@ def whisper():
     gen = torch.Generator().manual_seed(1)
     x = {"input_features": torch.randn(2, 16, 32, generator=gen),
          "decoder_input_ids": torch.randint(0, 100, (2, 5), generator=gen)}
-    return model, x, "encoder_hidden_states", "encoder.layers", "pre"
+    return model, x, _states("encoder_hidden_states", "decoder_hidden_states"), "encoder.layers, decoder.layers", \
+        "pre", enc_dec("pre")
 
 
 def t5():
@@ -39,7 +53,22 @@ def t5():
     gen = torch.Generator().manual_seed(1)
     x = {"input_ids": torch.randint(0, 100, (2, 7), generator=gen),
          "decoder_input_ids": torch.randint(0, 100, (2, 5), generator=gen)}
-    return model, x, "encoder_hidden_states", "encoder.block", "pre"
+    return model, x, _states("encoder_hidden_states", "decoder_hidden_states"), "encoder.block, decoder.block", \
+        "pre", enc_dec("pre")
+
+
+def bart():
+    # Post-LN in both stacks: a decoder block is norm3(norm2(norm1(X + T1) + T2) + T3)
+    cfg = transformers.BartConfig(vocab_size=100, d_model=32, encoder_layers=3, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                                  eos_token_id=2, decoder_start_token_id=2)
+    model = transformers.BartModel(cfg)
+    gen = torch.Generator().manual_seed(1)
+    x = {"input_ids": torch.randint(3, 100, (2, 7), generator=gen),
+         "decoder_input_ids": torch.randint(3, 100, (2, 5), generator=gen)}
+    return model, x, _states("encoder_hidden_states", "decoder_hidden_states"), "encoder.layers, decoder.layers", \
+        "post", enc_dec("post")
 
 
 def modernbert():
@@ -49,7 +78,7 @@ def modernbert():
                                         cls_token_id=1, sep_token_id=2, attn_implementation="eager")
     model = transformers.ModernBertModel(cfg)
     x = {"input_ids": torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))}
-    return model, x, "hidden_states", "layers", "pre"
+    return model, x, _states("hidden_states"), "layers", "pre", None
 
 
 def bloom():
@@ -57,25 +86,37 @@ def bloom():
     cfg = transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=3, n_head=4)
     model = transformers.BloomModel(cfg)
     x = {"input_ids": torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))}
-    return model, x, "hidden_states", "h", "pre"
+    return model, x, _states("hidden_states"), "h", "pre", None
 
 
-ARCHS = {"vit": vit, "whisper": whisper, "t5": t5, "modernbert": modernbert, "bloom": bloom}
+ARCHS = {"vit": vit, "whisper": whisper, "t5": t5, "bart": bart, "modernbert": modernbert, "bloom": bloom}
 
 
 @pytest.mark.parametrize("kind", list(ARCHS))
 def test_discovered_without_overrides(kind):
     torch.manual_seed(0)
-    model, _, _, blocks, placement = ARCHS[kind]()
+    model, _, _, blocks, placement, stacks = ARCHS[kind]()
     m = discover(model)
-    assert (m.blocks_path, m.placement, m.n_layers) == (blocks, placement, 3)
+    n_layers = 5 if stacks else 3
+    assert (m.blocks_path, m.placement, m.n_layers) == (blocks, placement, n_layers)
     assert all("attn_out" in b.points and "mlp_out" in b.points for b in m.blocks)
+    assert m.to_meta().get("map", {}).get("stacks") == stacks
+    # decoder blocks have a cross-attention sublayer, encoder blocks do not
+    cross = [b.index for b in m.blocks if {"xattn_out", "xattn_raw", "resid_xattn"} <= set(b.points)]
+    assert cross == ([3, 4] if stacks else [])
+    if stacks:
+        side = "pre" if placement == "pre" else "post"
+        for b in m.blocks:
+            kinds = ("attn", "xattn", "mlp") if b.index >= 3 else ("attn", "mlp")
+            assert sorted(n.role for n in b.norms) == sorted(f"norm.{side}_{k}" for k in kinds), b.index
+        out_proj = {n.rsplit(".", 1)[0] for n, v in m.param_roles.items() if v["role"] == "xattn.out"}
+        assert out_proj == {b.xattn_out_proj for b in m.blocks[3:]} and len(out_proj) == 2
 
 
 @pytest.mark.parametrize("kind", list(ARCHS))
 def test_resid_records_equal_hidden_states(tmp_path, kind):
     torch.manual_seed(0)
-    model, x, hidden, _, placement = ARCHS[kind]()
+    model, x, hidden, _, placement, stacks = ARCHS[kind]()
     model.eval()
     with lnprobe.attach(model, tmp_path / kind, record="all") as probe:
         with torch.no_grad():
@@ -83,10 +124,12 @@ def test_resid_records_equal_hidden_states(tmp_path, kind):
         probe.step()
     run = lnprobe.load_run(tmp_path / kind)
     assert run.meta["placement"] == placement
+    assert run.meta.get("map", {}).get("stacks") == stacks
     r = run.records[run.records.site == "resid"]
-    states = getattr(out, hidden)
-    for layer in range(3):
-        ref = reference_stats(states[layer].numpy())
+    states = hidden(out)
+    assert len(states) == (5 if stacks else 3)
+    for layer, state in enumerate(states):
+        ref = reference_stats(state.numpy())
         rows = r[r.layer == layer].set_index("stat")
         for stat in ("m2", "var", "absmax"):
             assert rows.loc[stat, "value"] == pytest.approx(ref[stat], rel=1e-5), (kind, layer, stat)
@@ -193,3 +236,38 @@ def test_x_transformers_sublayer_pairs_are_blocks(tmp_path, pre, sandwich, place
         for stat in ("m2", "var", "absmax"):
             assert rows.loc[stat, "value"] == pytest.approx(ref[stat], rel=1e-5), (layer, stat)
         assert (rows.loc["absmax", "token"], rows.loc["absmax", "channel"]) == (ref["token"], ref["channel"])
+
+
+@pytest.mark.parametrize("norm_first,placement", [(True, "pre"), (False, "post")])
+def test_torch_transformer_stacks_from_the_dataflow(norm_first, placement):
+    """nn.Transformer (no config, no names to go by): its decoder layers read the encoder's output (after
+    the encoder's final norm) as memory, so both lists are stacks, decoder blocks with three sublayers."""
+    torch.manual_seed(0)
+    model = torch.nn.Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=64,
+                                 dropout=0.0, batch_first=True, norm_first=norm_first)
+    gen = torch.Generator().manual_seed(1)
+    m = discover(model, (torch.randn(2, 7, 32, generator=gen), torch.randn(2, 5, 32, generator=gen)))
+    assert (m.blocks_path, m.n_layers, m.placement) == ("encoder.layers, decoder.layers", 5, placement)
+    assert [(s.name, s.first_layer, s.n_layers) for s in m.stacks] == [("encoder", 0, 2), ("decoder", 2, 3)]
+    assert all("xattn_out" in b.points for b in m.blocks[2:]) and not any("xattn_out" in b.points for b in m.blocks[:2])
+    assert {m.param_roles[f"decoder.layers.{i}.multihead_attn.out_proj.weight"]["role"] for i in range(3)} == {
+        "xattn.out"}
+
+
+def test_two_lists_on_one_stream_are_not_an_encoder_decoder():
+    """Two lists of blocks run one after the other on the same stream: the second's input is the first's
+    output, which is no cross-attention memory, so only one list is mapped (the larger) and no stacks."""
+    class Sequential2(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+            self.a = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.b = torch.nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    torch.manual_seed(0)
+    m = discover(Sequential2(), torch.randn(2, 7, 32))
+    assert (m.blocks_path, m.n_layers, m.stacks) == ("b.layers", 3, [])
+    assert "map" not in m.to_meta()

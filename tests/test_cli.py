@@ -13,7 +13,7 @@ from helpers import SMALL, one_line_error
 
 import lnprobe
 from lnprobe.cli import main, summarize_run
-from lnprobe.testing import HF_PLACEMENTS
+from lnprobe.testing import ENCODER_DECODERS, HF_PLACEMENTS
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_other_bad_options(capsys, tmp_path, trained):
     one_line_error(capsys, ["train", "--d-model", "30", "--heads", "4", "--out", str(tmp_path / "x")], "divisible")
     one_line_error(capsys, ["train", "--resume", "--out", str(tmp_path / "fresh"), *SMALL], "no checkpoint")
     one_line_error(capsys, ["compare", str(trained), "--out", str(tmp_path / "c")], "at least two")
-    one_line_error(capsys, ["inspect", "--hf", "t5"], "unknown --hf model type")
+    one_line_error(capsys, ["inspect", "--hf", "mamba"], "unknown --hf model type")
     one_line_error(capsys, ["demo", "--jobs", "0", "--out", str(tmp_path / "d")], "--jobs")
     one_line_error(capsys, ["frobnicate"], "invalid choice")
     one_line_error(capsys, [], "required")
@@ -270,7 +270,8 @@ def test_inspect_hf(capsys, model_type, placement):
     pytest.importorskip("transformers")
     assert main(["inspect", "--hf", model_type]) == 0
     out = capsys.readouterr().out
-    assert f"placement={placement}" in out and "n_layers=2" in out
+    # an encoder–decoder maps both stacks of 2 blocks
+    assert f"placement={placement}" in out and f"n_layers={4 if model_type in ENCODER_DECODERS else 2}" in out
 
 
 def test_python_dash_m(tmp_path):

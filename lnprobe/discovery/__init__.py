@@ -8,9 +8,12 @@ DATAFLOW, not from module names:
 - per block, with X = block input and Y = block output (both from the block's own hooks):
   Post-LN when Y is the output of a norm inside the block (`Norm(Norm(X + T1) + T2)`); otherwise
   two module outputs T1 (attention branch, earlier) and T2 (MLP branch, later) with
-  `X + T1 + T2 == Y` (`blocks`). Norms are then labelled by what they see: input == X ->
-  pre-attention, input == X + T1 -> pre-MLP, output == T1 / T2 -> output norm of that sublayer
+  `X + T1 + T2 == Y` (`blocks`), or three, T2 the cross-attention of a decoder block. Norms are
+  then labelled by what they see: input == X -> pre-attention, input == X + T1 -> pre-MLP (pre-
+  cross-attention in a decoder block), output == T1 / T2 -> output norm of that sublayer
   (`placement`).
+- an encoder–decoder: a second list of blocks whose block 0 reads the first list's output besides
+  its own stream is its decoder; both are mapped, numbered in forward order (`stacks`).
 - outside the blocks: a norm whose output is the block-0 input is the embedding norm; a norm after
   the last block whose input is the last block output is the final norm (`norms`).
 - norm kind (LayerNorm vs RMSNorm) and gain offset (`w` vs Gemma's `1 + w`) are fitted from the
@@ -30,8 +33,9 @@ from torch import nn
 from ..sites import PLACEMENTS, DiscoveryError, ModelMap
 from .blocks import block_list_hints, describe_lists, describe_norms, find_blocks, map_block, other_block_lists
 from .modules import is_norm, unwrap
-from .norms import outside_norms, residual_norms
+from .norms import residual_norms
 from .roles import embed_and_head, parameter_roles
+from .stacks import STACK_NAMES, Stack, decoder_pair, make_stack
 from .sublayers import sublayer_pairs, virtual_blocks
 from .trace import example_inputs, run_trace
 
@@ -75,6 +79,7 @@ def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None 
             block_list, tr = found
             notes.append(f"'{blocks_path}' holds sublayers (norms, block, residual), not blocks: each "
                          f"attention + feed-forward pair is one block, hooked on its residual modules")
+    mark = len(notes)
     results = [map_block(i, n, tr, notes) for i, (n, _) in enumerate(block_list)]
     failed = [r for r in results if not r.mapped]
     if failed and blocks is None and placement is None:
@@ -90,6 +95,20 @@ def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None 
                                   f"instead (pass blocks='{blocks_path}' with placement= to force it)"]
                 blocks_path, block_list, results, failed = path, blist, alt, []
                 break
+    stacks: list[Stack] = []
+    if not failed and blocks is None and pairs is None:
+        # an encoder–decoder: both stacks, mapped again with global layer numbers (encoder first)
+        found = decoder_pair(root, blocks_path, block_list, results, tr)
+        if found is not None:
+            notes[mark:] = [n for n in notes[mark:] if not n.startswith("block ")]
+            block_list, results = [], []
+            for name, (path, blist) in zip(STACK_NAMES, found):
+                mapped = [map_block(len(results) + i, n, tr, notes) for i, (n, _) in enumerate(blist)]
+                stacks.append(make_stack(name, path, blist, mapped, tr))
+                block_list, results = block_list + blist, results + mapped
+            blocks_path = ", ".join(path for path, _ in found)
+            notes.append(f"encoder–decoder: encoder '{found[0][0]}' (layers 0..{len(found[0][1]) - 1}) and decoder "
+                         f"'{found[1][0]}' (layers {len(found[0][1])}..{len(results) - 1}) recorded together")
     if failed and (placement is None or all(r.x is None for r in results)):
         hints = block_list_hints(root, exclude=blocks_path)
         other = (f"Pass {' or '.join(hints[:3])} if '{blocks_path}' does not hold the Transformer blocks"
@@ -113,12 +132,15 @@ def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None 
                              f"{type(root).__name__}; pass example_input= matching its forward")
     d_model = x0.t.shape[-1]
 
-    first_call, last_call = tr.by_name[block_list[0][0]][0], tr.by_name[block_list[-1][0]][0]
-    after = [c for c in tr.calls if c.start > last_call.end and tr.count[c.name] == 1]
-    outside = outside_norms(tr, first_call, last_call, x0, y_last)
-    if "norm.embed" in outside:
-        _identity_pre_attn(root, results, notes)
-    norm_infos = residual_norms(root, results, outside, first_call.dtype, notes)
+    if not stacks:
+        stacks = [make_stack("", blocks_path, block_list, results, tr)]
+    for st in stacks:
+        if "norm.embed" in st.outside:
+            _identity_pre_attn(root, st.results, notes)
+    norm_infos = residual_norms(root, [(st.results, st.outside) for st in stacks], stacks[0].first_call.dtype,
+                                notes)
+    outside = stacks[-1].outside
+    after = [c for c in tr.calls if c.start > stacks[-1].last_call.end and tr.count[c.name] == 1]
     embed, head = embed_and_head(root, block_list, after, outside.get("norm.final"))
     param_roles = parameter_roles(root, block_list, results, norm_infos, embed, head)
 
@@ -137,6 +159,7 @@ def discover(model: nn.Module, example_input: Any = None, *, blocks: str | None 
         placement=common.pop() if len(common) == 1 else "mixed",
         resid_out=y_last.point, final=final,
         embed=embed[0] if embed else None, norms=norm_infos, param_roles=param_roles, notes=notes,
+        stacks=[st.info() for st in stacks] if len(stacks) > 1 else [],
     )
 
 

@@ -3,7 +3,9 @@ each block from its traced dataflow.
 
 With X = block input and Y = block output (both from the block's own hooks), a block is Post-LN
 when Y is the output of a norm inside it (`Norm(Norm(X + T1) + T2)`); otherwise two module outputs
-T1 (attention branch, earlier) and T2 (MLP branch, later) with `X + T1 + T2 == Y` are searched for.
+T1 (attention branch, earlier) and T2 (MLP branch, later) with `X + T1 + T2 == Y` are searched for,
+and failing that three (`X + T1 + T2 + T3 == Y`, or three chained norms for Post-LN): a decoder
+block, self-attention, cross-attention and MLP (`lnprobe.sites.SUBLAYERS`).
 What the norms of a block are, and so its placement, is worked out in `placement`.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..sites import BlockInfo, DiscoveryError
+from ..sites import SUBLAYERS, BlockInfo, DiscoveryError
 from .modules import is_norm
 from .placement import label_sublayers, label_sum_block
 from .trace import Call, Pt, Trace, amax, close, norm_io, outermost_norms, rel_tol, shaped
@@ -114,7 +116,7 @@ class BlockResult:
     y: Pt | None = None
     norm_calls: dict[str, Call] = field(default_factory=dict)      # role -> call
     module_roles: dict[str, str] = field(default_factory=dict)      # module path -> param role
-    mha: list[str] = field(default_factory=list)
+    mha: dict[str, str] = field(default_factory=dict)              # nn.MultiheadAttention path -> attn/xattn
 
 
 def _block_io(call: Call) -> tuple[Pt, Pt] | None:
@@ -181,23 +183,28 @@ def map_block(index: int, name: str, tr: Trace, notes: list[str]) -> BlockResult
 
     found = _match_post(blk)
     if found is not None:
-        n1, nl, t1, t2 = found
+        post_norms, branches = found
+        kinds = SUBLAYERS[len(branches)]
         info.placement = "post"
-        res.norm_calls = {"norm.post_attn": n1, "norm.post_mlp": nl}
-        mid = next(io for c, io in blk.dnorms if c is n1)[1]
-        ranges = (blk.call.start, t1.seq), (n1.end, t2.seq)
-        info.points.update(resid_mid=mid.point, attn_out=t1.point, attn_raw=t1.point,
-                           mlp_out=t2.point, mlp_raw=t2.point)
+        res.norm_calls = {f"norm.post_{k}": c for k, c in zip(kinds, post_norms)}
+        # the stream after sublayer i is the output of its norm: resid_mid after the attention,
+        # resid_xattn after a decoder's cross-attention
+        for site, c in zip(("resid_mid", "resid_xattn"), post_norms[:-1]):
+            info.points[site] = next(io for d, io in blk.dnorms if d is c)[1].point
+        for kind, t in zip(kinds, branches):
+            info.points.update({f"{kind}_out": t.point, f"{kind}_raw": t.point})
+        starts = [blk.call.start] + [c.end for c in post_norms[:-1]]
+        ranges = tuple((lo, t.seq) for lo, t in zip(starts, branches))
     else:
-        pair = _match_sum(blk)
-        if pair is None:
+        branches = _match_sum(blk)
+        if branches is None:
             res.why = (f"block '{name}': its output is neither a norm output (Post-LN) nor X + T1 + T2 "
-                       f"for two module outputs T1, T2 inside it (norms in block: "
+                       f"(+ T3) for two (three) module outputs T1, T2 (T3) inside it (norms in block: "
                        f"{', '.join(c.name for c in norms) or 'none'})")
             return res
-        t1, t2 = pair
-        ranges = (blk.call.start, t1.seq), (t1.seq, t2.seq)
-        label_sum_block(blk, t1, t2, ranges, res, notes)
+        starts = [blk.call.start] + [t.seq for t in branches]
+        ranges = tuple(zip(starts[:-1], starts[1:]))
+        label_sum_block(blk, branches, ranges, res, notes)
     label_sublayers(blk, ranges, res, tr, notes)
     if len(once) < len(inner):
         shared = sorted({c.name for c in inner if tr.count[c.name] > 1})
@@ -207,39 +214,79 @@ def map_block(index: int, name: str, tr: Trace, notes: list[str]) -> BlockResult
     return res
 
 
-def _match_sum(blk: Block) -> tuple[Pt, Pt] | None:
-    """(T1, T2) with X + T1 + T2 == Y, T1's module finished before T2's started. Among equal-valued
-    candidates the one that finishes LAST wins: the outermost module, after dropout, which is the
-    tensor actually added to the stream in training mode."""
-    X, Y = blk.x.t, blk.y.t                                            # (B, T, D)
-    for t2 in sorted(blk.outs, key=lambda p: p.seq, reverse=True):
-        rest = Y - X - t2.t                                            # (B, T, D)
-        atol = blk.atol(t2.t)
-        for t1 in sorted((p for p in blk.outs if p.seq < t2.call.start), key=lambda p: p.seq,
-                         reverse=True):
-            if close(t1.t, rest, atol):
-                return t1, t2
+def _match_sum(blk: Block) -> list[Pt] | None:
+    """[T1, T2] with X + T1 + T2 == Y, each branch's module finished before the next one started;
+    failing that [T1, T2, T3] with X + T1 + T2 + T3 == Y (a decoder block: self-attention,
+    cross-attention, MLP). Among equal-valued candidates the one that finishes LAST wins: the
+    outermost module, after dropout, which is the tensor actually added to the stream in training
+    mode."""
+    for n in sorted(SUBLAYERS):
+        found = _match_branches(blk, n)
+        if found is not None:
+            return found
     return None
 
 
-def _match_post(blk: Block) -> tuple[Call, Call, Pt, Pt] | None:
-    """(norm1, norm_last, T1, T2) of a Post-LN block: Y = norm_last(norm1(X + T1) + T2)."""
+def _match_branches(blk: Block, n: int) -> list[Pt] | None:
+    """[T1 … Tn] in forward order with X + ΣTi == Y, latest candidates first. A random projection
+    of every candidate screens the combinations (a necessary condition, in float64 scalars) before
+    the tensors are compared."""
+    X, Y = blk.x.t, blk.y.t                                            # (B, T, D)
+    outs = sorted(blk.outs, key=lambda p: p.seq, reverse=True)
+    if len(outs) < n:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    proj = torch.randn(X.shape, generator=gen, dtype=torch.float64)    # (B, T, D)
+    sig = [float((p.t.double() * proj).sum()) for p in outs]
+    slack = float(proj.abs().sum())  # |Σ (a - b)·proj| <= max|a - b| · Σ|proj|
+
+    def search(rest: torch.Tensor, rest_sig: float, before: float, k: int, used: list[Pt]) -> list[Pt] | None:
+        # the k-th branch from the end: it ends before `before` (the start of the branch after it)
+        for i, p in enumerate(outs):
+            if p.seq >= before:
+                continue
+            if k == 1:
+                atol = blk.atol(*(u.t for u in used))
+                if abs(sig[i] - rest_sig) <= atol * slack * 1.01 and close(p.t, rest, atol):
+                    return [p, *used]
+                continue
+            found = search(rest - p.t, rest_sig - sig[i], p.call.start, k - 1, [p, *used])
+            if found is not None:
+                return found
+        return None
+
+    return search(Y - X, float(((Y - X).double() * proj).sum()), float("inf"), n, [])
+
+
+def _match_post(blk: Block) -> tuple[list[Call], list[Pt]] | None:
+    """([norm1 … norm_n], [T1 … Tn]) of a Post-LN block, n = 2: Y = norm2(norm1(X + T1) + T2), or
+    n = 3 (a decoder block): Y = norm3(norm2(norm1(X + T1) + T2) + T3)."""
     X, Y = blk.x.t, blk.y.t                                            # (B, T, D)
     last = [(c, io) for c, io in blk.dnorms if close(io[1].t, Y, blk.tol * max(amax(Y), 1e-30))]
     if not last:
         return None
-    nl, (nl_in, _) = max(last, key=lambda v: v[0].end)
-    for n1, (n1_in, n1_out) in sorted(blk.dnorms, key=lambda v: v[0].start):
-        if n1.end >= nl.start:
-            break
-        for t1 in sorted((p for p in blk.outs if p.seq < n1.start), key=lambda p: p.seq,
-                         reverse=True):
-            if not close(n1_in.t, X + t1.t, blk.atol(t1.t, n1_in.t)):
-                continue
-            for t2 in sorted((p for p in blk.outs if n1.end < p.seq < nl.start),
-                             key=lambda p: p.seq, reverse=True):
-                if close(nl_in.t, n1_out.t + t2.t, blk.atol(n1_out.t, t2.t, nl_in.t)):
-                    return n1, nl, t1, t2
+    nl, nl_io = max(last, key=lambda v: v[0].end)
+
+    def search(norm: Call, norm_in: Pt, k: int) -> tuple[list[Call], list[Pt]] | None:
+        # norm's input is (the output of the norm before it, or X for the first) + its branch T_k
+        if k == 1:
+            for t in sorted((p for p in blk.outs if p.seq < norm.start), key=lambda p: p.seq, reverse=True):
+                if close(norm_in.t, X + t.t, blk.atol(t.t, norm_in.t)):
+                    return [norm], [t]
+            return None
+        for prev, (prev_in, prev_out) in sorted(blk.dnorms, key=lambda v: v[0].start):
+            if prev.end >= norm.start:
+                break
+            for t in sorted((p for p in blk.outs if prev.end < p.seq < norm.start), key=lambda p: p.seq,
+                            reverse=True):
+                if close(norm_in.t, prev_out.t + t.t, blk.atol(prev_out.t, t.t, norm_in.t)):
+                    found = search(prev, prev_in, k - 1)
+                    if found is not None:
+                        return found[0] + [norm], found[1] + [t]
+        return None
+
+    for n in sorted(SUBLAYERS):
+        found = search(nl, nl_io[0], n)
+        if found is not None:
+            return found
     return None
-
-

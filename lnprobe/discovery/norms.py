@@ -96,18 +96,23 @@ def outside_norms(tr: Trace, first_call: Call, last_call: Call, x0: Pt, y_last: 
     return found
 
 
-def residual_norms(root: nn.Module, results: list[BlockResult], outside: dict,
+def residual_norms(root: nn.Module, stacks: list[tuple[list[BlockResult], dict]],
                    dtype: torch.dtype | None, notes: list[str]) -> list[NormInfo]:
-    """NormInfo of every residual norm in execution order (embed, blocks, final), with kind and
-    gain offset fitted from its traced input/output; block norms also go to their BlockInfo."""
+    """NormInfo of every residual norm in execution order (per stack: embed, blocks, final; `stacks`
+    holds each stack's BlockResults and its `outside_norms`), with kind and gain offset fitted from
+    its traced input/output; block norms also go to their BlockInfo."""
     low = dtype in (torch.float16, torch.bfloat16)
     pname = {id(p): n for n, p in root.named_parameters()}
-    role_calls = [(-1, "norm.embed", outside["norm.embed"][0])] if "norm.embed" in outside else []
-    for r in results:
-        role_calls += sorted(((r.info.index, role, c) for role, c in r.norm_calls.items()),
-                             key=lambda v: v[2].start)
-    if "norm.final" in outside:
-        role_calls.append((-1, "norm.final", outside["norm.final"][0]))
+    role_calls = []
+    by_index = {}
+    for results, outside in stacks:
+        role_calls += [(-1, "norm.embed", outside["norm.embed"][0])] if "norm.embed" in outside else []
+        for r in results:
+            by_index[r.info.index] = r
+            role_calls += sorted(((r.info.index, role, c) for role, c in r.norm_calls.items()),
+                                 key=lambda v: v[2].start)
+        if "norm.final" in outside:
+            role_calls.append((-1, "norm.final", outside["norm.final"][0]))
     infos = []
     for layer, role, c in role_calls:
         ni, no = c.io()
@@ -119,7 +124,7 @@ def residual_norms(root: nn.Module, results: list[BlockResult], outside: dict,
                         None if bias is None else pname.get(id(bias)))
         infos.append(info)
         if layer >= 0:
-            results[layer].info.norms.append(info)
+            by_index[layer].info.norms.append(info)
         if kind == "unknown":
             notes.append(f"norm '{c.name}': output fits neither LayerNorm nor RMSNorm of its input")
     return infos

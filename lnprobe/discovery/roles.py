@@ -64,12 +64,12 @@ def parameter_roles(root: nn.Module, block_list, results: list[BlockResult],
     for r in results:
         for path, role in r.module_roles.items():
             assign(path, role)
-        for path in r.mha:
+        for path, kind in r.mha.items():
             mha = root.get_submodule(path)
             for pn, p in mha.named_parameters():
                 n = names.get(id(p))
                 if n is not None:
-                    roles[n]["role"] = "attn.out" if pn.startswith("out_proj.") else "attn.qkv"
+                    roles[n]["role"] = f"{kind}.out" if pn.startswith("out_proj.") else f"{kind}.qkv"
     for info in norm_infos:
         assign(info.name, info.role)
     for path in embed:
