@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "ALL_SITES",
     "BLOCK_SITES",
+    "LOGIT_SITES",
     "NORM_ROLES",
     "PARAM_ROLES",
     "PLACEMENTS",
@@ -35,6 +36,9 @@ ALL_SITES: tuple[str, ...] = ("resid", "resid_mid", "attn_out", "mlp_out", "attn
 # the sites inside a block (layers 0..L-1); `final` is at layer L only
 BLOCK_SITES = tuple(s for s in ALL_SITES if s != "final")
 SiteKey = tuple[str, int]  # (site, layer)
+# opt-in sites read by lnprobe.attnlogits, not hook points of ALL_SITES: `logits` the head's output (layer
+# L), `attn_logits` each block's attention scores q·kᵀ·scale (layer 0..L-1)
+LOGIT_SITES: tuple[str, ...] = ("logits", "attn_logits")
 
 PLACEMENTS = ("pre", "post", "peri", "output", "none", "mixed")
 NORM_ROLES = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = ("hf",)
+_SUBMODULES = ("hf", "hf_attention")
 
 
 def __getattr__(name: str) -> Any:
