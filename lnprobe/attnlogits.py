@@ -35,6 +35,11 @@ sites are opt-in. Off schedule a hook returns after one Python test (no extra ma
 tests/test_attn_logits.py). Forwards re-run inside backward (activation checkpointing) are skipped.
 No host synchronisation: every value, location and count stays a device tensor until the flush.
 Gradient accumulation: the forwards of one step merge (max of maxima, sums of sums).
+
+QK-norm gains. With ``attn_logits`` the probe also writes ``gain_absmax`` (max |γ|, the registry's
+``norm`` row) of every QK-norm gain (parameter role ``attn.qk_norm``) of a torch ``nn.LayerNorm`` /
+``nn.RMSNorm``, whose effective gain is its weight, on ``param:<name>`` at recorded steps: the
+numbers theory §5's bound sqrt(d_h)·max|γ_q|·max|γ_k| needs (checked in the report's verdicts).
 """
 from __future__ import annotations
 
@@ -185,6 +190,17 @@ def output_logits(output: Any) -> torch.Tensor | None:
     return None
 
 
+def _qk_norm_gains(model: nn.Module, param_roles: dict) -> list[tuple[str, int, torch.Tensor]]:
+    """(weight name, layer, weight) of the QK-norm gains of torch norm modules (their gain is the weight)."""
+    out = []
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        info = param_roles.get(f"{name}.weight", {})
+        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and w is not None and info.get("role") == "attn.qk_norm":
+            out.append((f"{name}.weight", int(info.get("layer", -1)), w))
+    return out
+
+
 class _Handle:
     """A removable hook handle for a callable ``remove``."""
 
@@ -215,6 +231,7 @@ class LogitObserver:
         self._attn_parts: dict[int, list[torch.Tensor]] = {}
         self._attn_rows: dict[int, int] = {}  # layer -> queries × heads seen (host, the cross-rank weight)
         self._failed: set[str] = set()
+        self._qk_gains: list[tuple[str, int, torch.Tensor]] = []  # (parameter name, layer, weight)
         self.sites: list[str] = []
         if logits:
             self.handles.append(model.register_forward_hook(self._logits_hook))
@@ -223,6 +240,7 @@ class LogitObserver:
             n = self._attach_attention(model, model_map)
             if n:
                 self.sites.append("attn_logits")
+                self._qk_gains = _qk_norm_gains(model, model_map.param_roles)
             else:
                 notes.append("attn_logits not recorded: no lnprobe.models.DotProductAttention module and no Hugging "
                              "Face attention interface (config._attn_implementation) in the blocks")
@@ -326,9 +344,19 @@ class LogitObserver:
                 row = S.stat("attn_logits", name)
                 keys.append(("attn_logits", layer, name))
                 weights.append(self._attn_rows[layer] if row.weight == "tokens" else 1)
+        kinds = [S.stat("logits" if k[0] == "logits" else "attn_logits", k[2]).merge_code for k in keys]
+        if self._qk_gains and values:
+            from .runtime import local_shard
+
+            ws = [local_shard(w.detach()) for _, _, w in self._qk_gains]
+            values.append(torch.stack(torch._foreach_norm(ws, float("inf"))).double().to(values[0].device))  # (G,)
+            locs.append(torch.full((2, len(ws)), float("nan"), dtype=torch.float64, device=values[0].device))
+            row = S.stat("norm", "gain_absmax")
+            keys += [(f"param:{name}", layer, "gain_absmax") for name, layer, _ in self._qk_gains]
+            weights += [1] * len(ws)
+            kinds += [row.merge_code] * len(ws)
         if not values:
             return None
-        kinds = [S.stat("logits" if k[0] == "logits" else "attn_logits", k[2]).merge_code for k in keys]
         dev = values[0].device
         return StepRows(step, torch.cat([v.to(dev) for v in values]), torch.cat([lc.to(dev) for lc in locs], 1),
                         layout(tuple(keys)), np.asarray(weights, dtype=np.float64), np.asarray(kinds, dtype=np.int8))
