@@ -113,29 +113,33 @@ def attention_partial(q: torch.Tensor, k: torch.Tensor, scale: float | None = No
             allowed, bias = allowed.unsqueeze(0), (None if bias is None else bias.unsqueeze(0))
     elif is_causal and T > 1:
         allowed = torch.ones(T, S_, dtype=torch.bool, device=q.device).tril()[None, None]  # (1, 1, T, S)
+    masked = None if allowed is None else ~allowed  # (·, ·, T, S), small
     per = max(1, CHUNK_ELEMENTS // max(H * T * S_, 1))  # batch rows per chunk
     parts = []
     for b0 in range(0, B, per):
         b1 = min(B, b0 + per)
-        s = torch.matmul(q[b0:b1].float(), k[b0:b1].float().transpose(-1, -2)) * scale  # (b, H, T, S)
-        al = None if allowed is None else _rows(allowed, b0, b1)
-        a = s.abs() if al is None else torch.where(al, s.abs(), torch.zeros((), device=s.device))  # (b, H, T, S)
+        s = torch.matmul(q[b0:b1].float(), k[b0:b1].float().transpose(-1, -2)).mul_(scale)  # (b, H, T, S)
+        mk = None if masked is None else _rows(masked, b0, b1)
+        a = s.abs()  # (b, H, T, S)
+        if mk is not None:
+            a.masked_fill_(mk, 0.0)
         idx = a.reshape(-1).argmax().reshape(1)  # NaN ranks first
         top = a.reshape(-1).index_select(0, idx)[0].double()
         del a
         z = softcap * torch.tanh(s / softcap) if softcap else s
         if bias is not None:
             z = z + _rows(bias, b0, b1)
-        if al is not None:
-            z = z.masked_fill(~al, float("-inf"))
-        lse = torch.logsumexp(z, -1, keepdim=True)  # (b, H, T, 1)
-        logp = z - lse  # (b, H, T, S)
-        plogp = torch.exp(logp) * logp
-        if al is not None:
-            plogp = torch.where(al, plogp, torch.zeros((), device=s.device))
-        ent = -plogp.sum(-1)  # (b, H, T); 0 for a query with no allowed key
-        counted = torch.isfinite(lse).sum(dtype=torch.float64)  # NaN scores: lse NaN, not counted...
-        counted = counted + torch.isnan(lse).sum(dtype=torch.float64)  # ...but their NaN entropy must show
+        if mk is not None:
+            z = z.masked_fill_(mk, float("-inf"))
+        p = torch.softmax(z, -1)  # (b, H, T, S)
+        del s, z
+        ent = torch.special.entr(p, out=p).sum(-1)  # (b, H, T): −Σ p log p, 0·log 0 = 0
+        if mk is None:
+            counted = torch.full((), float(ent.numel()), dtype=torch.float64, device=ent.device)
+        else:  # a query with no key to attend to (softmax NaN) is left out
+            valid = (~mk).any(-1).expand_as(ent)  # (b, H, T)
+            ent = torch.where(valid, ent, torch.zeros((), device=ent.device))
+            counted = valid.sum(dtype=torch.float64)
         head = (idx // (T * S_)) % H
         tok = (idx // S_) % T
         parts.append(torch.stack([top, tok[0].double(), head[0].double(), ent.sum(dtype=torch.float64), counted]))

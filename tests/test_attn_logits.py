@@ -120,6 +120,12 @@ def test_causal_mask_is_respected():
     for mask in (causal[None, None], torch.zeros(4, 4).masked_fill(~causal, torch.finfo(torch.float32).min)):
         got_m = A.finalize_attention(A.attention_partial(q, k, 0.5, mask=mask))[0]
         assert torch.allclose(got_m, got, rtol=1e-6)
+    # a query that may attend to no key is left out of the entropy mean (not NaN, not 0)
+    none_for_0 = causal.clone()
+    none_for_0[0] = False
+    rows = _explicit(q[:, :, 1:], k, none_for_0[1:], 0.5)
+    got_n = A.finalize_attention(A.attention_partial(q, k, 0.5, mask=none_for_0))[0]
+    assert float(got_n[1]) == pytest.approx(rows["entropy"], rel=1e-6)
 
 
 def test_chunked_reduction_equals_one_chunk(monkeypatch):
@@ -336,3 +342,54 @@ def test_models_without_an_attention_point_get_a_note(tmp_path):
     probe = lnprobe.attach(model, tmp_path / "run", attn_logits=True)
     probe.close()
     assert any("attn_logits not recorded" in n for n in lnprobe.load_run(tmp_path / "run").meta["notes"])
+
+
+def _trained_qk_run(path, steps: int = 4):
+    model = _gpt(qk_norm=True, init_std=0.3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    probe = lnprobe.attach(model, path, updates=opt, logits=True, attn_logits=True,
+                           config={"model": model.config.to_dict()})
+    for step in range(steps):
+        x = _batch(30 + step)
+        _, loss = model(x, x)
+        loss.backward()
+        probe.step(loss=loss)
+        opt.step()
+        opt.zero_grad()
+    probe.close()
+
+
+def test_report_checks_the_qk_norm_bound_and_draws_the_signal_figures(tmp_path):
+    import pandas as pd
+
+    from lnprobe.analysis import verdicts as V
+    from lnprobe.analysis.report import build_report
+
+    _trained_qk_run(tmp_path / "qk")
+    res = build_report([tmp_path / "qk"], tmp_path / "report")
+    assert {"update_ratio", "attention_logits", "logit_stats"} <= set(res.figures), res.missing
+    v = res.verdicts.set_index("id").loc["attn.qk_norm_bound"]
+    assert v["status"] == "pass" and 0 < v["measured"] <= 1
+    assert "largest attention logit" in res.summary[0]
+    # the counter-example: a record above the bound (e.g. a QK-norm with a bias) fails the verdict
+    part = sorted((tmp_path / "qk" / "records").glob("*.parquet"))[0]
+    df = pd.read_parquet(part)
+    df.loc[(df.stat == "qk_absmax") & (df.layer == 1), "value"] *= 10
+    df.to_parquet(part)
+    bad = V.check_qk_norm_bound([lnprobe.load_run(tmp_path / "qk")])
+    assert bad.status == "fail" and bad.measured > 1
+
+
+def test_no_signal_figures_or_qk_verdict_without_the_records(tmp_path):
+    from lnprobe.analysis.report import build_report
+
+    model = _gpt()
+    probe = lnprobe.attach(model, tmp_path / "plain", config={"model": model.config.to_dict()})
+    x = _batch(5)
+    _, loss = model(x, x)
+    loss.backward()
+    probe.step(loss=loss)
+    probe.close()
+    res = build_report([tmp_path / "plain"], tmp_path / "report")
+    assert not {"update_ratio", "attention_logits", "logit_stats"} & (set(res.figures) | set(res.missing))
+    assert "attn.qk_norm_bound" not in set(res.verdicts["id"])
