@@ -393,3 +393,73 @@ def test_no_signal_figures_or_qk_verdict_without_the_records(tmp_path):
     res = build_report([tmp_path / "plain"], tmp_path / "report")
     assert not {"update_ratio", "attention_logits", "logit_stats"} & (set(res.figures) | set(res.missing))
     assert "attn.qk_norm_bound" not in set(res.verdicts["id"])
+
+
+# ----------------------------------------------------------------------------- torch.distributed (gloo)
+def _dist_train(model, probe, rank: int = 0, world: int = 1) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(3):
+        x = _batch(40 + step, b=4)
+        per = 4 // world
+        x = x[rank * per:(rank + 1) * per]
+        _, loss = model(x, x)
+        loss.backward()
+        probe.step(loss=loss)
+        opt.step()
+        opt.zero_grad()
+
+
+def _dist_worker(out: str) -> int:
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo")
+    try:
+        model = DDP(_gpt(qk_norm=True))
+        with lnprobe.attach(model, f"{out}/ddp", logits=True, attn_logits=True) as probe:
+            _dist_train(model, probe, rank, 2)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+@pytest.mark.slow
+def test_ddp_merges_logit_sites_like_one_process(tmp_path):
+    """2 gloo ranks with half the batch each: maxima with their (token, head) and the weighted means equal
+    one process on the whole batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    outs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    model = _gpt(qk_norm=True)
+    with lnprobe.attach(model, tmp_path / "single", logits=True, attn_logits=True) as probe:
+        _dist_train(model, probe)
+    key = ["step", "site", "layer", "stat"]
+    ref, got = _records(tmp_path / "single"), _records(tmp_path / "ddp")
+    m = ref.merge(got, on=key, suffixes=("_ref", "_run"), how="outer", indicator=True)
+    assert (m._merge == "both").all() and len(m) == 3 * (3 + 2 * 2)
+    np.testing.assert_allclose(m.value_run, m.value_ref, rtol=1e-5)
+    loc = m[m.stat.isin(["qk_absmax", "logit_absmax"])]
+    assert (loc.token_run == loc.token_ref).all() and (loc.channel_run == loc.channel_ref).all()
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--worker"]:
+        sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+        raise SystemExit(_dist_worker(sys.argv[2]))
