@@ -194,14 +194,14 @@ def output_logits(output: Any) -> torch.Tensor | None:
     return None
 
 
-def _qk_norm_gains(model: nn.Module, param_roles: dict) -> list[tuple[str, int, torch.Tensor]]:
-    """(weight name, layer, weight) of the QK-norm gains of torch norm modules (their gain is the weight)."""
+def _qk_norm_gains(model: nn.Module, param_roles: dict) -> list[tuple[str, int, nn.Module]]:
+    """(weight name, layer, module) of the QK-norm torch norm modules (their gain is their weight)."""
     out = []
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
         info = param_roles.get(f"{name}.weight", {})
         if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and w is not None and info.get("role") == "attn.qk_norm":
-            out.append((f"{name}.weight", int(info.get("layer", -1)), w))
+            out.append((f"{name}.weight", int(info.get("layer", -1)), m))
     return out
 
 
@@ -235,7 +235,7 @@ class LogitObserver:
         self._attn_parts: dict[int, list[torch.Tensor]] = {}
         self._attn_rows: dict[int, int] = {}  # layer -> queries × heads seen (host, the cross-rank weight)
         self._failed: set[str] = set()
-        self._qk_gains: list[tuple[str, int, torch.Tensor]] = []  # (parameter name, layer, weight)
+        self._qk_gains: list[tuple[str, int, nn.Module]] = []  # (weight name, layer, norm module)
         self.sites: list[str] = []
         if logits:
             self.handles.append(model.register_forward_hook(self._logits_hook))
@@ -352,7 +352,8 @@ class LogitObserver:
         if self._qk_gains and values:
             from .runtime import local_shard
 
-            ws = [local_shard(w.detach()) for _, _, w in self._qk_gains]
+            # read afresh: FSDP2 swaps the parameter objects between sharded and unsharded states
+            ws = [local_shard(m.weight.detach()) for _, _, m in self._qk_gains]
             values.append(torch.stack(torch._foreach_norm(ws, float("inf"))).double().to(values[0].device))  # (G,)
             locs.append(torch.full((2, len(ws)), float("nan"), dtype=torch.float64, device=values[0].device))
             row = S.stat("norm", "gain_absmax")
