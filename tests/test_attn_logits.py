@@ -395,6 +395,59 @@ def test_no_signal_figures_or_qk_verdict_without_the_records(tmp_path):
     assert "attn.qk_norm_bound" not in set(res.verdicts["id"])
 
 
+def _compile_run(model, out, forward, counts=None, backend=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lnprobe.attach(model, out, every=[0, 2], logits=True, attn_logits=True) as probe:
+        for step in range(4):
+            x = _batch(50 + step, b=2)
+            loss = forward(model, x)
+            loss.backward()
+            probe.step(loss=loss)
+            opt.step()
+            opt.zero_grad()
+            if counts is not None:
+                counts.append(backend.graphs)
+    return _records(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_compiled_model_records_equal_eager_without_recompiles(tmp_path, arch):
+    if arch == "llama":
+        pytest.importorskip("transformers")
+        from lnprobe.testing import tiny_hf_model
+
+        def make():
+            return tiny_hf_model("llama", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=T, attn_implementation="sdpa")
+
+        def forward(m, x):
+            return m(input_ids=x, labels=x).loss
+    else:
+        def make():
+            return _gpt(qk_norm=True)
+
+        def forward(m, x):
+            return m(x, x)[1]
+
+    class Counting:
+        graphs = 0
+
+        def __call__(self, gm, example_inputs):
+            Counting.graphs += 1
+            return gm.forward
+
+    torch._dynamo.reset()
+    eager, inner = make(), make()
+    inner.load_state_dict(eager.state_dict())
+    backend, counts = Counting(), []
+    got = _compile_run(torch.compile(inner, backend=backend), tmp_path / "compiled", forward, counts, backend)
+    want = _compile_run(eager, tmp_path / "eager", forward)
+    m = want.merge(got, on=["step", "site", "layer", "stat"], suffixes=("_e", "_c"), how="outer", indicator=True)
+    assert (m._merge == "both").all() and set(m.site) == {"logits", "attn_logits"}
+    np.testing.assert_allclose(m.value_c, m.value_e, rtol=1e-5)
+    assert counts[1] > 0 and counts[-1] == counts[1], f"graphs compiled per step: {counts}"
+
 # ----------------------------------------------------------------------------- torch.distributed (gloo)
 def _dist_train(model, probe, rank: int = 0, world: int = 1) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
