@@ -257,8 +257,8 @@ def test_qk_norm_bound_of_theory_section_5(tmp_path):
         _, loss = model(x, x)
         loss.backward()
         probe.step(loss=loss)
-        bounds.append([qk_logit_bound(8, float(b.attn.q_norm.weight.abs().max()),
-                                      float(b.attn.k_norm.weight.abs().max())) for b in model.blocks])
+        bounds.append([qk_logit_bound(8, float(b.attn.q_norm.weight.detach().abs().max()),
+                                      float(b.attn.k_norm.weight.detach().abs().max())) for b in model.blocks])
         opt.step()
         opt.zero_grad()
     probe.close()
