@@ -354,3 +354,27 @@ def grad_by_layer(run: Run, role: str = "mlp.out", which: str = "init") -> pd.Se
     if len(row) < 2 or not row.iloc[-1] > 0:
         return None
     return row / row.iloc[-1]
+
+
+def qk_bound_frame(run: Run) -> pd.DataFrame | None:
+    """Recorded ``qk_absmax`` next to theory.md §5's QK-norm bound sqrt(d_h)·max|γ_q|·max|γ_k|, per (step,
+    layer): columns step, layer, qk_absmax, bound. The gains are the ``gain_absmax`` rows of the layer's two
+    ``attn.qk_norm`` parameters (written with attn_logits); d_h = d_model / n_heads of ``config.model``.
+    None when the run has no QK-norm (config.model.qk_norm), no qk_absmax or no such gains."""
+    cfg = (run.meta.get("config") or {}).get("model") or {}
+    if not cfg.get("qk_norm") or not cfg.get("n_heads") or not cfg.get("d_model"):
+        return None
+    qk = run.frame("attn_logits", "qk_absmax")
+    g = run.params("gain_absmax")
+    g = g[g["role"] == "attn.qk_norm"] if len(g) else g
+    if not len(qk) or not len(g):
+        return None
+    per = g.groupby(["step", "layer"])["value"].agg(["prod", "count"])
+    per = per[per["count"] == 2]  # q and k gain of the layer
+    m = qk.set_index(["step", "layer"])[["value"]].join(per, how="inner")
+    if not len(m):
+        return None
+    d_head = int(cfg["d_model"]) // int(cfg["n_heads"])
+    bound = theory.qk_logit_bound(d_head, m["prod"].to_numpy(), 1.0)
+    return pd.DataFrame({"step": m.index.get_level_values(0), "layer": m.index.get_level_values(1),
+                         "qk_absmax": m["value"].to_numpy(), "bound": bound})

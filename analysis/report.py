@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from . import compare, fits, massive, plots, plots_cross, render, verdicts
+from . import compare, fits, massive, plots, plots_cross, plots_logits, render, verdicts
 from .io import Run, load
 
 HONESTY = (
@@ -126,6 +126,7 @@ def _figure_specs(runs: list[Run], sweep: bool = False) -> list[tuple[str, str, 
         specs.append(("loss_vs_lr", "(j) Final validation loss against learning rate per placement, mean over "
                       "seeds with a min–max band; diverged runs counted at the top.",
                       lambda n: plots_cross.plot_loss_vs_lr(runs, notes=n)))
+    specs += _signal_specs(multi, rep)
     for r in single:
         s = _slug(r.name)
         specs += [
@@ -138,6 +139,23 @@ def _figure_specs(runs: list[Run], sweep: bool = False) -> list[tuple[str, str, 
              "the largest activation (a full surface needs a tensor dump).",
              lambda n, r=r: plots.plot_topk_locations(r)),
         ]
+    return specs
+
+
+def _signal_specs(runs: list[Run], rep: str) -> list[tuple[str, str, Callable[[list[str]], Figure]]]:
+    """The instability-signal figures (analysis.plots_logits), for runs that recorded their statistics
+    (opt-in: updates=, attn_logits=, logits=); none otherwise."""
+    specs = []
+    if any(r.params("update_ratio").shape[0] for r in runs):
+        specs.append(("update_ratio", "(k) Optimizer update ratio ‖Δp‖/‖p‖ over training by parameter role, one "
+                      "curve per layer." + rep, lambda n: plots_logits.plot_update_ratio(runs, notes=n)))
+    if any(r.has("attn_logits", "qk_absmax") for r in runs):
+        specs.append(("attention_logits", "(l) Attention-logit maximum max|q·k|/sqrt(d_h) and mean attention "
+                      "entropy over training, one curve per layer; dashed: the QK-norm bound of theory §5." + rep,
+                      lambda n: plots_logits.plot_attention_logits(runs, notes=n)))
+    if any(r.has("logits", "lse_mean") for r in runs):
+        specs.append(("logit_stats", "(m) Output logits over training: rms, max |z| and mean log Z (the z-loss "
+                      "quantity)." + rep, lambda n: plots_logits.plot_logit_stats(runs, notes=n)))
     return specs
 
 
@@ -226,6 +244,14 @@ def _run_summary(run: Run) -> str:
     val = run.series("val_loss")
     if len(val):
         parts.append(f"final val loss {val.iloc[-1]:.4g} (step {int(val.index[-1])})")
+    qk = run.frame("attn_logits", "qk_absmax")
+    if len(qk):
+        top = qk.loc[qk["value"].idxmax()]
+        parts.append(f"largest attention logit |q·k|/sqrt(d_h) {top['value']:.4g} (layer {int(top['layer'])}, "
+                     f"head {int(top['channel']) if pd.notna(top['channel']) else '?'}, step {int(top['step'])})")
+    lse = run.series("lse_mean", "logits")
+    if len(lse):
+        parts.append(f"mean log Z of the output logits {lse.iloc[-1]:.4g} at step {int(lse.index[-1])}")
     div = run.meta.get("divergence")
     if isinstance(div, dict) and div:
         parts.append(f"diverged at step {div.get('step')} ({div.get('reason')})")

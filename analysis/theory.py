@@ -416,6 +416,20 @@ def post_over_pre_grad(m2_final_pre: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # Init profile by placement (numbers given by the caller)
 # ---------------------------------------------------------------------------------------------
+def qk_logit_bound(d_head: int, gain_q_absmax: float | np.ndarray,
+                   gain_k_absmax: float | np.ndarray) -> float | np.ndarray:
+    """The attention-logit bound under QK-norm, sqrt(d_h)·max|γ_q|·max|γ_k| [related: Wortsman et al.
+    2023; docs/theory.md §5].
+
+    A bias-free RMSNorm or LayerNorm over the d_h channels of a head gives q̂ = γ_q ⊙ u with
+    ‖u‖₂ ≤ sqrt(d_h) (equality without ε), so |q̂·k̂|/sqrt(d_h) ≤ ‖q̂‖‖k̂‖/sqrt(d_h) ≤ sqrt(d_h)·max|γ_q|·max|γ_k|
+    (Cauchy–Schwarz). The recorded ``qk_absmax`` of such a model cannot exceed it.
+    """
+    if d_head < 1:
+        raise ValueError(f"qk_logit_bound needs d_head >= 1, got {d_head}")
+    return math.sqrt(d_head) * np.abs(gain_q_absmax) * np.abs(gain_k_absmax)
+
+
 def default_d_ff(d_model: int, mlp: str = "gelu") -> int:
     """Reference GPT default MLP width: 4·D for GELU; SwiGLU 8/3·D rounded up to a multiple of 8."""
     if mlp == "swiglu":

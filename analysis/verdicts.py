@@ -167,6 +167,32 @@ def _peri_bound_ratio(run: Run) -> tuple[float, str] | None:
     return (worst, where) if np.isfinite(worst) else None
 
 
+def check_qk_norm_bound(runs: list[Run], group: str = "", rtol: float = 1e-6) -> Verdict:
+    """attn.qk_norm_bound: max over steps and layers of qk_absmax / (sqrt(d_h)·max|γ_q|·max|γ_k|) ≤ 1 (§5)."""
+    vals, where = [], {}
+    for r in runs:
+        got = qk_bound_ratio(r)
+        if got is not None:
+            vals.append((r.name, got[0], 1.0))
+            where[r.name] = got[1]
+    return make("attn.qk_norm_bound", "with QK-norm the attention logit max|q·k|/sqrt(d_h) never exceeds "
+                "sqrt(d_h)·max|γ_q|·max|γ_k|", "related", "le", rtol, vals, group=group,
+                unit="max qk_absmax/bound", aggregate="max", detail={"worst": where},
+                note="theory.md §5 (Wortsman et al. 2023); a violation means a bias in the QK-norm or a bug",
+                why_na="needs attn_logits qk_absmax, the QK-norm gains' gain_absmax and d_h (config.model)")
+
+
+def qk_bound_ratio(run: Run) -> tuple[float, str] | None:
+    """(max over (step, layer) of qk_absmax / bound, where) from :func:`compare.qk_bound_frame`; None
+    when the run has no QK-norm bound to check."""
+    f = compare.qk_bound_frame(run)
+    if f is None:
+        return None
+    ratio = (f["qk_absmax"] / f["bound"]).to_numpy()
+    i = int(np.nanargmax(ratio))
+    return float(ratio[i]), f"step {int(f['step'].iloc[i])}, layer {int(f['layer'].iloc[i])}"
+
+
 def check_growth(runs: list[Run], placement: str, group: str = "") -> Verdict:
     """pre.growth_superlinear / peri.growth_linear: fraction of the recorded training steps (step > 0)
     whose resid m2 profile over layers 0..L is super-linear (fits.classify_growth)."""
@@ -498,7 +524,7 @@ def all_verdicts(runs: list[Run]) -> list[Verdict]:
                                0, group=label, runs=[r.name for r in group],
                                note=f"placement {p!r} has no theory (only pre, post, peri, lns, output)"))
             continue
-        for check in _PER_GROUP[p]:
+        for check in _PER_GROUP[p] + ([check_qk_norm_bound] if any(qk_bound_ratio(r) for r in group) else []):
             v = check(group, label)
             v.group = label
             out.append(v)

@@ -28,8 +28,8 @@ _LAZY_NAMES = {
 # submodules reachable as attributes right after ``import lnprobe`` (lnprobe.integrations.hf, ...)
 _SUBMODULES = ("analysis", "checkpoint", "cli", "constants", "data", "discovery", "distributed", "export",
                "integrations", "launch", "models", "testing",
-               "probe", "rundir", "scan", "scan_inputs", "schedule", "sinks", "sites", "stats", "store", "train",
-               "updates",
+               "attnlogits", "probe", "rundir", "scan", "scan_inputs", "schedule", "sinks", "sites", "stats", "store",
+               "train", "updates",
                "summary", "validate")
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time these load on first use

@@ -64,6 +64,7 @@ MODEL_OPTIONS: tuple[tuple[str, dict], ...] = (
     ("--seq-len", dict(type=int, help="context length (model and training)")),
     ("--norm", dict(help="layernorm or rmsnorm")),
     ("--mlp", dict(help="gelu or swiglu")),
+    ("--qk-norm", dict(action="store_true", default=None, help="QK-norm in every attention (theory §5 bound)")),
 )
 TRAIN_OPTIONS: tuple[tuple[str, dict], ...] = (
     ("--steps", dict(type=int, default=400, help="optimizer steps (default: %(default)s)")),
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model with FSDP2 instead of DDP (no --resume)")
     p.add_argument("--tensorboard", metavar="DIR", help="write live TensorBoard event files to DIR at every flush")
+    p.add_argument("--attn-logits", action="store_true", help="also record the output logits and the attention "
+                   "logits (qk_absmax, entropy: an extra QKᵀ per layer on recorded steps)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="train pre, peri and post with the same seed and data, then build a report")
@@ -228,7 +231,7 @@ def _model_config(args: argparse.Namespace, placement: str, preset: str):
     from .models import config_from_preset
 
     overrides = {"placement": placement, "d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads,
-                 "seq_len": args.seq_len, "norm": args.norm, "mlp": args.mlp}
+                 "seq_len": args.seq_len, "norm": args.norm, "mlp": args.mlp, "qk_norm": getattr(args, "qk_norm", None)}
     try:
         return config_from_preset(preset, **{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:  # an unknown preset or field value: the model config's message
@@ -247,7 +250,8 @@ def _train_config(args: argparse.Namespace):
                        dtype=args.dtype, every=every, eval_every=args.eval_every, data=args.data,
                        progress=not args.no_progress, fsdp=args.fsdp, tensorboard=getattr(args, "tensorboard", None),
                        ckpt_every=getattr(args, "ckpt_every", 100), flush_seconds=getattr(args, "flush_seconds", 60.0),
-                       grad_clip=args.grad_clip, warmup=args.warmup, weight_decay=args.weight_decay)
+                       grad_clip=args.grad_clip, warmup=args.warmup, weight_decay=args.weight_decay,
+                       attn_logits=getattr(args, "attn_logits", False))
 
 
 # ----------------------------------------------------------------------------- summaries

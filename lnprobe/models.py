@@ -19,6 +19,13 @@ last block already ends in a norm). ``emb_norm`` (norm of token + position embed
 only when ``config.embed_norm`` is true, which is the default for ``peri`` only. Modules that a
 placement does not call are not created: the corresponding attributes are ``None``.
 
+Attention: ``qkv`` → per-head q, k, v → optional QK-norm (``qk_norm``: a bias-free norm of the
+configured kind over each head's d_h channels, one gain for q and one for k, applied before the dot
+product, as in OLMo 2 / Wortsman et al. 2023) → ``attn.sdpa`` (:class:`DotProductAttention`, causal
+softmax(q·kᵀ/sqrt(d_h))·v) → ``out``. ``attn.sdpa`` is a parameter-free submodule so that a forward
+pre-hook sees the exact q and k the scores are made of (``lnprobe.attnlogits``); it leaves the
+state dict unchanged.
+
 Embeddings are learned absolute positions added to token embeddings. Initialisation: every
 Linear and Embedding weight ~ N(0, init_std²), every bias 0, norm gains 1 and biases 0; with
 ``scaled_init`` the output projections ``attn.out`` and ``mlp.fc_out`` use
@@ -36,7 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["GPTConfig", "PRESETS", "config_from_preset", "GPT", "Block", "CausalSelfAttention", "MLP"]
+__all__ = ["GPTConfig", "PRESETS", "config_from_preset", "GPT", "Block", "CausalSelfAttention", "DotProductAttention",
+           "MLP"]
 
 PLACEMENTS = ("pre", "post", "peri", "output", "lns")
 NORMS = ("layernorm", "rmsnorm")
@@ -78,6 +86,7 @@ class GPTConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     pos: str = "learned"
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("placement", PLACEMENTS), ("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS)):
@@ -103,6 +112,8 @@ class GPTConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"GPTConfig.{name} must be a positive finite number, got {value!r}")
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"GPTConfig.qk_norm must be True or False, got {self.qk_norm!r}")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -161,14 +172,46 @@ def _make_norm(config: GPTConfig) -> nn.Module:
     return nn.RMSNorm(config.d_model, eps=config.norm_eps)
 
 
+def _make_head_norm(config: GPTConfig) -> nn.Module:
+    """QK-norm over a head's d_h channels, without bias (a bias would void theory §5's logit bound)."""
+    d_head = config.d_model // config.n_heads
+    if config.norm == "layernorm":
+        return nn.LayerNorm(d_head, eps=config.norm_eps, elementwise_affine=True, bias=False)
+    return nn.RMSNorm(d_head, eps=config.norm_eps)
+
+
+class DotProductAttention(nn.Module):
+    """Causal scaled dot-product attention of per-head q, k, v: (B, H, T, Dh) × 3 -> (B, H, T, Dh).
+
+    softmax(q·kᵀ · ``scaling`` + causal mask)·v with ``scaling`` = 1/sqrt(d_h); ``is_causal`` is True
+    (query i attends to keys j ≤ i). Its own module so that hooks see q and k (after any QK-norm).
+    """
+
+    is_causal = True
+    scaling = None  # None: 1/sqrt(d_h), SDPA's default
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q·kᵀ/sqrt(d_h) + causal mask)·v: (B, H, T, Dh) -> (B, H, T, Dh)."""
+        p = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, Dh)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention: ``qkv`` Linear (D → 3D), SDPA, ``out`` Linear (D → D)."""
+    """Multi-head causal self-attention: ``qkv`` Linear (D → 3D), optional QK-norm (``q_norm``,
+    ``k_norm``), ``sdpa`` (:class:`DotProductAttention`), ``out`` Linear (D → D)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_heads = config.n_heads
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.q_norm = _make_head_norm(config) if config.qk_norm else None
+        self.k_norm = _make_head_norm(config) if config.qk_norm else None
+        self.sdpa = DotProductAttention(config.dropout)
         self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,9 +219,11 @@ class CausalSelfAttention(nn.Module):
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=-1)  # 3 × (B, T, D)
         q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, Dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # (B, H, T, Dh)
+        y = self.sdpa(q, k, v)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        p = self.dropout if self.training else 0.0
         return F.dropout(self.out(y), p, self.training)  # (B, T, D)
 
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from . import distributed as D
 from . import stats as S
+from .attnlogits import LogitObserver
 from .flushclock import FlushClock
 from .hooks import SiteObserver
 from .options import first_step, legacy_resume, parse_sites, parse_stats, select_sites
@@ -92,6 +93,8 @@ class Probe:
         overwrite: bool = False,
         sinks: Any = None,
         updates: Any = None,
+        logits: bool = False,
+        attn_logits: bool = False,
     ):
         """Discover the model's blocks and sites, register the hooks and write meta.json.
 
@@ -156,15 +159,19 @@ class Probe:
         self._flush_deferred, self._step_calls = False, 0
         self._updates = None if updates is None else UpdateTracker(
             updates, self._params, self._update_steps, self._emit_updates, self._notes)
+        self._logits = LogitObserver(self.model, self.map, self._records_forward, self._notes, logits=logits,
+                                     attn_logits=attn_logits) if (logits or attn_logits) else None
+        self._handles += self._logits.handles if self._logits is not None else []
 
         meta = self.map.to_meta()
         meta.update(
             run_name=run_name or Path(out).name,
             status="running",
             schedule=self.schedule.to_meta(),
-            sites=sorted({k[0] for k in self._acc}, key=ALL_SITES.index),
+            sites=sorted({k[0] for k in self._acc}, key=ALL_SITES.index) + (self._logits.sites if self._logits else []),
             grad_sites=sorted({k[0] for k in self._grad_keys}, key=ALL_SITES.index),
-            stats={s: list(v) for s, v in self._site_stats.items() if s in sites_wanted},
+            stats={s: list(v) for s, v in self._site_stats.items() if s in sites_wanted}
+            | (self._logits.stats if self._logits is not None else {}),
             config=config or {},
             notes=self._notes,
             first_step=self._step,
@@ -244,6 +251,8 @@ class Probe:
                 warnings.warn(f"lnprobe: step {self._step} not recorded: {exc}", RuntimeWarning, stacklevel=2)
         for acc in self._acc.values():
             acc.clear()
+        if self._logits is not None:
+            self._logits.clear()
         self._captured = None
         self._update_step = self._step if self._active else None
         self._step += 1
@@ -298,6 +307,9 @@ class Probe:
                                 loss=loss, lr=lr, loss_scale=loss_scale(scaler), scaler_enabled=scaler_enabled(scaler))
         if rows is not None:
             self._buffer.append(rows)
+        extra = self._logits.step_rows(self._step, self._rows.layout) if self._logits is not None else None
+        if extra is not None:
+            self._buffer.append(extra)
 
     def _update_steps(self) -> tuple[int, int | None, int | None]:
         # for lnprobe.updates: step() calls so far, the last closed step and the open one (None: not recorded)
@@ -460,6 +472,7 @@ class Probe:
         tensors += [t for e in self._buffer for t in (e.values, e.loc)]
         if self._captured is not None:
             tensors.append(self._captured[1])
+        tensors += self._logits.held if self._logits is not None else []
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return sum(storages.values())
 
@@ -494,6 +507,8 @@ def attach(
     overwrite: bool = False,
     sinks: Any = None,
     updates: Any = None,
+    logits: bool = False,
+    attn_logits: bool = False,
 ) -> Probe:
     """Attach a probe to ``model`` that writes the run directory ``out``; also a context manager.
 
@@ -535,6 +550,10 @@ def attach(
         updates: an optimizer or a list of them: ``update_rms`` and ``update_ratio`` of every parameter on
             recorded steps, from optimizer step hooks (``lnprobe.updates``). Call ``probe.step()`` before
             ``opt.step()``.
+        logits: record the ``logits`` site (the model output's ``logit_rms``, ``logit_absmax``, ``lse_mean``).
+        attn_logits: record the ``attn_logits`` site per block (``qk_absmax`` with its head, ``entropy``), exact
+            for the reference GPT and Hugging Face models (their attention-function interface); costs an extra
+            QKᵀ per layer on recorded steps (``lnprobe.attnlogits``).
 
     Raises (before a hook is registered or a file touched): ``lnprobe.RunExistsError`` (a FileExistsError)
     when ``out`` holds a run and neither ``resume`` nor ``overwrite`` is passed; ``lnprobe.RunLockedError``
@@ -546,4 +565,4 @@ def attach(
                  placement=placement, example_input=example_input, record=record, flush_every=flush_every,
                  flush_seconds=flush_seconds, scaler=scaler, config=config, run_name=run_name, resume=resume,
                  distributed=distributed, process_group=process_group, start_step=start_step, append=append,
-                 overwrite=overwrite, sinks=sinks, updates=updates)
+                 overwrite=overwrite, sinks=sinks, updates=updates, logits=logits, attn_logits=attn_logits)

@@ -26,6 +26,7 @@ import torch
 __all__ = [
     "ALL_SITES",
     "BLOCK_SITES",
+    "LOGIT_SITES",
     "NORM_ROLES",
     "PARAM_ROLES",
     "PLACEMENTS",
@@ -48,6 +49,9 @@ SiteKey = tuple[str, int]  # (site, layer)
 # block of an encoder–decoder three (self-attention, cross-attention reading the encoder, MLP); each
 # kind names its sites (`<kind>_out`, `<kind>_raw`), norm roles and projection roles
 SUBLAYERS: dict[int, tuple[str, ...]] = {2: ("attn", "mlp"), 3: ("attn", "xattn", "mlp")}
+# opt-in sites read by lnprobe.attnlogits, not hook points of ALL_SITES: `logits` the head's output (layer
+# L), `attn_logits` each block's attention scores q·kᵀ·scale (layer 0..L-1)
+LOGIT_SITES: tuple[str, ...] = ("logits", "attn_logits")
 
 PLACEMENTS = ("pre", "post", "peri", "output", "none", "mixed")
 NORM_ROLES = (

@@ -154,6 +154,16 @@ REGISTRY: tuple[Stat, ...] = (
     _row("skipped",    "train",   None, "derived", "one",      _ALL,
          "1 if an enabled GradScaler skips the step (non-finite grad_norm)"),
     _row("lr",         "train",   None, "mean",    "one",      _ALL,    "learning rate passed to probe.step()"),
+    # output and attention logits (lnprobe.attnlogits), recorded with attach(logits=True / attn_logits=True)
+    _row("logit_rms",    "logits",   0, "rms",     "elements", ("logits",), "rms of the head's output logits z"),
+    _row("logit_absmax", "logits",   1, "loc",     "one",      ("logits",),
+         "max |z|, with token and channel (vocabulary index)", slot=0),
+    _row("lse_mean",     "logits",   2, "mean",    "tokens",   ("logits",),
+         "mean over tokens of log Σ_v exp(z_v) (log Z, the z-loss quantity)"),
+    _row("qk_absmax",    "attn_logits", 0, "loc",  "one",      ("attn_logits",),
+         "max |q·k|·scale (scale 1/sqrt(d_h)) over attended pairs, with query token and head (channel)", slot=0),
+    _row("entropy",      "attn_logits", 1, "mean", "tokens",   ("attn_logits",),
+         "attention entropy −Σ_j p_j log p_j, mean over queries and heads"),
 )
 _BY_KEY = {(s.kind, s.name): s for s in REGISTRY}
 
@@ -173,6 +183,8 @@ PARAM_STATS: tuple[str, ...] = _names("parameter")
 NORM_STATS: tuple[str, ...] = _names("norm")
 TRAIN_STATS: tuple[str, ...] = _names("train")
 UPDATE_STATS: tuple[str, ...] = _names("update")
+LOGIT_STATS: tuple[str, ...] = _names("logits")
+ATTN_LOGIT_STATS: tuple[str, ...] = _names("attn_logits")
 LOCATED_STATS = frozenset(s.name for s in REGISTRY if s.slot is not None)
 LOC_SLOT: dict[str, int] = {s.name: s.slot for s in REGISTRY if s.slot is not None}
 PER_TOKEN_STATS = frozenset(s.name for s in REGISTRY if s.weight == "tokens")

@@ -102,6 +102,7 @@ class TrainConfig:
     A resumed run reproduces the uninterrupted one bitwise on CPU when the thread count is the same.
     ``fsdp``: under torchrun, shard the model with FSDP2 instead of wrapping it in DDP.
     ``tensorboard``: a directory for live TensorBoard event files (``lnprobe.sinks.TensorBoard``; rank 0).
+    ``attn_logits``: also record the ``logits`` and ``attn_logits`` sites (``lnprobe.attnlogits``).
     An invalid field raises :class:`ConfigError` (a ValueError) saying what is accepted.
     """
 
@@ -127,6 +128,7 @@ class TrainConfig:
     threads: int | None = None
     fsdp: bool = False
     tensorboard: str | None = None
+    attn_logits: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -389,6 +391,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
         # ∂L/∂a at the MLP output before its output norm feeds the Proposition 3.1 check of the report
         grad_sites=("resid", "mlp_raw"), overwrite=overwrite,
         sinks=[TensorBoard(cfg.tensorboard)] if cfg.tensorboard and ctx.main else None,
+        logits=cfg.attn_logits, attn_logits=cfg.attn_logits,
     )
     if resume_meta:
         probe.update_meta(**resume_meta)

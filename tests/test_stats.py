@@ -273,11 +273,12 @@ def test_registry_is_the_one_source_of_the_statistic_lists():
 
     assert S.ACTIVATION_STATS == ("m2", "var", "rms", "absmax", "top1", "top2", "top3", "median_abs",
                                   "kurtosis", "nonfinite", "over_fp16", "massive")
-    assert S.LOCATED_STATS == {"absmax", "top1", "top2", "top3"} and S.PER_TOKEN_STATS == {"var", "kurtosis"}
+    assert S.LOCATED_STATS == {"absmax", "top1", "top2", "top3", "logit_absmax", "qk_absmax"}
+    assert S.PER_TOKEN_STATS == {"var", "kurtosis", "lse_mean", "entropy"}
     assert S.default_stats("attn_out") == BRANCH
     assert S.DEFAULT_ACTIVATION_STATS == tuple(s for s in ALL if s != "kurtosis")
     assert S.default_sites("gradient") == ("resid",)
-    for kind in ("activation", "gradient", "parameter", "norm"):
+    for kind in ("activation", "gradient", "parameter", "norm", "logits", "attn_logits"):
         cols = [s.column for s in S.REGISTRY if s.kind == kind]
         assert sorted(cols) == list(range(len(cols))), kind  # positional kernels: columns 0..n-1
     for row in S.REGISTRY:

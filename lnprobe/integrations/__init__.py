@@ -1,11 +1,12 @@
 """Integrations with training frameworks; each loads on first use, so ``lnprobe.integrations``
-imports nothing (not transformers): ``lnprobe.integrations.hf.ProbeCallback`` (Hugging Face Trainer)."""
+imports nothing (not transformers): ``lnprobe.integrations.hf.ProbeCallback`` (Hugging Face Trainer),
+``lnprobe.integrations.hf_attention`` (observing Hugging Face attention for ``attach(attn_logits=True)``)."""
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-_SUBMODULES = ("hf",)
+_SUBMODULES = ("hf", "hf_attention")
 
 
 def __getattr__(name: str) -> Any:
