@@ -17,6 +17,7 @@ losses as an uninterrupted run (bitwise on CPU with the same thread count).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,14 +94,28 @@ def save_checkpoint(path: str | Path, *, step: int, model: torch.nn.Module, opt:
 
 def changed_fields(old_model: dict, old_train: dict, model_config: dict, train_config: dict) -> dict[str, list]:
     """``{key: [old, new]}`` for every setting a resume would change: model fields (``model.<key>``) and
-    train fields except :data:`OPERATIONAL` (those may change freely: they do not touch the training)."""
+    train fields except :data:`OPERATIONAL` (those may change freely: they do not touch the training).
+
+    A field the old run's config lacks (a setting added in a later version of lnprobe) held its default
+    then, since the setting did not exist: it counts as changed only when the new value differs from that
+    default, so runs written before the field existed resume without ``--force``."""
+    from .models import GPTConfig
+    from .train import TrainConfig  # here, not at the top: train imports this module
+
     changed = {}
-    for prefix, old, new, skip in (("model.", old_model, model_config, ()),
-                                   ("", old_train, train_config, OPERATIONAL)):
+    for prefix, old, new, skip, cls in (("model.", old_model, model_config, (), GPTConfig),
+                                        ("", old_train, train_config, OPERATIONAL, TrainConfig)):
+        defaults = _field_defaults(cls)
         for key in sorted(set(old) | set(new)):
-            if key not in skip and old.get(key) != new.get(key):
-                changed[prefix + key] = [old.get(key), new.get(key)]
+            was = old.get(key, defaults.get(key))
+            if key not in skip and was != new.get(key):
+                changed[prefix + key] = [was, new.get(key)]
     return changed
+
+
+def _field_defaults(cls) -> dict[str, Any]:
+    """The default of every field of dataclass ``cls`` that has a plain (non-factory) default."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def describe(changed: dict[str, list]) -> str:

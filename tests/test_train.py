@@ -469,3 +469,12 @@ def test_probe_flushes_on_a_time_bound_and_writes_a_heartbeat(tmp_path, monkeypa
     assert parts(tmp_path / "b") == 1
     with pytest.raises(ValueError, match="flush_seconds"):
         lnprobe.attach(model, tmp_path / "c", flush_seconds=-1)
+
+
+def test_a_setting_added_later_is_unchanged_when_it_holds_its_default():
+    # A checkpoint written before `qk_norm` (model) and `attn_logits` (train) existed lacks those keys.
+    from lnprobe.checkpoint import changed_fields
+    model, train = {"placement": "pre", "qk_norm": False}, {"lr": 0.01, "attn_logits": False}
+    assert changed_fields({"placement": "pre"}, {"lr": 0.01}, model, train) == {}
+    changed = changed_fields({"placement": "pre"}, {"lr": 0.01}, dict(model, qk_norm=True), train)
+    assert changed == {"model.qk_norm": [False, True]}
