@@ -205,20 +205,18 @@ def filter_frame(frame: pd.DataFrame, filters: dict[str, list[tuple]]) -> pd.Dat
 def to_frame(table: pa.Table) -> pd.DataFrame:
     """An Arrow result as a records frame with the schema's dtypes (token/channel: nullable Int64)."""
     out = {}
+    nullable = {pa.int64(): pd.Int64Dtype()}.get
     for c in table.column_names:
-        col = table.column(c).combine_chunks() if table.num_rows else table.column(c)
+        col = table.column(c)
         if c in ("token", "channel"):
-            arr = col if isinstance(col, pa.Array) else pa.array([], pa.int64())
-            mask = arr.is_null().to_numpy(zero_copy_only=False)
-            out[c] = pd.arrays.IntegerArray(arr.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64), mask)
+            out[c] = col.cast(pa.int64()).to_pandas(types_mapper=nullable).array
         elif c in ("step", "layer"):
-            out[c] = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.int64)
+            out[c] = np.asarray(col.to_numpy(), dtype=np.int64)
         elif c == "value":
-            out[c] = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
-        else:
-            out[c] = col.to_pandas() if isinstance(col, pa.Array) else pd.Series(col.to_pandas())
-            out[c] = pd.Series(out[c]).astype("str") if c != STACK_COLUMN else pd.Series(out[c], dtype="str")
-    return pd.DataFrame(out)
+            out[c] = np.asarray(col.to_numpy(), dtype=np.float64)
+        else:  # site, stat, stack: pandas' string dtype (missing: NaN)
+            out[c] = col.cast(pa.string()).to_pandas().astype("str")
+    return pd.DataFrame(out, index=pd.RangeIndex(table.num_rows))
 
 
 def _empty(columns: Iterable[str]) -> pd.DataFrame:
@@ -229,17 +227,21 @@ def _empty(columns: Iterable[str]) -> pd.DataFrame:
 
 def select_records(files: list[Path], columns: Iterable[str] | None = None,
                    filters: dict[str, list[tuple]] | None = None,
-                   stacks: list[tuple[str, int, int]] | None = None) -> pd.DataFrame:
+                   stacks: list[tuple[str, int, int]] | None = None, *, ordered: bool = True) -> pd.DataFrame:
     """Rows of one run's record files that ``filters`` keep, in reading order (file order, then row
-    order: a later duplicate stays later), ``columns`` (default the schema's and ``stack``)."""
+    order: a later duplicate stays later), ``columns`` (default the schema's and ``stack``).
+    ``ordered=False`` (files with one row per key: compacted) leaves the order to the engine."""
     columns = list(columns) if columns is not None else [*_RECORD_COLUMNS, STACK_COLUMN]
     if not files:
         return _empty(columns)
     con = _cursor()
-    _file_table(con, files)
-    sql = (f"SELECT {', '.join(_exprs(files, columns, _stack_case({0: stacks or []}, None)))} "
-           f"FROM {_scan(files)} r JOIN lnprobe_files f USING (filename) WHERE {_where(filters or {})} "
-           "ORDER BY f.ord, r.file_row_number")
+    exprs = ", ".join(_exprs(files, columns, _stack_case({0: stacks or []}, None)))
+    if ordered:
+        _file_table(con, files)
+        sql = (f"SELECT {exprs} FROM {_scan(files)} r JOIN lnprobe_files f USING (filename) "
+               f"WHERE {_where(filters or {})} ORDER BY f.ord, r.file_row_number")
+    else:
+        sql = f"SELECT {exprs} FROM {_scan(files)} r WHERE {_where(filters or {})}"
     return to_frame(_arrow(con.sql(sql)))
 
 
@@ -256,6 +258,15 @@ def distinct_pairs(files: list[Path], filters: dict | None = None) -> set[tuple[
     rows = _cursor().execute(f"SELECT DISTINCT CAST(r.site AS VARCHAR), CAST(r.stat AS VARCHAR) FROM {_scan(files)} r "
                          f"WHERE {_where(filters or {})}").fetchall()
     return set(rows)
+
+
+def distinct_steps(files: list[Path], filters: dict | None = None) -> np.ndarray:
+    """The sorted distinct steps."""
+    if not files:
+        return np.zeros(0, dtype=np.int64)
+    rows = _cursor().execute(f"SELECT DISTINCT CAST(r.step AS BIGINT) FROM {_scan(files)} r "
+                             f"WHERE {_where(filters or {})}").fetchall()
+    return np.sort(np.array([r[0] for r in rows], dtype=np.int64))
 
 
 def layer_bound(files: list[Path], filters: dict | None = None) -> int | None:
@@ -283,7 +294,9 @@ def write_compacted(files: list[Path], out: Path, *, drop_from_step: int | None 
     The sort runs within :data:`COMPACT_MEMORY` and spills to a temporary folder next to ``out``."""
     import shutil
 
-    con = _cursor()
+    import duckdb
+
+    con = duckdb.connect(":memory:")  # its own database: the settings below must not reach the readers
     tmp = out.parent.parent / f".duckdb.tmp-{out.parent.name}"
     con.execute(f"SET memory_limit = '{COMPACT_MEMORY}'")
     con.execute(f"SET temp_directory = {_lit(str(tmp))}")

@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -402,6 +403,46 @@ def guess_role(param: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # the loaded run
 # ---------------------------------------------------------------------------------------------
+#: Bytes of frames and tables a :class:`Run` keeps for reuse; beyond it the least recently used are
+#: dropped (and read again when asked for), so the analysis of a 50 M-row run stays within memory.
+CACHE_BYTES = 400 * 2**20
+
+
+class _FrameCache(OrderedDict):
+    """A dict that keeps at most :data:`CACHE_BYTES` of DataFrames, dropping the least recently used
+    (the newest entry always stays); other values (numbers, small dicts) are kept and not counted."""
+
+    def __init__(self, budget: int = CACHE_BYTES):
+        super().__init__()
+        self.budget, self.bytes = budget, 0
+
+    @staticmethod
+    def _size(v: Any) -> int:
+        return int(v.memory_usage(index=True, deep=False).sum()) if isinstance(v, pd.DataFrame) else 0
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self.move_to_end(key)
+        return value
+
+    def __setitem__(self, key, value) -> None:
+        if key in self:
+            self.bytes -= self._size(super().__getitem__(key))
+        super().__setitem__(key, value)
+        self.bytes += self._size(value)
+        for old in list(self.keys())[:-1]:
+            if self.bytes <= self.budget:
+                break
+            size = self._size(super().__getitem__(old))
+            if size:
+                self.bytes -= size
+                super().__delitem__(old)
+
+    def clear(self) -> None:
+        super().clear()
+        self.bytes = 0
+
+
 class Run:
     """One run directory (``lnprobe.load_run``; ``lnprobe.analysis`` uses the same type).
 
@@ -429,7 +470,9 @@ class Run:
         self._files = files if files is not None or records is not None else []  # None: records in memory
         self._filters = dict(filters or {})
         self._columns = list(columns) if columns is not None else None
-        self._cache: dict = {}
+        self._cache = _FrameCache()
+        # only compacted files (one row per key, lnprobe.store.compact): no duplicates to resolve
+        self._unique = bool(files) and all(_GEN_RE.match(Path(f).parent.name) for f in files)
         self.warnings = list(warnings or [])
         if not self.warnings:
             notes = [f"skipping unreadable record part {p}" for p in self.skipped_parts]
@@ -468,7 +511,7 @@ class Run:
             out = filter_frame(self._records, want)
             return out[list(columns)] if columns is not None else out
         return select_records(self._files or [], columns, merge_filters(self._filters, want),
-                              stacks=stacks_of(self.meta))
+                              stacks=stacks_of(self.meta), ordered=not self._unique)
 
     def _pairs(self) -> set[tuple[str, str]]:
         if "pairs" not in self._cache:
@@ -551,6 +594,11 @@ class Run:
         return (site, stat) in self._pairs()
 
     @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """Recorded (site, stat) pairs, sorted."""
+        return sorted(self._pairs())
+
+    @property
     def sites(self) -> list[str]:
         """Recorded site names, sorted (``param:*`` included)."""
         return sorted({s for s, _ in self._pairs()})
@@ -564,9 +612,10 @@ class Run:
                                     for c in ("step", "layer", "value", "token", "channel")})
             else:
                 out = self.select(["step", "layer", "value", "token", "channel"], site=site, stat=stat)
-                # A resumed run may repeat a step: the later part wins.
-                out = out.drop_duplicates(["step", "layer"], keep="last").sort_values(["step", "layer"])
-                out = out.reset_index(drop=True)
+                # A resumed run may repeat a step: the later part wins (a compacted file has one row per key).
+                if not self._unique:
+                    out = out.drop_duplicates(["step", "layer"], keep="last")
+                out = out.sort_values(["step", "layer"]).reset_index(drop=True)
             self._cache[key] = out
         return self._cache[key]
 
@@ -601,8 +650,11 @@ class Run:
     def steps(self) -> np.ndarray:
         """Sorted recorded steps of activation statistics (resid m2), else of any record."""
         f = self.frame("resid", "m2")
-        s = f["step"] if len(f) else self.select(["step"])["step"]
-        return np.unique(s.to_numpy())
+        if len(f) or self._files is None:
+            return np.unique((f["step"] if len(f) else self.records["step"]).to_numpy())
+        from .query import distinct_steps
+
+        return distinct_steps(self._files, self._filters)
 
     def param_roles(self) -> dict[str, dict]:
         """param name -> {"role", "layer"}: meta param_roles, else guessed from recorded names."""
@@ -636,12 +688,18 @@ class Run:
                 return self._cache[key]
             # one selection over all param:* sites, in reading order (the later duplicate wins)
             sel = self.select(["step", "site", "layer", "value"], site=sites, stat=stat)
-            sel = sel.drop_duplicates(["step", "site", "layer"], keep="last")
-            names = sel["site"].astype(str).str.slice(len(PARAM_PREFIX))
-            role_of = {n: info["role"] for n, info in roles.items()}
+            if not self._unique:
+                sel = sel.drop_duplicates(["step", "site", "layer"], keep="last")
+            # categorical names and roles: a 100k-step run has millions of rows but ~100 parameters
+            site = sel["site"].astype("category")
+            names = [c[len(PARAM_PREFIX):] for c in site.cat.categories]
+            role_names = sorted({roles.get(n, {}).get("role") or "other" for n in names})
+            role_code = np.array([role_names.index(roles.get(n, {}).get("role") or "other") for n in names],
+                                 dtype=np.int64)
+            codes = site.cat.codes.to_numpy()
             self._cache[key] = pd.DataFrame({
-                "step": sel["step"].to_numpy(), "param": names.to_numpy(dtype=object),
-                "role": names.map(role_of).fillna("other").to_numpy(dtype=object),
+                "step": sel["step"].to_numpy(), "param": pd.Categorical.from_codes(codes, categories=names),
+                "role": pd.Categorical.from_codes(role_code[codes], categories=role_names),
                 "layer": sel["layer"].to_numpy(), "value": sel["value"].to_numpy(),
             }).sort_values(["step", "param"], ignore_index=True)
         return self._cache[key]
