@@ -3,6 +3,7 @@ load_run, a one-(site, stat, layer) query, a cross-run query over 20 runs and ``
 
     python benchmarks/big_run.py                          # the full size: 50 M rows, 20 × 1 M rows
     python benchmarks/big_run.py --steps 10000 --cross-steps 200 --out bench_out/big_small   # scaled down
+    python benchmarks/big_run.py --skip big,report --reuse --engines   # the cross-run queries again
 
 Each measured phase runs in a fresh Python process, which reports its wall time and its own peak RSS
 (``ru_maxrss``), so one phase's memory never hides in another's. The run looks like a probed 12-block
@@ -125,10 +126,11 @@ def phase_load(path: Path) -> dict:
 
 def phase_cross(root: Path, engine: str) -> dict:
     """One statistic (resid m2 at the last layer) across every run, with the run identity as columns."""
+    import lnprobe  # imports (pandas, pyarrow, duckdb) are not part of the query
+    import lnprobe.query  # noqa: F401
+
     t0 = time.perf_counter()
     if engine == "duckdb":
-        import lnprobe
-
         runs = lnprobe.open(str(root / "*"))
         t1 = time.perf_counter()
         df = runs.filter(site="resid", stat="m2", layer=L).df(["run", "placement", "lr", "step", "value"])
@@ -136,8 +138,6 @@ def phase_cross(root: Path, engine: str) -> dict:
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.dataset as ds
-
-        import lnprobe
 
         runs = [lnprobe.load_run(p) for p in sorted(root.iterdir())]
         t1 = time.perf_counter()
@@ -191,6 +191,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench_out/big_run")
     ap.add_argument("--engines", action="store_true", help="also time the cross-run query with pyarrow.dataset")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip: big, cross, report")
+    ap.add_argument("--reuse", action="store_true", help="query the cross-run runs already in OUT/cross")
     ap.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.phase:
@@ -213,11 +214,12 @@ def main() -> None:
         print(f"lnprobe report: {rp['report_s']:.1f} s, exit {rp['exit']}, peak RSS {rp['peak_rss_MB']:.0f} MB")
     if "cross" not in skip:
         cross = root / "cross"
-        t0 = time.perf_counter()
-        for i in range(a.cross_runs):
-            child(["write", str(cross / f"run{i:02d}"), str(a.cross_steps), str(a.flush_every), str(i + 1)])
-        print(f"cross: {a.cross_runs} runs × {a.cross_steps * len(layout()[0]):,} rows written and compacted in "
-              f"{time.perf_counter() - t0:.1f} s")
+        if not (a.reuse and cross.is_dir()):
+            t0 = time.perf_counter()
+            for i in range(a.cross_runs):
+                child(["write", str(cross / f"run{i:02d}"), str(a.cross_steps), str(a.flush_every), str(i + 1)])
+            print(f"cross: {a.cross_runs} runs × {a.cross_steps * len(layout()[0]):,} rows written and compacted "
+                  f"in {time.perf_counter() - t0:.1f} s")
         for engine in ("duckdb", "pyarrow") if a.engines else ("duckdb",):
             c = child(["cross", str(cross), engine])
             print(f"cross-run query of one statistic ({engine}): open {c['open_s']:.2f} s, query {c['query_s']:.2f} s, "
