@@ -4,6 +4,7 @@
     ...  # loss.backward(); probe.step(loss=loss); opt.step()
     probe.close()
     run = lnprobe.load_run("runs/pre")
+    runs = lnprobe.open("runs/*")        # many runs as one lazy relation (lnprobe.query)
 
 Every name is imported on first use (PEP 562): ``import lnprobe`` imports neither torch nor pandas,
 and ``lnprobe.load_run`` / ``lnprobe.analysis`` work on a machine without torch. ``attach``,

@@ -343,8 +343,11 @@ class RunWriter:
 
     def close(self, *, compact: bool = True) -> None:
         """Compact the parts (:func:`compact`; a failure is a warning and leaves them as they are), then
-        release the lock (idempotent); the files stay."""
-        if compact and self.lock is not None and self.records_dir.is_dir() and not self._closed:
+        release the lock (idempotent); the files stay. A run whose meta.json says ``crashed`` is not
+        compacted: an error path does the least work, and its parts are read as they are (a resume
+        compacts them)."""
+        if (compact and self.records_dir.is_dir() and not self._closed
+                and self.meta.get("status") != "crashed"):
             compact_quietly(self.path)
         self._closed = True
         self.lock.release()
