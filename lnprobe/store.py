@@ -237,6 +237,10 @@ def compact(run_dir: str | Path, *, drop_from_step: int | None = None) -> dict[s
         return None
     old = load_manifest(records_dir / MANIFEST_NAME)
     files, skipped = record_files(run_dir, warn=False)
+    damaged = [p for p, _ in skipped if Path(p).parent != records_dir]
+    if damaged:  # a compacted file is missing or unreadable: rewriting would delete what is left of it
+        raise RunDirectoryError(f"{damaged[0]}: a compacted file of this run is missing or unreadable; not "
+                                "compacting (the parts stay as they are); restore it from a copy of the run")
     skipped_names = {Path(p).name for p, _ in skipped}
     new_parts = [p for p in files if p.parent == records_dir and _part_number(p.name) is not None]
     if not files or (old is not None and not new_parts and drop_from_step is None):

@@ -416,6 +416,9 @@ def test_a_missing_compacted_file_is_skipped_by_name(tmp_path):
     with pytest.warns(UserWarning, match="missing.*manifest"):
         run = lnprobe.load_run(run_dir)
     assert len(run.records) == 0 and run.skipped_parts == [str(run_dir / "records" / m["files"][0])]
+    with pytest.raises(lnprobe.RunDirectoryError, match="missing or unreadable; not compacting"):
+        store.compact(run_dir)  # rewriting would drop the manifest's record of it
+    assert store.read_manifest(run_dir) == m
 
 
 # ----------------------------------------------------------------------------- filters, stacks
