@@ -4,8 +4,9 @@ A run directory (design page section 5) is ``RUN/meta.json`` plus ``RUN/records/
 in long format: one row per (step, site, layer, stat) with ``value`` (float64) and the nullable
 ``token``/``channel`` of located statistics. The schema, the writer, the reader and the
 :class:`Run` type live in :mod:`lnprobe.store`; ``load`` is ``lnprobe.load_run`` and ``Run`` is
-``lnprobe.Run``, whose accessors (``frame``, ``pivot``, ``series``, ``params``, ``role_table``, ...)
-select one (site, stat) at a time through an index built once, so analysis never loops over rows.
+``lnprobe.Run``, whose accessors (``frame``, ``pivot``, ``series``, ``params``, ``role_table``,
+``select``, ...) read one (site, stat) at a time from the Parquet files with the filters pushed down
+(``lnprobe.query``), so the analysis never holds a whole run and never loops over rows.
 """
 from __future__ import annotations
 

@@ -21,27 +21,40 @@ from ..constants import FP16_MAX, MASSIVE_ABS, MASSIVE_RATIO
 _NON_ACTIVATION = ("train",)
 
 
-def massive_candidates(run: Any, site: str = "resid") -> pd.DataFrame:
+def top_frames(run: Any, site: str = "resid", ranks: Sequence[int] = (1, 2, 3)) -> list[tuple[int, pd.DataFrame]]:
+    """(rank, rows of ``top{rank}``) for each recorded rank; ``absmax`` stands in for top1 when only
+    absmax was recorded (absmax = top1)."""
+    out = []
+    for rank in ranks:
+        f = run.frame(site, f"top{rank}")
+        if not len(f) and rank == 1:
+            f = run.frame(site, "absmax")
+        if len(f):
+            out.append((rank, f))
+    return out
+
+
+def massive_candidates(run: Any, site: str = "resid", *, step: int | None = None,
+                       ranks: Sequence[int] = (1, 2, 3)) -> pd.DataFrame:
     """Sun et al. criterion on the recorded top-3 of one site.
 
     Returns one row per recorded (step, layer, rank) with columns step, layer, rank (1..3), value,
     token, channel, median_abs, ratio (= value / median_abs), massive (bool: value > 100 and
     ratio ≥ 1000; False when the median is not recorded), count (the probe's ``massive`` count for
-    that step/layer, NaN when not recorded). Empty frame when no top-k is recorded.
+    that step/layer, NaN when not recorded). Empty frame when no top-k is recorded. ``step``: that
+    step only; ``ranks``: those ranks only (a long run has millions of rows per rank).
     """
-    frames = []
-    for rank in (1, 2, 3):
-        f = run.frame(site, f"top{rank}")
-        if not len(f) and rank == 1:
-            f = run.frame(site, "absmax")          # absmax = top1 when only absmax was recorded
-        if len(f):
-            frames.append(f.assign(rank=rank))
+    def at(f: pd.DataFrame) -> pd.DataFrame:
+        return f[f["step"] == step] if step is not None else f
+
+    frames = [at(f).assign(rank=rank) for rank, f in top_frames(run, site, ranks)]
+    frames = [f for f in frames if len(f)]
     cols = ["step", "layer", "rank", "value", "token", "channel", "median_abs", "ratio", "massive", "count"]
     if not frames:
         return pd.DataFrame(columns=cols)
     top = pd.concat(frames, ignore_index=True)
-    med = run.frame(site, "median_abs")[["step", "layer", "value"]].rename(columns={"value": "median_abs"})
-    cnt = run.frame(site, "massive")[["step", "layer", "value"]].rename(columns={"value": "count"})
+    med = at(run.frame(site, "median_abs"))[["step", "layer", "value"]].rename(columns={"value": "median_abs"})
+    cnt = at(run.frame(site, "massive"))[["step", "layer", "value"]].rename(columns={"value": "count"})
     top = top.merge(med, on=["step", "layer"], how="left").merge(cnt, on=["step", "layer"], how="left")
     with np.errstate(divide="ignore", invalid="ignore"):
         top["ratio"] = top["value"].to_numpy() / top["median_abs"].to_numpy(dtype=np.float64)

@@ -195,11 +195,11 @@ def plot_top_activations(run: Run, step: int | None = None, site: str = "resid")
     """Top-1/2/3 and median of |x| of ``site`` against layer at one step (default: the last), log y,
     with both massive-activation thresholds of Sun et al. — |x| = 100 and 1000 × median (per layer)
     — and massive values (above both) circled."""
-    cand = M.massive_candidates(run, site)
-    if cand.empty:
+    tops = M.top_frames(run, site)
+    if not tops:
         raise MissingData(f"{run.name}: no top1/top2/top3 (or absmax) recorded at site {site!r}")
-    step = int(cand["step"].max()) if step is None else int(step)
-    at = cand[cand["step"] == step]
+    step = int(max(f["step"].max() for _, f in tops)) if step is None else int(step)
+    at = M.massive_candidates(run, site, step=step)
     if at.empty:
         raise MissingData(f"{run.name}: step {step} has no top-k records at {site!r}")
     fig, (ax,) = _figure(1, w=6.5, h=4.2)
@@ -469,13 +469,14 @@ def plot_topk_locations(run: Run, step: int | None = None, site: str = "resid") 
     largest |x|). Marker colour = layer, marker size grows with log |x|; the layer of the largest
     activation is outlined in red. A full token × channel surface of |x| for one layer (Sun et al.'s
     3-D plot) needs a tensor dump, which a run directory does not hold."""
-    cand = M.massive_candidates(run, site)
-    cand = cand.dropna(subset=["token", "channel"]) if len(cand) else cand
-    if cand.empty:
+    located = [f.dropna(subset=["token", "channel"]) for _, f in M.top_frames(run, site)]
+    located = [f for f in located if len(f)]
+    if not located:
         raise MissingData(f"{run.name}: no top-k (token, channel) locations recorded at site {site!r}")
-    if step is None:
-        step = int(cand.loc[cand["value"].idxmax(), "step"])
-    at = cand[cand["step"] == step]
+    if step is None:  # the step of the largest located |x| (the first such row, as idxmax)
+        every = pd.concat(located, ignore_index=True)
+        step = int(every.loc[every["value"].idxmax(), "step"])
+    at = M.massive_candidates(run, site, step=int(step)).dropna(subset=["token", "channel"])
     if at.empty:
         raise MissingData(f"{run.name}: no top-k locations recorded at step {step}")
     top_layer = int(at.loc[at["value"].idxmax(), "layer"])

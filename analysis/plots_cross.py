@@ -250,8 +250,7 @@ def plot_top1_ratio_over_steps(runs: Run | Iterable[Run], site: str = "resid",
     runs = _runs(runs)
     curves = {}
     for r in runs:
-        c = M.massive_candidates(r, site)
-        c = c[c["rank"] == 1] if len(c) else c
+        c = M.massive_candidates(r, site, ranks=(1,))
         if len(c) and c["median_abs"].notna().any():
             curves[r.name] = (r, c.groupby("step")["ratio"].max(), c.groupby("step")["value"].max())
     if not curves:

@@ -217,7 +217,9 @@ def _run_summary(run: Run) -> str:
         g = fits.growth_over_steps(m2.loc[[last]], min_layer=lo).iloc[0]
         parts.append(f"growth over layers {lo}..L at the last step: {g['best']} (best fit {g['fit_best']}, "
                      f"exponential rate {g['rate']:.3g}/layer)")
-        att = fits.attribution(run.records[run.records["step"] == last], placement=run.placement)
+        att = fits.attribution(run.select(["step", "site", "layer", "stat", "value"], stat="m2", step=int(last),
+                                          site=["resid", "resid_mid", "attn_out", "mlp_out"]),
+                               placement=run.placement)
         if len(att) and att["rho"].notna().any():
             parts.append(f"growth attribution at the last step: mean κ = v/m2(x) {att['kappa'].mean():.3g}, "
                          f"mean ρ (stream–branch cosine) {att['rho'].mean():.3g}")

@@ -4,6 +4,7 @@
     ...  # loss.backward(); probe.step(loss=loss); opt.step()
     probe.close()
     run = lnprobe.load_run("runs/pre")
+    runs = lnprobe.open("runs/*")        # many runs as one lazy relation (lnprobe.query)
 
 Every name is imported on first use (PEP 562): ``import lnprobe`` imports neither torch nor pandas,
 and ``lnprobe.load_run`` / ``lnprobe.analysis`` work on a machine without torch. ``attach``,
@@ -14,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["attach", "load_run", "inspect", "Probe", "Run", "Schedule", "ALL_SITES", "RunExistsError",
+__all__ = ["attach", "load_run", "open", "inspect", "Probe", "Run", "Schedule", "ALL_SITES", "RunExistsError",
            "RunLockedError", "RunDirectoryError"]
 __version__ = "0.1.0"
 
@@ -22,19 +23,20 @@ __version__ = "0.1.0"
 _LAZY_NAMES = {
     "attach": "probe", "Probe": "probe", "ALL_SITES": "sites",
     "Schedule": "schedule",
-    "Run": "store", "load_run": "store",
+    "Run": "store", "load_run": "store", "open": "query",
     "RunExistsError": "rundir", "RunLockedError": "rundir", "RunDirectoryError": "validate",
 }
 # submodules reachable as attributes right after ``import lnprobe`` (lnprobe.integrations.hf, ...)
 _SUBMODULES = ("analysis", "checkpoint", "cli", "constants", "data", "discovery", "distributed", "export",
                "integrations", "launch", "models", "testing",
-               "attnlogits", "probe", "rundir", "scan", "scan_inputs", "schedule", "sinks", "sites", "stats", "store",
-               "train", "updates",
+               "attnlogits", "probe", "query", "rundir", "scan", "scan_inputs", "schedule", "sinks", "sites", "stats",
+               "store", "train", "updates",
                "summary", "validate")
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time these load on first use
     from . import analysis, integrations  # noqa: F401
     from .probe import Probe, attach  # noqa: F401
+    from .query import open  # noqa: F401
     from .rundir import RunExistsError, RunLockedError  # noqa: F401
     from .schedule import Schedule  # noqa: F401
     from .sites import ALL_SITES  # noqa: F401

@@ -1,18 +1,25 @@
 """Export a run directory to TensorBoard event files (optional dependency: the ``tensorboard`` extra).
 
-    lnprobe export --tensorboard runs/pre --out tb/pre      # then: tensorboard --logdir tb
+    lnprobe export --tensorboard runs/pre --out tb/pre   # then: tensorboard --logdir tb --samples_per_plugin scalars=0
     lnprobe.export.export_tensorboard("runs/pre", "tb/pre")
 
-What is written, at each recorded step:
-- one scalar per record row: ``{site}/{stat}/layer_{LL}`` for activation sites (e.g.
-  ``resid/m2/layer_03``), ``train/{stat}`` (e.g. ``train/loss``), ``param/{stat}/{parameter name}``
-  (e.g. ``param/grad_norm/transformer.h.0.attn.c_attn.weight``);
-- per-layer profiles as histograms, ``profile/{site}/{stat}`` for resid m2, var and grad_rms: bucket l
-  (right edge l + 0.5) holds the value at layer l, so TensorBoard's histogram view shows the profile
-  over depth and its evolution over steps;
-- ``param/log10_grad_norm`` and ``param/log10_param_norm``: histograms over all parameters of the
-  log10 norms;
-- ``lnprobe/meta``: meta.json as text.
+Few tags, one chart per quantity: TensorBoard (and W&B) slow down with thousands of tags, so the layer
+is not part of a tag. Each layer is a TensorBoard *run* (``OUT/layer_LL``) and every layer writes the
+same tags, which TensorBoard draws as one multi-line chart per tag, one line per layer:
+- ``{site}/{stat}`` for activation and gradient statistics (e.g. ``resid/m2``, its lines ``layer_00`` to
+  ``layer_L``);
+- ``param/{role}/{stat}`` for parameter statistics, grouped by role (e.g. ``param/mlp.out/grad_norm``):
+  several parameters of one role in one block combine as :meth:`lnprobe.store.Run.role_table` does
+  (root of the sum of squares for norms, the mean otherwise); parameters outside the blocks (layer −1)
+  are in ``OUT`` itself;
+- in ``OUT`` itself: ``train/{stat}`` (e.g. ``train/loss``), the per-layer profiles as histograms,
+  ``profile/{site}/{stat}`` for resid m2, var and grad_rms (bucket l, right edge l + 0.5, holds the
+  value at layer l), ``param/log10_grad_norm`` and ``param/log10_param_norm`` (histograms over all
+  parameters of the log10 norms), and ``lnprobe/meta`` (meta.json as text).
+
+So a 32-layer run has a few dozen tags instead of one per site × layer × statistic and per parameter.
+TensorBoard keeps only 1,000 points per scalar tag by default (reservoir sampling): start it with
+``--samples_per_plugin scalars=0`` to see every step. The run is read one (site, stat) at a time.
 """
 from __future__ import annotations
 
@@ -39,40 +46,67 @@ def _summary_writer(out_dir: Path):
     return SummaryWriter(log_dir=str(out_dir))
 
 
-def scalar_tag(site: str, layer: int, stat: str) -> str:
-    """The TensorBoard tag of one record row."""
-    if site == "train":
-        return f"train/{stat}"
-    if site.startswith("param:"):
-        return f"param/{stat}/{site[len('param:'):]}"
-    return f"{site}/{stat}/layer_{int(layer):02d}"
+def scalar_tag(site: str, stat: str, role: str | None = None) -> str:
+    """The TensorBoard tag of a (site, stat) — its layers are runs of the same tag — or, with ``role``,
+    of a parameter statistic of that role."""
+    if role is not None:
+        return f"param/{role}/{stat}"
+    return f"{site}/{stat}"
+
+
+def layer_run(layer: int) -> str:
+    """The TensorBoard run (a sub-directory of ``OUT``) of one layer: ``layer_LL``."""
+    return f"layer_{int(layer):02d}"
 
 
 def export_tensorboard(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the records of ``run_dir`` as TensorBoard events under ``out_dir``; return ``out_dir``."""
+    from .store import PARAM_PREFIX
+
     run = load_run(run_dir)
     out = Path(out_dir)
-    writer = _summary_writer(out)
+    writers: dict[str, object] = {}
+
+    def writer(layer: int):
+        key = "." if layer < 0 else layer_run(layer)
+        if key not in writers:
+            writers[key] = _summary_writer(out if key == "." else out / key)
+        return writers[key]
+
+    root = writer(-1)
     try:
         meta_text = json.dumps(run.meta, indent=2, sort_keys=True, default=str)
-        writer.add_text("lnprobe/meta", "```\n" + meta_text + "\n```", 0)
-        r = run.records.sort_values(["step", "site", "layer", "stat"], kind="stable")
-        for step, site, layer, stat, value in zip(r.step.to_numpy(), r.site.to_numpy(), r.layer.to_numpy(),
-                                                  r.stat.to_numpy(), r.value.to_numpy()):
-            writer.add_scalar(scalar_tag(site, layer, stat), float(value), int(step))
+        root.add_text("lnprobe/meta", "```\n" + meta_text + "\n```", 0)
+        pairs = run.pairs
+        for site, stat in pairs:
+            if site.startswith(PARAM_PREFIX):
+                continue
+            f = run.frame(site, stat)
+            tag = f"train/{stat}" if site == "train" else scalar_tag(site, stat)
+            for layer, g in f.groupby("layer", sort=True):
+                w = writer(int(layer))
+                for step, value in zip(g["step"].to_numpy(), g["value"].to_numpy()):
+                    w.add_scalar(tag, float(value), int(step))
+        for stat in sorted({stat for site, stat in pairs if site.startswith(PARAM_PREFIX)}):
+            p = run.params(stat)
+            for role in sorted(set(p["role"])):
+                for layer, col in run.role_table(stat, role).items():
+                    w = writer(int(layer))
+                    for step, value in col.dropna().items():
+                        w.add_scalar(scalar_tag("", stat, role), float(value), int(step))
         for (site, stat) in PROFILE_STATS:
-            rows = r[(r.site == site) & (r.stat == stat)]
+            rows = run.frame(site, stat)
             for step, g in rows.groupby("step"):
-                _add_profile(writer, f"profile/{site}/{stat}", g.layer.to_numpy(), g.value.to_numpy(), int(step))
-        params = r[r.site.str.startswith("param:")]
+                _add_profile(root, f"profile/{site}/{stat}", g.layer.to_numpy(), g.value.to_numpy(), int(step))
         for stat in ("grad_norm", "param_norm"):
-            for step, g in params[params.stat == stat].groupby("step"):
-                v = g.value.to_numpy()
+            for step, g in run.params(stat).groupby("step"):
+                v = g.value.to_numpy(dtype=np.float64)
                 v = v[np.isfinite(v) & (v > 0)]
                 if v.size:
-                    writer.add_histogram(f"param/log10_{stat}", np.log10(v), int(step))
+                    root.add_histogram(f"param/log10_{stat}", np.log10(v), int(step))
     finally:
-        writer.close()
+        for w in writers.values():
+            w.close()
     return out
 
 

@@ -72,20 +72,13 @@ def _last_step_on_disk(out: str | Path) -> int:
     """The last step closed by the run in ``out``: meta.json's ``last_step`` (updated at every flush),
     or the last step in its records when that is later (a process killed between writing a part and
     meta.json, or a run written without ``last_step``); -1 for an empty or missing run. Reads only the
-    ``step`` column of each part; unreadable parts are skipped, as ``load_run`` does."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    ``step`` column; unreadable parts are skipped, as ``load_run`` does."""
+    from .store import last_recorded_step
 
     if not (Path(out) / "meta.json").exists():
         return -1
     last = read_meta(out).get("last_step")
-    on_disk = -1
-    for part in sorted((Path(out) / "records").glob("part-*.parquet")):
-        try:
-            top = pc.max(pq.read_table(part, columns=["step"])["step"]).as_py()
-        except Exception:
-            continue
-        on_disk = max(on_disk, -1 if top is None else int(top))
+    on_disk = last_recorded_step(out)  # compacted files and live parts (lnprobe.store.record_files)
     return max(on_disk, int(last) if last is not None else -1)
 
 

@@ -48,6 +48,8 @@ def existing_run(path: str | Path) -> str | None:
         found.append(f"{n} record part{'s' if n != 1 else ''} in records/")
     if (path / "records.parquet").exists():
         found.append("records.parquet")
+    if (records / "manifest.json").exists():
+        found.append("compacted records in records/")
     return " and ".join(found) or None
 
 

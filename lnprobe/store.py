@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import time
 import warnings
-from dataclasses import dataclass, field
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,12 @@ import pyarrow as pa  # imported with the writer, so the first flush of a run do
 import pyarrow.parquet as pq
 
 from .rundir import RunExistsError, RunLock, RunLockedError, check_claim
-from .validate import MAX_LAYERS, RunDirectoryError, conform, load_meta, read_part
+from .validate import MAX_LAYERS, RunDirectoryError, load_manifest, load_meta, part_problem
 
-__all__ = ["RECORD_SCHEMA", "RECORD_COLUMNS", "Run", "RunWriter", "load_run", "read_meta", "write_meta",
-           "read_records", "records_frame", "trim", "RunDirectoryError", "RunExistsError", "RunLockedError"]
+__all__ = ["RECORD_SCHEMA", "RECORD_COLUMNS", "RUN_COLUMNS", "Run", "RunWriter", "load_run", "read_meta",
+           "write_meta", "read_records", "records_frame", "trim", "compact", "record_files", "read_manifest",
+           "last_recorded_step", "stacks_of", "MANIFEST_NAME", "RunDirectoryError", "RunExistsError",
+           "RunLockedError"]
 
 #: The record schema: column -> dtype, one row per (step, site, layer, stat). ``token`` (sequence
 #: position) and ``channel`` locate a value (absmax, top1..top3) and are <NA> elsewhere.
@@ -39,6 +43,9 @@ RECORD_SCHEMA: dict[str, str] = {
     "token": "Int64", "channel": "Int64",
 }
 RECORD_COLUMNS = tuple(RECORD_SCHEMA)
+#: Columns of ``Run.records``: the schema's plus ``stack``, derived on read from ``meta.map.stacks``
+#: (the name of the stack holding the row's layer, e.g. "encoder"; null for a model with one stack).
+RUN_COLUMNS = (*RECORD_COLUMNS, "stack")
 #: Site of a parameter statistic: ``param:<full parameter name>``.
 PARAM_PREFIX = "param:"
 #: Roles of the four sublayer weights (``param_roles`` in meta.json).
@@ -123,31 +130,167 @@ def _nullable_int(values: np.ndarray) -> pd.arrays.IntegerArray:
 
 
 def read_records(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """Concatenate every valid part in name order (``records.parquet`` of an old run when there are
-    no parts); return (records in the schema, paths of skipped parts). A part that is unreadable or
-    breaks the part schema (:func:`lnprobe.validate.read_part`) is skipped with a ``UserWarning``
-    naming the file and the problem."""
-    records, skipped = _read_parts(Path(run_dir))
-    return records, [p for p, _ in skipped]
+    """Every record of a run in reading order (the compacted files, then the parts written after the
+    last compaction, by number; ``records.parquet`` of an old run when there are neither); return
+    (records in the schema, paths of skipped parts). A part that is unreadable or breaks the part
+    schema (:func:`lnprobe.validate.part_problem`) is skipped with a ``UserWarning`` naming the file
+    and the problem."""
+    files, skipped = record_files(Path(run_dir))
+    from .query import select_records
+
+    return select_records(files), [p for p, _ in skipped]
 
 
-def _read_parts(run_dir: Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """(records, [(path of a skipped part, why)])."""
-    records_dir = run_dir / "records"
-    parts = sorted(records_dir.glob("part-*.parquet")) if records_dir.is_dir() else []
-    if not parts and (run_dir / "records.parquet").exists():
-        parts = [run_dir / "records.parquet"]
-    frames, skipped = [], []
-    for p in parts:
-        frame, problem = read_part(p)
+# ---------------------------------------------------------------------------------------------
+# the files of a run: live parts, compacted generations, the manifest
+# ---------------------------------------------------------------------------------------------
+#: ``records/manifest.json``: which compacted files hold the run's records and which parts they replace.
+MANIFEST_NAME = "manifest.json"
+_GEN_RE = re.compile(r"^gen-(\d+)$")
+
+
+def _part_number(name: str) -> int | None:
+    m = _PART_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any] | None:
+    """``records/manifest.json`` of a compacted run (checked), or None for a run never compacted."""
+    return load_manifest(Path(run_dir) / "records" / MANIFEST_NAME)
+
+
+def record_files(run_dir: str | Path, *, warn: bool = True) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The record files of a run in reading order, and the skipped ones as (path, why).
+
+    Reading order: the compacted files the manifest names (already one row per key), then every
+    ``part-N.parquet`` the manifest does not list, by part number (so a later duplicate comes later).
+    Files in ``gen-*`` folders that the manifest does not name are the output of a compaction that did
+    not finish and are never read; parts the manifest lists are already in its compacted files (a
+    compaction stopped before it deleted them) and are never read twice. A missing compacted file or a
+    part that breaks the part schema is skipped with a ``UserWarning`` naming it."""
+    records_dir = Path(run_dir) / "records"
+    manifest = load_manifest(records_dir / MANIFEST_NAME) if records_dir.is_dir() else None
+    covered = set(manifest["parts"]) if manifest else set()
+    compacted = [records_dir / f for f in manifest["files"]] if manifest else []
+    parts = sorted((p for p in records_dir.glob("part-*.parquet") if p.name not in covered
+                    and _part_number(p.name) is not None), key=lambda p: _part_number(p.name)) \
+        if records_dir.is_dir() else []
+    if not parts and not compacted and (Path(run_dir) / "records.parquet").exists():
+        parts = [Path(run_dir) / "records.parquet"]
+    files, skipped = [], []
+    for p in compacted + parts:
+        problem = "missing (listed in the compaction manifest)" if not p.exists() else part_problem(p)
         if problem is not None:  # damaged or foreign part: report it by name and keep the rest
-            warnings.warn(f"skipping record part {p}: {problem}", stacklevel=4)
+            if warn:
+                warnings.warn(f"skipping record part {p}: {problem}", stacklevel=3)
             skipped.append((str(p), problem))
         else:
-            frames.append(frame)
-    if not frames:
-        return records_frame(*(np.array([]) for _ in range(7))), skipped
-    return conform(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0], RECORD_SCHEMA), skipped
+            files.append(p)
+    return files, skipped
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# The three operations of a compaction that change the run directory; a test replaces them one at a
+# time with a simulated kill (tests/test_store.py) to show that no point of the sequence loses a record.
+def _write_compacted(files: list[Path], out: Path, drop_from_step: int | None) -> int:
+    from .query import write_compacted
+
+    return write_compacted(files, out, drop_from_step=drop_from_step)
+
+
+def _replace(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def compact(run_dir: str | Path, *, drop_from_step: int | None = None) -> dict[str, Any] | None:
+    """Rewrite the run's records into one compacted file sorted by (site, stat, layer, step), zstd,
+    dictionary-encoded site and stat; return the new manifest (None when there was nothing to do).
+
+    Reads the current compacted files and every readable part after them (damaged parts are left where
+    they are, unlisted, and reported by the reader as before), keeps one row per (step, site, layer,
+    stat) — the last written, the one every reader returns — and, for ``drop_from_step=k``, only steps
+    < k. The sequence makes a kill at any point harmless: (1) the new file is written into a fresh
+    ``records/gen-G/`` and synced (a reader ignores folders the manifest does not name); (2) the new
+    ``manifest.json`` naming it and every part it holds is written to a temporary name, synced and
+    renamed into place — the one atomic switch; (3) only then are the old generation and the listed
+    parts deleted (a reader skips listed parts, so a kill half-way through deleting reads each record
+    once). Leftovers of an earlier, interrupted compaction are removed at (3). The caller holds the
+    run's writer lock (``RunWriter.close``, the resume path) or knows that no writer is live.
+    """
+    records_dir = Path(run_dir) / "records"
+    if not records_dir.is_dir():
+        return None
+    old = load_manifest(records_dir / MANIFEST_NAME)
+    files, skipped = record_files(run_dir, warn=False)
+    damaged = [p for p, _ in skipped if Path(p).parent != records_dir]
+    if damaged:  # a compacted file is missing or unreadable: rewriting would delete what is left of it
+        raise RunDirectoryError(f"{damaged[0]}: a compacted file of this run is missing or unreadable; not "
+                                "compacting (the parts stay as they are); restore it from a copy of the run")
+    skipped_names = {Path(p).name for p, _ in skipped}
+    new_parts = [p for p in files if p.parent == records_dir and _part_number(p.name) is not None]
+    if not files or (old is not None and not new_parts and drop_from_step is None):
+        if old is not None:  # nothing new; finish the clean-up of a compaction killed after its switch
+            _remove_superseded(records_dir, old)
+        return None
+    gens = [int(m.group(1)) for d in records_dir.iterdir() if (m := _GEN_RE.match(d.name))]
+    generation = max([old["generation"] if old else 0, *gens]) + 1
+    gen_dir = records_dir / f"gen-{generation:06d}"
+    gen_dir.mkdir()
+    out = gen_dir / "c-000.parquet"
+    rows = _write_compacted(files, out, drop_from_step)                                    # (1)
+    _fsync_path(out)
+    _fsync_path(gen_dir)
+    covered = sorted({*(old["parts"] if old else ()), *(p.name for p in new_parts)} - skipped_names,
+                     key=_part_number)
+    manifest = {"format": 1, "generation": generation, "files": [f"{gen_dir.name}/{out.name}"], "parts": covered,
+                "rows": rows, "compacted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = records_dir / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _replace(tmp, records_dir / MANIFEST_NAME)                                                   # (2)
+    _fsync_path(records_dir)
+    _remove_superseded(records_dir, manifest)                                                    # (3)
+    return manifest
+
+
+def _remove_superseded(records_dir: Path, manifest: dict[str, Any]) -> None:
+    """Delete what ``manifest`` makes unreachable: parts it lists, generations it does not name, and
+    temporary files of interrupted writes."""
+    keep = {f.split("/")[0] for f in manifest["files"]}
+    listed = set(manifest["parts"])
+    for p in sorted(records_dir.iterdir()):
+        if (p.name in listed or (_GEN_RE.match(p.name) and p.name not in keep)
+                or (p.name.startswith(".") and ".tmp-" in p.name)):
+            _remove(p)
+
+
+def compact_quietly(run_dir: str | Path, *, drop_from_step: int | None = None) -> dict[str, Any] | None:
+    """:func:`compact`, turning a failure into a warning: the live parts stay as they were and every
+    reader reads them, so a failed compaction never costs a record or stops a training run."""
+    try:
+        return compact(run_dir, drop_from_step=drop_from_step)
+    except Exception as exc:  # disk full, an unreadable file, an engine error: keep the parts
+        warnings.warn(f"{run_dir}: compaction of the record parts failed ({type(exc).__name__}: "
+                      f"{' '.join(str(exc).split())[:300]}); the parts are kept and read as they are", RuntimeWarning,
+                      stacklevel=2)
+        return None
 
 
 class RunWriter:
@@ -170,26 +313,47 @@ class RunWriter:
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock = RunLock(self.path)
         self._overwrite = overwrite
+        self._resume = resume
+        self._closed = False
         self._next = 0
         self.meta: dict[str, Any] = {}
         if meta is not None:
             self.start(meta)
 
     def start(self, meta: dict[str, Any]) -> None:
-        """Remove the old run (``overwrite=True``), create records/ and write ``meta``."""
+        """Remove the old run (``overwrite=True``) or compact it (``resume=True``: appending starts from
+        a compacted run, :func:`compact`), create records/ and write ``meta``."""
         if self._overwrite:
             self._overwrite = False
-            for p in [*self.records_dir.glob("part-*.parquet"), self.path / "records.parquet", self.path / "meta.json"]:
-                p.unlink(missing_ok=True)
+            old = [self.path / "records.parquet", self.path / "meta.json"]
+            if self.records_dir.is_dir():
+                old += [p for p in self.records_dir.iterdir() if _part_number(p.name) is not None
+                        or _GEN_RE.match(p.name) or p.name == MANIFEST_NAME]
+            for p in old:
+                _remove(p)
+        elif self._resume:
+            compact_quietly(self.path)
         self.records_dir.mkdir(parents=True, exist_ok=True)
-        # Appending (resume): continue the numbering after the last part on disk.
-        self._next = 1 + max((int(m.group(1)) for p in self.records_dir.glob("part-*.parquet")
-                              if (m := _PART_RE.match(p.name))), default=-1)
+        # Appending (resume): continue the numbering after the last part on disk or in the manifest,
+        # so a new part never takes the name of one the manifest lists as compacted.
+        try:
+            listed = (read_manifest(self.path) or {}).get("parts", [])
+        except RunDirectoryError:
+            listed = []
+        self._next = 1 + max((n for name in [*listed, *(p.name for p in self.records_dir.glob("part-*.parquet"))]
+                              if (n := _part_number(name)) is not None), default=-1)
         self.meta = dict(meta)
         write_meta(self.path, self.meta)
 
-    def close(self) -> None:
-        """Release the lock (idempotent); the files stay."""
+    def close(self, *, compact: bool = True) -> None:
+        """Compact the parts (:func:`compact`; a failure is a warning and leaves them as they are), then
+        release the lock (idempotent); the files stay. A run whose meta.json says ``crashed`` is not
+        compacted: an error path does the least work, and its parts are read as they are (a resume
+        compacts them)."""
+        if (compact and self.records_dir.is_dir() and not self._closed
+                and self.meta.get("status") != "crashed"):
+            compact_quietly(self.path)
+        self._closed = True
         self.lock.release()
 
     def update_meta(self, **fields: Any) -> None:
@@ -246,35 +410,126 @@ def guess_role(param: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # the loaded run
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    """One loaded run directory (``lnprobe.load_run``; ``lnprobe.analysis`` uses the same type).
+#: Bytes of frames and tables a :class:`Run` keeps for reuse; beyond it the least recently used are
+#: dropped (and read again when asked for), so the analysis of a 50 M-row run stays within memory.
+CACHE_BYTES = 400 * 2**20
 
-    ``path``; ``meta``: meta.json as a dict ({} when missing or unreadable); ``records``: every
-    row of every readable part, in the schema (``RECORD_SCHEMA``), duplicates of a resumed run
-    included; ``skipped_parts``: paths of unreadable parts; ``warnings``: what could not be read, as
-    sentences; ``name``: meta run_name or the directory name. The accessors below select one
-    (site, stat) at a time through an index built once, and resolve a (step, site, layer, stat)
-    written twice (a resumed run) to the later part's value.
+
+class _FrameCache(OrderedDict):
+    """A dict that keeps at most :data:`CACHE_BYTES` of DataFrames, dropping the least recently used
+    (the newest entry always stays); other values (numbers, small dicts) are kept and not counted."""
+
+    def __init__(self, budget: int = CACHE_BYTES):
+        super().__init__()
+        self.budget, self.bytes = budget, 0
+
+    @staticmethod
+    def _size(v: Any) -> int:
+        return int(v.memory_usage(index=True, deep=False).sum()) if isinstance(v, pd.DataFrame) else 0
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self.move_to_end(key)
+        return value
+
+    def __setitem__(self, key, value) -> None:
+        if key in self:
+            self.bytes -= self._size(super().__getitem__(key))
+        super().__setitem__(key, value)
+        self.bytes += self._size(value)
+        for old in list(self.keys())[:-1]:
+            if self.bytes <= self.budget:
+                break
+            size = self._size(super().__getitem__(old))
+            if size:
+                self.bytes -= size
+                super().__delitem__(old)
+
+    def clear(self) -> None:
+        super().clear()
+        self.bytes = 0
+
+
+class Run:
+    """One run directory (``lnprobe.load_run``; ``lnprobe.analysis`` uses the same type).
+
+    ``path``; ``meta``: meta.json as a dict ({} when missing or unreadable); ``records``: every row
+    of every readable part that the run's filters keep (``load_run(..., site=, stat=, layer=, step=,
+    columns=)``), in the schema (``RECORD_SCHEMA``) plus the derived ``stack`` column (the stack of
+    ``meta.map.stacks`` holding the layer; null without stacks), duplicates of a resumed run
+    included, read from disk on first use; ``skipped_parts``: paths of unreadable parts;
+    ``warnings``: what could not be read, as sentences; ``name``: meta run_name or the directory name.
+
+    The accessors below (``frame``, ``pivot``, ``series``, ``params``, ...) read only the rows they
+    need, one (site, stat) at a time with the filters pushed down to the Parquet scan
+    (:mod:`lnprobe.query`), unless ``records`` is already in memory; a (step, site, layer, stat) written
+    twice (a resumed run) resolves to the later part's value.
     """
 
-    path: Path
-    meta: dict[str, Any]
-    records: pd.DataFrame
-    skipped_parts: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    _index: dict | None = field(default=None, repr=False, compare=False)
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self.path = Path(self.path)
+    def __init__(self, path: str | Path, meta: dict[str, Any], records: pd.DataFrame | None = None,
+                 skipped_parts: list[str] | None = None, warnings: list[str] | None = None, *,
+                 files: list[Path] | None = None, filters: dict[str, Any] | None = None,
+                 columns: list[str] | None = None):
+        self.path = Path(path)
+        self.meta = meta
+        self.skipped_parts = list(skipped_parts or [])
+        self._records = records
+        self._files = files if files is not None or records is not None else []  # None: records in memory
+        self._filters = dict(filters or {})
+        self._columns = list(columns) if columns is not None else None
+        self._cache = _FrameCache()
+        # only compacted files (one row per key, lnprobe.store.compact): no duplicates to resolve
+        self._unique = bool(files) and all(_GEN_RE.match(Path(f).parent.name) for f in files)
+        self.warnings = list(warnings or [])
         if not self.warnings:
             notes = [f"skipping unreadable record part {p}" for p in self.skipped_parts]
             if not self.meta:
                 notes.append(f"{self.path / 'meta.json'}: missing or unreadable; using empty metadata")
-            if not len(self.records) and not self.skipped_parts:
+            if records is not None and not len(records) and not self.skipped_parts:
                 notes.append(f"{self.path / 'records'}: no record parts found")
             self.warnings = notes
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, name={self.name!r}, files={len(self._files or [])})"
+
+    @property
+    def records(self) -> pd.DataFrame:
+        """Every record the run's filters keep (the whole run without filters: prefer the accessors or
+        :meth:`select` for large runs), with the derived ``stack`` column; read once, then cached."""
+        if self._records is None:
+            self._records = self.select(self._columns)
+        return self._records
+
+    @records.setter
+    def records(self, frame: pd.DataFrame) -> None:
+        self._records = frame
+        self._cache.clear()
+
+    def select(self, columns: list[str] | None = None, **filters: Any) -> pd.DataFrame:
+        """Records of this run matching ``filters`` (``site``, ``stat``, ``layer``, ``step``: a value, a
+        list of values or, for layer and step, a ``range``), in reading order, ``columns`` only
+        (default: the schema's and ``stack``). Pushed down to the Parquet scan; the run's own filters
+        apply too."""
+        from .query import check_columns, check_filters, filter_frame, merge_filters, select_records
+
+        want = check_filters(filters)
+        check_columns(columns)
+        if self._files is None:  # a Run built from a frame in memory
+            out = filter_frame(self._records, want)
+            return out[list(columns)] if columns is not None else out
+        return select_records(self._files or [], columns, merge_filters(self._filters, want),
+                              stacks=stacks_of(self.meta), ordered=not self._unique)
+
+    def _pairs(self) -> set[tuple[str, str]]:
+        if "pairs" not in self._cache:
+            if self._files is None:
+                r = self.records
+                self._cache["pairs"] = set(r.groupby(["site", "stat"], sort=False).indices) if len(r) else set()
+            else:
+                from .query import distinct_pairs
+
+                self._cache["pairs"] = distinct_pairs(self._files or [], self._filters)
+        return self._cache["pairs"]
 
     @property
     def name(self) -> str:
@@ -307,10 +562,15 @@ class Run:
         return self._cache["n_layers"]
 
     def _n_layers(self) -> int:
-        r = self.records
-        block = r["layer"].to_numpy() >= 0
-        not_resid = (r["site"] != "resid").to_numpy()
-        bound = int((r["layer"].to_numpy() + not_resid)[block].max()) if block.any() else None
+        if self._files is None:
+            r = self.records
+            block = r["layer"].to_numpy() >= 0
+            not_resid = (r["site"] != "resid").to_numpy()
+            bound = int((r["layer"].to_numpy() + not_resid)[block].max()) if block.any() else None
+        else:
+            from .query import layer_bound
+
+            bound = layer_bound(self._files or [], self._filters)
         for where, v in (("n_layers", self.meta.get("n_layers")), ("config.model.n_layers",
                                                                     self.model_config.get("n_layers"))):
             if v is None:
@@ -336,34 +596,33 @@ class Run:
         return str(self.meta.get("status") or "unknown")
 
     # -- record access -------------------------------------------------------------------------
-    def _groups(self) -> dict:
-        if self._index is None:
-            r = self.records
-            self._index = r.groupby(["site", "stat"], sort=False).indices if len(r) else {}
-        return self._index
-
     def has(self, site: str, stat: str) -> bool:
         """Whether any row of (site, stat) was recorded."""
-        return (site, stat) in self._groups()
+        return (site, stat) in self._pairs()
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """Recorded (site, stat) pairs, sorted."""
+        return sorted(self._pairs())
 
     @property
     def sites(self) -> list[str]:
         """Recorded site names, sorted (``param:*`` included)."""
-        return sorted({s for s, _ in self._groups()})
+        return sorted({s for s, _ in self._pairs()})
 
     def frame(self, site: str, stat: str) -> pd.DataFrame:
         """Rows of one (site, stat): columns step, layer, value, token, channel (duplicates: last)."""
         key = ("frame", site, stat)
         if key not in self._cache:
-            idx = self._groups().get((site, stat))
-            if idx is None:
+            if not self.has(site, stat):
                 out = pd.DataFrame({c: pd.Series(dtype=RECORD_SCHEMA[c])
                                     for c in ("step", "layer", "value", "token", "channel")})
             else:
-                out = self.records.iloc[idx][["step", "layer", "value", "token", "channel"]]
-                # A resumed run may repeat a step: the later part wins.
-                out = out.drop_duplicates(["step", "layer"], keep="last").sort_values(["step", "layer"])
-                out = out.reset_index(drop=True)
+                out = self.select(["step", "layer", "value", "token", "channel"], site=site, stat=stat)
+                # A resumed run may repeat a step: the later part wins (a compacted file has one row per key).
+                if not self._unique:
+                    out = out.drop_duplicates(["step", "layer"], keep="last")
+                out = out.sort_values(["step", "layer"]).reset_index(drop=True)
             self._cache[key] = out
         return self._cache[key]
 
@@ -398,8 +657,11 @@ class Run:
     def steps(self) -> np.ndarray:
         """Sorted recorded steps of activation statistics (resid m2), else of any record."""
         f = self.frame("resid", "m2")
-        s = f["step"] if len(f) else self.records["step"]
-        return np.unique(s.to_numpy())
+        if len(f) or self._files is None:
+            return np.unique((f["step"] if len(f) else self.records["step"]).to_numpy())
+        from .query import distinct_steps
+
+        return distinct_steps(self._files, self._filters)
 
     def param_roles(self) -> dict[str, dict]:
         """param name -> {"role", "layer"}: meta param_roles, else guessed from recorded names."""
@@ -427,19 +689,24 @@ class Run:
         if key not in self._cache:
             roles = self.param_roles()
             cols = ["step", "param", "role", "layer", "value"]
-            groups = self._groups()
-            idx = [groups[(f"{PARAM_PREFIX}{n}", stat)] for n in roles if (f"{PARAM_PREFIX}{n}", stat) in groups]
-            if not idx:
+            sites = [f"{PARAM_PREFIX}{n}" for n in roles if self.has(f"{PARAM_PREFIX}{n}", stat)]
+            if not sites:
                 self._cache[key] = pd.DataFrame(columns=cols)
                 return self._cache[key]
-            # one selection over all param:* sites, in row order (the later duplicate wins)
-            sel = self.records.iloc[np.sort(np.concatenate(idx))][["step", "site", "layer", "value"]]
-            sel = sel.drop_duplicates(["step", "site", "layer"], keep="last")
-            names = sel["site"].astype(str).str.slice(len(PARAM_PREFIX))
-            role_of = {n: info["role"] for n, info in roles.items()}
+            # one selection over all param:* sites, in reading order (the later duplicate wins)
+            sel = self.select(["step", "site", "layer", "value"], site=sites, stat=stat)
+            if not self._unique:
+                sel = sel.drop_duplicates(["step", "site", "layer"], keep="last")
+            # categorical names and roles: a 100k-step run has millions of rows but ~100 parameters
+            site = sel["site"].astype("category")
+            names = [c[len(PARAM_PREFIX):] for c in site.cat.categories]
+            role_names = sorted({roles.get(n, {}).get("role") or "other" for n in names})
+            role_code = np.array([role_names.index(roles.get(n, {}).get("role") or "other") for n in names],
+                                 dtype=np.int64)
+            codes = site.cat.codes.to_numpy()
             self._cache[key] = pd.DataFrame({
-                "step": sel["step"].to_numpy(), "param": names.to_numpy(dtype=object),
-                "role": names.map(role_of).fillna("other").to_numpy(dtype=object),
+                "step": sel["step"].to_numpy(), "param": pd.Categorical.from_codes(codes, categories=names),
+                "role": pd.Categorical.from_codes(role_code[codes], categories=role_names),
                 "layer": sel["layer"].to_numpy(), "value": sel["value"].to_numpy(),
             }).sort_values(["step", "param"], ignore_index=True)
         return self._cache[key]
@@ -496,17 +763,25 @@ def _meta_or_empty(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     return read_meta(run_dir), []
 
 
-def load_run(run_dir: str | Path) -> Run:
-    """Load a run directory written by lnprobe (works without torch): :class:`Run`.
+def load_run(run_dir: str | Path, columns: list[str] | None = None, *, site: Any = None, stat: Any = None,
+             layer: Any = None, step: Any = None) -> Run:
+    """Open a run directory written by lnprobe (works without torch): :class:`Run`.
 
-    Reads ``meta.json`` (checked against the schema of :mod:`lnprobe.validate`) and every
-    ``records/part-*.parquet`` in name order. A part that is unreadable or breaks the part schema
-    is skipped with a ``UserWarning`` naming the file and the problem, and listed in
-    ``run.skipped_parts`` and ``run.warnings``; a missing meta.json next to record parts gives a
-    warning and empty metadata. Raises FileNotFoundError when ``run_dir`` does not exist or holds
-    neither meta.json nor records, :class:`RunDirectoryError` (a ValueError, one line: path, problem,
-    what to do) when meta.json is empty, not valid JSON, not an object or breaks the schema.
+    Checks ``meta.json`` against the schema of :mod:`lnprobe.validate` and lists the record files
+    (compacted files, then later parts: :func:`record_files`); records are read when first used, and
+    only those the filters keep: ``site``, ``stat`` (a name or a list), ``layer``, ``step`` (a number,
+    a list or a ``range``), pushed down to the Parquet scan; ``columns`` limits ``run.records``. A part
+    that is unreadable or breaks the part schema is skipped with a ``UserWarning`` naming the file and
+    the problem, and listed in ``run.skipped_parts`` and ``run.warnings``; a missing meta.json next to
+    record parts gives a warning and empty metadata. Raises FileNotFoundError when ``run_dir`` does
+    not exist or holds neither meta.json nor records, :class:`RunDirectoryError` (a ValueError, one
+    line: path, problem, what to do) when meta.json or the compaction manifest is damaged, ValueError
+    for a filter or column that does not exist.
     """
+    from .query import check_columns, check_filters, count_rows
+
+    filters = check_filters({"site": site, "stat": stat, "layer": layer, "step": step})
+    check_columns(columns)
     path = Path(run_dir)
     if not path.is_dir() or not ((path / "meta.json").exists() or (path / "records").is_dir()
                                  or (path / "records.parquet").exists()):
@@ -516,24 +791,51 @@ def load_run(run_dir: str | Path) -> Run:
             f"{run_dir} is not an lnprobe run directory ({what}): expected a folder holding meta.json and "
             "records/part-*.parquet; pass the directory given to lnprobe.attach(...) or `lnprobe train --out`")
     meta, notes = _meta_or_empty(path)
-    records, skipped = _read_parts(path)
+    files, skipped = record_files(path)
     notes = [f"skipped record part {p}: {why}" for p, why in skipped] + notes
-    if not len(records) and not skipped:
+    if not files and not skipped:
         notes.append(f"{path / 'records'}: no record parts found")
-    run = Run(path, meta, records, [p for p, _ in skipped], notes)
+    run = Run(path, meta, None, [p for p, _ in skipped], notes, files=files, filters=filters, columns=columns)
+    if files and not filters and not count_rows(files):
+        notes.append(f"{path / 'records'}: no record parts found")
     run.n_layers  # noqa: B018 (checks meta's L against the records now, so the note is in run.warnings)
     return run
+
+
+def stacks_of(meta: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(name, first layer, last layer) of each stack in ``meta.map.stacks`` (checked by
+    :func:`lnprobe.validate.stack_problems` when meta.json was read); [] for a model with one stack."""
+    m = meta.get("map") if isinstance(meta, dict) else None
+    stacks = m.get("stacks") if isinstance(m, dict) else None
+    return [(str(s["name"]), int(s["first_layer"]), int(s["first_layer"]) + int(s["n_layers"]) - 1)
+            for s in stacks or []]
+
+
+def last_recorded_step(run_dir: str | Path) -> int:
+    """The largest step in the run's records (-1 when there is none); unreadable parts are skipped."""
+    from .query import max_step
+
+    files, _ = record_files(run_dir, warn=False)
+    return max_step(files)
 
 
 def trim(run_dir: str | Path, from_step: int) -> int:
     """Drop the records of steps ≥ ``from_step``; return the number of rows removed.
 
     For a run resumed from a checkpoint of step ``from_step``: an interrupted run may have flushed
-    records past its last checkpoint, which the resumed run writes again. Each affected part is
-    rewritten atomically (a temporary file, then a rename) or deleted when no row of it remains.
+    records past its last checkpoint, which the resumed run writes again. Each affected live part is
+    rewritten atomically (a temporary file, then a rename) or deleted when no row of it remains; the
+    compacted files, when they hold such steps, are replaced by a new generation (:func:`compact`).
     """
+    from .query import count_rows
+
     dropped = 0
-    for part in sorted((Path(run_dir) / "records").glob("part-*.parquet")):
+    records_dir = Path(run_dir) / "records"
+    manifest = read_manifest(run_dir) if records_dir.is_dir() else None
+    covered = set(manifest["parts"]) if manifest else set()
+    for part in sorted(records_dir.glob("part-*.parquet")):
+        if part.name in covered:
+            continue
         frame = pd.read_parquet(part)
         keep = frame["step"] < from_step
         if keep.all():
@@ -545,4 +847,10 @@ def trim(run_dir: str | Path, from_step: int) -> int:
         tmp = part.with_name(f".{part.name}.tmp-{os.getpid()}")
         frame[keep].to_parquet(tmp, index=False)
         os.replace(tmp, part)
+    if manifest:
+        compacted = [records_dir / f for f in manifest["files"] if (records_dir / f).exists()]
+        late = count_rows(compacted, {"step": [("ge", int(from_step))]})
+        if late:
+            compact(run_dir, drop_from_step=from_step)
+            dropped += late
     return dropped

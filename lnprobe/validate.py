@@ -102,7 +102,7 @@ META_FIELDS: dict[str, Callable[[Any], str | None]] = {
     "lr": optional(number(0, 1e6)), "norm_type": optional(text(200)),
     "config": optional(kind(dict)), "norms": optional(kind(list)), "param_roles": optional(kind(dict)),
     "notes": optional(kind(list)), "sites": optional(kind(list)), "divergence": optional(kind(dict)),
-    "result": optional(kind(dict)), "resumed_from": optional(kind(list)),
+    "result": optional(kind(dict)), "resumed_from": optional(kind(list)), "map": optional(kind(dict)),
 }
 #: ``config.model`` (the reference GPT's GPTConfig).
 MODEL_FIELDS: dict[str, Callable[[Any], str | None]] = {
@@ -142,6 +142,7 @@ def meta_problems(meta: Any) -> list[str]:
             out.append(f"field 'norms[{i}]': expected an object, found {_found(n)}")
         elif (p := integer(-1, MAX_LAYERS)(n["layer"]) if n.get("layer") is not None else None):
             out.append(f"field 'norms[{i}].layer': expected {p}, found {_found(n['layer'])}")
+    out += stack_problems(meta)
     roles = meta.get("param_roles")
     for name, info in (roles.items() if isinstance(roles, dict) else ()):
         if not isinstance(info, dict):
@@ -149,6 +150,43 @@ def meta_problems(meta: Any) -> list[str]:
         elif (p := integer(-1, MAX_LAYERS)(info["layer"]) if info.get("layer") is not None else None):
             out.append(f"field 'param_roles.{name}.layer': expected {p}, found {_found(info['layer'])}")
         if len(out) > 20:  # a hostile file can hold millions; the first problems say enough
+            break
+    return out
+
+
+_MAX_STACKS = 100
+
+
+def stack_problems(meta: dict) -> list[str]:
+    """Problems of ``map.stacks`` (models with several stacks, e.g. a T5 encoder and decoder): a list of
+    at most 100 objects ``{"name": str, "first_layer": int >= 0, "n_layers": int >= 1}`` whose layer
+    ranges [first_layer, first_layer + n_layers) do not overlap and stay within [0, MAX_LAYERS]."""
+    m = meta.get("map")
+    stacks = m.get("stacks") if isinstance(m, dict) else None
+    if stacks is None:
+        return []
+    if not isinstance(stacks, list) or len(stacks) > _MAX_STACKS:
+        return [f"field 'map.stacks': expected a list of at most {_MAX_STACKS} objects, found {_found(stacks)}"]
+    out, spans = [], []
+    for i, st in enumerate(stacks):
+        where = f"map.stacks[{i}]"
+        if not isinstance(st, dict):
+            out.append(f"field '{where}': expected an object {{name, first_layer, n_layers}}, found {_found(st)}")
+            continue
+        for name, check in (("name", text(200)), ("first_layer", integer(0, MAX_LAYERS)),
+                            ("n_layers", integer(1, MAX_LAYERS))):
+            if (expected := check(st.get(name))):
+                out.append(f"field '{where}.{name}': expected {expected}, found {_found(st.get(name))}")
+        if not out:
+            lo, hi = int(st["first_layer"]), int(st["first_layer"]) + int(st["n_layers"])
+            if hi > MAX_LAYERS + 1:
+                out.append(f"field '{where}': expected layers within [0, {MAX_LAYERS}], found {lo}..{hi - 1}")
+            clash = next((j for j, (a, b) in enumerate(spans) if lo < b and a < hi), None)
+            if clash is not None:
+                out.append(f"field '{where}': expected layer ranges that do not overlap, found layers {lo}..{hi - 1} "
+                           f"overlapping map.stacks[{clash}]")
+            spans.append((lo, hi))
+        if out:
             break
     return out
 
@@ -231,6 +269,95 @@ def read_part(path: str | Path) -> tuple[pd.DataFrame | None, str | None]:
         if lo < -1 or hi > MAX_LAYERS:
             return None, f"wrong values: layer in [{lo}, {hi}], expected [-1, {MAX_LAYERS}]"
     return frame, None
+
+
+def part_problem(path: str | Path) -> str | None:
+    """Why :func:`read_part` would skip ``path``, or None when it would read it, from the file's footer
+    alone when that settles it: integer step/layer/token/channel columns with row-group statistics
+    (every file lnprobe writes) are checked by their null counts and min/max; any other part (float
+    columns from another tool, no statistics) is read whole by :func:`read_part`."""
+    path = Path(path)
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+    except Exception as exc:
+        return f"unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    names = schema.names
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    int_cols = [c for c in ("step", "layer", "token", "channel") if c in names]
+    if missing or not all(pa.types.is_integer(schema.field(c).type) for c in int_cols) or not all(
+            _type_ok(c, schema.field(c).type) for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in names):
+        return read_part(path)[1]  # the full check writes the sentence
+    md = pf.metadata
+    lo, hi, nulls = {}, {}, {}
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        for j in range(rg.num_columns):
+            col = rg.column(j)
+            name = col.path_in_schema
+            if name not in ("step", "layer"):
+                continue
+            st = col.statistics
+            if rg.num_rows and (st is None or not st.has_min_max or st.null_count is None):
+                return read_part(path)[1]
+            if not rg.num_rows:
+                continue
+            nulls[name] = nulls.get(name, 0) + st.null_count
+            lo[name] = min(lo.get(name, st.min), st.min)
+            hi[name] = max(hi.get(name, st.max), st.max)
+    for col in ("step", "layer"):
+        if nulls.get(col):
+            return f"wrong values: {nulls[col]} missing {col} value(s)"
+    if "layer" in lo and (lo["layer"] < -1 or hi["layer"] > MAX_LAYERS):
+        return f"wrong values: layer in [{lo['layer']}, {hi['layer']}], expected [-1, {MAX_LAYERS}]"
+    return None
+
+
+#: records/manifest.json of a compacted run (lnprobe.store): compacted files inside records/ and the
+#: part files they replace.
+_COMPACT_FILE = r"gen-\d{6,}/c-\d{3,}\.parquet"
+_PART_FILE = r"part-\d+\.parquet"
+
+
+def load_manifest(path: str | Path) -> dict[str, Any] | None:
+    """Parse and check ``records/manifest.json``: None when there is none, else ``{"format": 1,
+    "generation": int, "files": [...], "parts": [...], ...}`` whose file names all lie inside records/
+    (``gen-G/c-K.parquet``, ``part-N.parquet``: no other path is ever opened). Raises
+    :class:`RunDirectoryError` (one line) when it is damaged: without it the reader cannot tell which
+    parts the compacted files already hold, so guessing could count records twice."""
+    import re
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    advice = ("restore it from a copy of the run; deleting it and the records/gen-* folders keeps only the parts "
+              "written after the last compaction")
+    try:
+        m = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise RunDirectoryError(f"{path}: the compaction manifest is not readable JSON ({exc}); {advice}") from None
+    problems = []
+    if not isinstance(m, dict):
+        problems.append(f"top level: expected an object, found {_found(m)}")
+    else:
+        if m.get("format") != 1:
+            problems.append(f"field 'format': expected 1, found {_found(m.get('format'))}")
+        if (p := integer(1, 10**9)(m.get("generation"))):
+            problems.append(f"field 'generation': expected {p}, found {_found(m.get('generation'))}")
+        for key, pattern, example in (("files", _COMPACT_FILE, "gen-000001/c-000.parquet"),
+                                      ("parts", _PART_FILE, "part-000000.parquet")):
+            v = m.get(key)
+            if not isinstance(v, list) or len(v) > 10**7:
+                problems.append(f"field '{key}': expected a list of file names, found {_found(v)}")
+                continue
+            bad = next((x for x in v if not (isinstance(x, str) and re.fullmatch(pattern, x))), None)
+            if bad is not None:
+                problems.append(f"field '{key}': expected file names like {example}, "
+                                f"found {_found(bad)}")
+    if problems:
+        raise RunDirectoryError(f"{path}: the compaction manifest does not match its schema: "
+                                f"{'; '.join(problems[:3])}; {advice}")
+    return m
 
 
 def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:

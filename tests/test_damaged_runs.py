@@ -95,7 +95,9 @@ def test_overwrite_replaces_the_old_run_and_resume_appends(tmp_path):
         _train(model, probe, 1)
     run = lnprobe.load_run(out)
     assert sorted(run.records.step.unique()) == [0] and run.meta["run_name"] == "again"
-    assert [p.name for p in (out / "records").iterdir()] == ["part-000000.parquet"]
+    # close() compacted the new run's one part; nothing of the old run is left
+    assert sorted(p.name for p in (out / "records").iterdir()) == ["gen-000001", "manifest.json"]
+    assert store.read_manifest(out)["parts"] == ["part-000000.parquet"]
     assert (out / "checkpoint.pt").read_bytes() == b"kept" and not (out / LOCK_NAME).exists()
 
 

@@ -38,18 +38,31 @@ def read_events(path):
 def test_scalars_and_histograms_round_trip(run_dir, tmp_path):
     pytest.importorskip("tensorboard")
     assert export.main(["--tensorboard", str(run_dir), "--out", str(tmp_path / "tb")]) == 0
+    run = lnprobe.load_run(run_dir)
+    r = run.records
     acc = read_events(tmp_path / "tb")
-    tags = set(acc.Tags()["scalars"])
-    r = lnprobe.load_run(run_dir).records
-    assert len(tags) == len(r.groupby(["site", "layer", "stat"]))
-    assert {"resid/m2/layer_00", "resid/m2/layer_03", "train/loss", "train/grad_norm",
-            "param/grad_norm/transformer.h.0.attn.c_attn.weight"} <= tags
-    for tag, site, layer, stat in [("resid/m2/layer_02", "resid", 2, "m2"), ("train/loss", "train", -1, "loss"),
-                                   ("attn_out/absmax/layer_01", "attn_out", 1, "absmax")]:
-        ev = acc.Scalars(tag)
+    root_tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/grad_norm"} <= root_tags
+    layers = sorted(p.name for p in (tmp_path / "tb").iterdir() if p.is_dir())
+    assert layers == [f"layer_{l:02d}" for l in range(run.n_layers + 1)]
+    per_layer = {name: read_events(tmp_path / "tb" / name) for name in layers}
+    tags = root_tags.union(*(set(a.Tags()["scalars"]) for a in per_layer.values()))
+    # one tag per (site, stat) and per (role, stat), the layer is the TensorBoard run: far fewer tags
+    # than one per site x layer x stat and per parameter
+    n_old = len(r.groupby(["site", "layer", "stat"]))
+    assert len(tags) < n_old / 3, (len(tags), n_old)
+    assert {"resid/m2", "attn_out/absmax", "param/attn.qkv/grad_norm", "param/mlp.out/param_norm"} <= tags
+    assert not any("layer_" in t or "transformer.h." in t for t in tags)
+    for tag, site, layer, stat in [("resid/m2", "resid", 2, "m2"), ("train/loss", "train", -1, "loss"),
+                                   ("attn_out/absmax", "attn_out", 1, "absmax")]:
+        ev = (acc if layer < 0 else per_layer[f"layer_{layer:02d}"]).Scalars(tag)
         ref = r[(r.site == site) & (r.layer == layer) & (r.stat == stat)].sort_values("step")
         assert [e.step for e in ev] == ref.step.tolist() == [0, 2, 4]
         np.testing.assert_allclose([e.value for e in ev], ref.value, rtol=1e-6)  # events hold float32
+    # parameters by role x layer: the role_table value (root of the sum of squares of the role's norms)
+    ev = per_layer["layer_01"].Scalars("param/attn.qkv/grad_norm")
+    np.testing.assert_allclose([e.value for e in ev], run.role_table("grad_norm", "attn.qkv")[1].to_numpy(),
+                               rtol=1e-6)
     # The resid m2 profile: bucket l holds the value at layer l.
     hist = acc.Histograms("profile/resid/m2")
     assert [h.step for h in hist] == [0, 2, 4]

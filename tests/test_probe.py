@@ -47,7 +47,7 @@ def test_records_have_the_schema_and_meta(tmp_path):
         probe.step(loss=loss, lr=1e-3)
     run = lnprobe.load_run(tmp_path / "run")
     r = run.records
-    assert list(r.columns) == ["step", "site", "layer", "stat", "value", "token", "channel"]
+    assert list(r.columns) == ["step", "site", "layer", "stat", "value", "token", "channel", "stack"]  # stack: derived
     assert str(r.token.dtype) == "Int64" and str(r.step.dtype) == "int64"
     assert run.meta["placement"] == "pre" and run.meta["n_layers"] == 3 and run.meta["d_model"] == 32
     assert run.meta["status"] == "finished"
