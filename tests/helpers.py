@@ -51,3 +51,47 @@ def tiny_llama(vocab: int, seq_len: int, *, seed: int = 0):
     return tiny_hf_model("llama", seed=seed, vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=seq_len,
                          pad_token_id=None, attn_implementation=None)
+
+
+def launch_workers(script: str | Path, *args: str, world: int = 2, timeout: float = 240) -> tuple[list[int], list[str]]:
+    """Run ``python script *args`` as `world` gloo ranks on this machine (RANK, WORLD_SIZE, MASTER_* set)
+    and return (exit codes, outputs) in rank order. A hang kills every rank and fails the test (with what
+    the ranks printed) instead of blocking CI."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        outputs = [p.communicate(timeout=timeout)[0].decode(errors="replace") for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        printed = [p.communicate()[0].decode(errors="replace")[-2000:] for p in procs]
+        pytest.fail(f"distributed workers hung (no result within {timeout:.0f} s); they printed:\n"
+                    + "\n---\n".join(printed))
+    return [p.returncode for p in procs], outputs
+
+
+def exit_worker(code: int) -> None:
+    """End a worker process of :func:`launch_workers` with `code`, skipping C++ static destructors.
+
+    After every Python frame has returned and the process group is destroyed, torch's teardown sometimes
+    aborts a rank ("terminate called without an active exception", SIGABRT, no Python frame; about 1 run
+    in 8 on 2 CPU cores after a failed flush). The results are on disk and the exit code is set by then,
+    so leaving with ``os._exit`` makes the tests judge lnprobe, not that teardown."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -7,10 +7,12 @@ with an explicit mask, in float64.
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
+from helpers import launch_workers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lnprobe
@@ -469,7 +471,7 @@ def _dist_worker(out: str) -> int:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     rank = int(os.environ["RANK"])
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))  # a lost rank fails, not hangs
     try:
         model = DDP(_gpt(qk_norm=True))
         with lnprobe.attach(model, f"{out}/ddp", logits=True, attn_logits=True) as probe:
@@ -483,21 +485,8 @@ def _dist_worker(out: str) -> int:
 def test_ddp_merges_logit_sites_like_one_process(tmp_path):
     """2 gloo ranks with half the batch each: maxima with their (token, head) and the weighted means equal
     one process on the whole batch."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT,
-                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
-             for r in range(2)]
-    outs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    codes, outs = launch_workers(__file__, "--worker", str(tmp_path), timeout=300)
+    assert codes == [0, 0], outs
     model = _gpt(qk_norm=True)
     with lnprobe.attach(model, tmp_path / "single", logits=True, attn_logits=True) as probe:
         _dist_train(model, probe)
@@ -515,4 +504,6 @@ if __name__ == "__main__":
 
     if sys.argv[1:2] == ["--worker"]:
         sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-        raise SystemExit(_dist_worker(sys.argv[2]))
+        from helpers import exit_worker
+
+        exit_worker(_dist_worker(sys.argv[2]))

@@ -6,8 +6,6 @@ the flush. The tests compare their run directories with a single process on the 
 """
 import json
 import os
-import socket
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from helpers import exit_worker, launch_workers  # noqa: E402
 from nanogpt import NanoGPT  # noqa: E402
 
 import lnprobe  # noqa: E402
@@ -132,32 +131,10 @@ def worker(out: Path) -> int:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(out)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs, codes = [], []
-    for p in procs:
-        try:
-            o, _ = p.communicate(timeout=240)  # a hang fails the tests instead of blocking CI
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers hung (no result within 240 s)")
-        outputs.append(o.decode(errors="replace"))
-        codes.append(p.returncode)
+    codes, outputs = launch_workers(__file__, "--worker", str(out), world=WORLD)
     return out, codes, outputs
 
 
@@ -272,11 +249,4 @@ def test_empty_fsdp_shard_of_a_norm_carries_no_weight():
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    code = worker(Path(sys.argv[2]))
-    # Leave without running C++ static destructors: after every Python frame has returned and the process
-    # group is destroyed, torch's teardown sometimes aborts the rank whose flush failed ("terminate called
-    # without an active exception", SIGABRT, no Python frame; about 1 run in 8 on 2 CPU cores). The results
-    # are on disk and the exit code is set by then, so the tests judge lnprobe, not that teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_worker(worker(Path(sys.argv[2])))
