@@ -432,18 +432,15 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
                 # The ranks' losses differ (their rows differ): decide on their mean, the same on every rank;
                 # a stop signal on any rank stops every rank after this step.
                 last_loss, stop = launch.loss_and_stop(loss, signals.signum is not None, ctx)
-                # The probe writes loss rows on the steps it records; the trainer writes the others, so
-                # the loss curve has every step (and the diverging step has its loss in any case).
-                probed = schedule(step)
+                # The probe writes loss, grad_norm and lr rows at every step (per-step train scalars);
+                # the diverging step also gets its nonfinite_loss row when the schedule skipped it.
                 if not math.isfinite(last_loss):
                     status, diverged_step = "diverged", step
-                    if not probed:
-                        probe.log_scalars({"loss": last_loss, "nonfinite_loss": 1.0}, step=step)
+                    if not schedule(step):
+                        probe.log_scalars({"nonfinite_loss": 1.0}, step=step)
                     reason = f"loss is {last_loss} at step {step}"
                     probe.update_meta(divergence={"step": step, "reason": reason, "loss": str(last_loss), "lr": lr})
                     break
-                if not probed:
-                    probe.log_scalars({"loss": last_loss, "lr": lr}, step=step)
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 scaler.step(opt)
