@@ -228,7 +228,10 @@ class ResidHistory:
         self._steps: list[int | None] = [None] * depth  # the step each ring slot holds (None: empty)
         self._elems: list[np.ndarray | None] = [None] * depth
         self._next = 0
+        # per set of (layer, numel) of a step's forwards: device (layer index, 1 / layer elements), and the
+        # host elements per layer (the rows' weights)
         self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._elem_cache: dict[tuple, np.ndarray] = {}
         self._failed = False
         self.handles: list[Any] = []
         modules = dict(model.named_modules())
@@ -295,7 +298,6 @@ class ResidHistory:
                 else:
                     w = (host_idx, host_w)
                 self._weights[idx_key] = w
-                self._elem_cache = getattr(self, "_elem_cache", {})
                 self._elem_cache[idx_key] = elems
             idx, inv = w
             norms = torch.stack([p[1] for p in parts]).double()  # (F,)
