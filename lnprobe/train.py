@@ -68,6 +68,7 @@ from typing import Any
 import torch
 
 from . import checkpoint, launch, store
+from .burst import Burst
 from .checkpoint import CHECKPOINT_NAME, CheckpointError
 from .data import CorpusError, TokenData
 from .launch import DTYPES, ConfigError, Launch, autocast, resolve_device, resolve_dtype
@@ -102,6 +103,8 @@ class TrainConfig:
     A resumed run reproduces the uninterrupted one bitwise on CPU when the thread count is the same.
     ``fsdp``: under torchrun, shard the model with FSDP2 instead of wrapping it in DDP.
     ``tensorboard``: a directory for live TensorBoard event files (``lnprobe.sinks.TensorBoard``; rank 0).
+    ``burst``: N > 0 records every step for N steps after a loss or gradient-norm spike (``lnprobe.Burst``),
+    with the residual stream of the ``burst_history`` unrecorded steps before it; 0: off (one process only).
     An invalid field raises :class:`ConfigError` (a ValueError) saying what is accepted.
     """
 
@@ -127,6 +130,8 @@ class TrainConfig:
     threads: int | None = None
     fsdp: bool = False
     tensorboard: str | None = None
+    burst: int = 0
+    burst_history: int = 16
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -134,7 +139,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"TrainConfig.{name} must be a positive int, got {v!r}")
-        for name in ("eval_every", "ckpt_every", "seed"):
+        for name in ("eval_every", "ckpt_every", "seed", "burst", "burst_history"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"TrainConfig.{name} must be an int ≥ 0, got {v!r}")
@@ -177,6 +182,8 @@ class TrainConfig:
         d["warmup"] = self.warmup_steps
         if not isinstance(self.every, (int, str)):
             d["every"] = [int(s) for s in self.every]
+        if not self.burst:  # bursts off: the dict of a run made before bursts existed (resume compares them)
+            del d["burst"], d["burst_history"]
         return d
 
 
@@ -336,6 +343,9 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path, res
 def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup, ctx: Launch,
            res: checkpoint.ResumePoint | None, stop_after: int | None, overwrite: bool) -> TrainResult:
     device, dtype, seq_len, data = setup.device, setup.dtype, setup.seq_len, setup.data
+    if cfg.burst and ctx.on:
+        raise ConfigError("--burst is not supported under torchrun yet (the ranks would have to agree on every "
+                          "burst decision); run without --burst")
     ckpt_path = out_dir / CHECKPOINT_NAME
     ckpt = res.ckpt if res is not None else None
     if res is None and ctx.main and ckpt_path.exists():
@@ -389,6 +399,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
         # ∂L/∂a at the MLP output before its output norm feeds the Proposition 3.1 check of the report
         grad_sites=("resid", "mlp_raw"), overwrite=overwrite,
         sinks=[TensorBoard(cfg.tensorboard)] if cfg.tensorboard and ctx.main else None,
+        burst=Burst(steps=cfg.burst, history=cfg.burst_history) if cfg.burst else None,
     )
     if resume_meta:
         probe.update_meta(**resume_meta)

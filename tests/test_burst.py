@@ -212,3 +212,52 @@ def test_a_failing_detector_is_disabled_and_training_goes_on(tmp_path, monkeypat
     assert any("bursts disabled" in n for n in run.meta["notes"]) and full_steps(run) == [0, 5]
     assert list(run.records.query("site == 'train' and stat == 'loss'").step) == list(range(6))
     assert all(math.isfinite(v) for v in run.records.query("site == 'train' and stat == 'loss'").value)
+
+
+# ----------------------------------------------------------------------------- trainer, CLI, report
+def test_train_cli_burst_flag(tmp_path, corpus, capsys):
+    from helpers import SMALL, one_line_error
+
+    from lnprobe.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "4", "--every", "10", "--burst", "3", "--burst-history", "2", "--data", corpus,
+                 "--out", str(out), *SMALL]) == 0
+    run = lnprobe.load_run(out)
+    assert run.meta["burst"]["steps"] == 3 and run.meta["burst"]["history"] == 2 and run.meta["bursts"] == []
+    assert run.meta["config"]["train"]["burst"] == 3
+    one_line_error(capsys, ["train", "--steps", "4", "--burst", "-1", "--data", corpus, "--out",
+                            str(tmp_path / "bad"), *SMALL], "burst")
+
+
+def test_report_shows_spike_scores_bursts_and_first_nonfinite(tmp_path):
+    from lnprobe.analysis import report
+
+    model = make()
+    k = 20  # a recorded step (every=10): first_nonfinite comes from recorded sites
+
+    holder = {}
+
+    def nan_at_k(module, args, output):  # a NaN in block 1's MLP output at step k only
+        if "probe" in holder and holder["probe"].current_step == k:
+            output = output.clone()
+            output[0, 0, 0] = float("nan")
+            return output
+        return None
+
+    model.transformer.h[1].mlp.register_forward_hook(nan_at_k)
+    with lnprobe.attach(model, tmp_path / "run", every=10, burst=lnprobe.Burst(steps=3, history=2)) as probe:
+        holder["probe"] = probe
+        train(model, probe, 24, spikes={12})
+    run = lnprobe.load_run(tmp_path / "run")
+    first = run.meta["first_nonfinite"]
+    assert first["step"] == k and first["layer"] == 1
+    res = report.build_report([tmp_path / "run"], tmp_path / "report", formats=("png",))
+    (line,) = res.stability
+    assert "gradient-norm spike score" in line and "at step 12" in line
+    assert f"first non-finite activation at step {k}: site {first['site']}, layer 1" in line
+    assert "steps 13–15 after step 12" in line
+    html = (tmp_path / "report" / "report.html").read_text()
+    md = (tmp_path / "report" / "report.md").read_text()
+    for text in (html, md):
+        assert "Training stability" in text and "steps 13–15 after step 12" in text and f"step {k}: site" in text
