@@ -156,3 +156,34 @@ def test_trainer_writes_one_row_per_step(tmp_path, corpus):
     assert not run.records.duplicated(["step", "site", "layer", "stat"]).any()
     for stat in ("loss", "grad_norm", "lr"):
         assert list(train_rows(run, stat).index) == list(range(7)), stat
+
+
+def test_hf_trainer_unrecorded_steps_have_loss_and_pre_clip_grad_norm(tmp_path):
+    """Hugging Face Trainer with clipping: on steps the schedule skips, grad_norm is still the norm
+    before clipping (read at the end of backward) and equals the one the Trainer logs."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from helpers import tiny_llama
+
+    from lnprobe.integrations.hf import ProbeCallback
+
+    steps = 5
+    torch.manual_seed(0)
+    model = tiny_llama(VOCAB, T)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (steps * 4, T), generator=g)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        max_grad_norm=1e-3, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, callbacks=[ProbeCallback(every=3)],
+                                   train_dataset=[{"input_ids": r, "labels": r.clone()} for r in ids])
+    trainer.train()
+    run = lnprobe.load_run(tmp_path / "lnprobe")
+    assert sorted(run.records.loc[run.records.site == "resid", "step"].unique()) == [0, 3]
+    logged = [h for h in trainer.state.log_history if "grad_norm" in h]
+    gn, loss = train_rows(run, "grad_norm"), train_rows(run, "loss")
+    assert list(gn.index) == list(range(steps)) and list(loss.index) == list(range(steps))
+    np.testing.assert_allclose(gn.to_numpy(), [h["grad_norm"] for h in logged], rtol=1e-5)
+    np.testing.assert_allclose(loss.to_numpy(), [h["loss"] for h in logged], atol=1e-4)
+    assert (gn > 1e-2).all()  # far above max_grad_norm: before clipping
