@@ -401,6 +401,19 @@ class BurstMonitor:
         return rows
 
 
+def previous_bursts(out: Any, first_step: int) -> list[dict]:
+    """meta.json ``bursts`` of the run in ``out`` that were triggered before ``first_step`` (a resume
+    replaces meta.json; the bursts of the steps it keeps are carried over). [] when there are none."""
+    from .store import read_meta
+
+    try:
+        old = read_meta(out).get("bursts")
+    except Exception:  # no readable meta.json: nothing to carry over
+        return []
+    return [b for b in old if isinstance(b, dict) and isinstance(b.get("trigger_step"), int)
+            and b["trigger_step"] < first_step] if isinstance(old, list) else []
+
+
 def _json(x: float) -> float | str | None:
     """A float for meta.json (strict JSON): non-finite values as their text."""
     return float(x) if math.isfinite(x) else str(x)

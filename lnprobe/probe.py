@@ -40,7 +40,7 @@ from torch import nn
 
 from . import distributed as D
 from . import stats as S
-from .burst import Burst, BurstMonitor, ResidHistory
+from .burst import Burst, BurstMonitor, ResidHistory, previous_bursts
 from .flushclock import FlushClock
 from .hooks import SiteObserver
 from .options import first_step, legacy_resume, parse_sites, parse_stats, select_sites
@@ -184,6 +184,8 @@ class Probe:
                                        self._notes, self._rows.layout)
                 self._handles += history.handles
             self._burst = BurstMonitor(burst, self._device, history)
+            if resume is not False:  # a resumed run keeps the bursts of the steps before its first one
+                self._burst.bursts += previous_bursts(out, self._step)
 
         meta = self.map.to_meta()
         meta.update(

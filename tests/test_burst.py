@@ -261,3 +261,17 @@ def test_report_shows_spike_scores_bursts_and_first_nonfinite(tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     for text in (html, md):
         assert "Training stability" in text and "steps 13–15 after step 12" in text and f"step {k}: site" in text
+
+
+def test_a_resumed_run_keeps_the_bursts_before_its_first_step(tmp_path):
+    model = make()
+    with lnprobe.attach(model, tmp_path / "run", every=100, burst=lnprobe.Burst(steps=3)) as probe:
+        train(model, probe, 20, spikes={15})
+    assert [b["trigger_step"] for b in lnprobe.load_run(tmp_path / "run").meta["bursts"]] == [15]
+    with lnprobe.attach(model, tmp_path / "run", every=100, resume=True, burst=lnprobe.Burst(steps=3)) as probe:
+        assert probe.current_step == 20
+        train(model, probe, 2)
+    assert [b["trigger_step"] for b in lnprobe.load_run(tmp_path / "run").meta["bursts"]] == [15]
+    with lnprobe.attach(model, tmp_path / "run", every=100, resume=10, burst=lnprobe.Burst(steps=3)) as probe:
+        train(model, probe, 1)  # restarted from a checkpoint before the burst: it is gone with its steps
+    assert lnprobe.load_run(tmp_path / "run").meta["bursts"] == []
