@@ -275,3 +275,35 @@ def test_a_resumed_run_keeps_the_bursts_before_its_first_step(tmp_path):
     with lnprobe.attach(model, tmp_path / "run", every=100, resume=10, burst=lnprobe.Burst(steps=3)) as probe:
         train(model, probe, 1)  # restarted from a checkpoint before the burst: it is gone with its steps
     assert lnprobe.load_run(tmp_path / "run").meta["bursts"] == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_burst_without_a_sync_starts_by_k_plus_2(tmp_path):
+    """On CUDA under the sync debug mode (any synchronising CUDA call raises): per-step scalars, the
+    detector, its asynchronous copy and the history hooks; the burst starts by step k + 2."""
+    k, n = 15, 6
+    model = make().cuda()
+    x, y = (t.cuda() for t in batch(0))
+    model(x, y)[1].backward()  # warm-up outside the check (lazy CUDA initialisation)
+    model.zero_grad(set_to_none=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    probe = lnprobe.attach(model, tmp_path / "run", every=100, flush_every=10**6, flush_seconds=None,
+                           burst=lnprobe.Burst(steps=n, history=4))
+    for step in range(k + n + 2):
+        x, y = (t.cuda() for t in batch(step))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _, loss = model(x, y)
+            loss = loss * 50 if step == k else loss
+            loss.backward()
+            probe.step(loss=loss, lr=1e-3)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    probe.close()
+    run = lnprobe.load_run(tmp_path / "run")
+    (b,) = run.meta["bursts"]
+    assert b["trigger_step"] == k and b["first_step"] <= k + 2 and b["last_step"] == k + n
+    assert set(range(k + 2, k + n + 1)) <= set(full_steps(run)) and len(b["history"]) == 4
