@@ -271,6 +271,9 @@ class Probe:
         Call once per optimizer step, after backward (and ``scaler.unscale_(opt)`` under AMP) and
         before gradient clipping, ``opt.step()`` and ``zero_grad()``. ``loss`` may be a tensor or a
         float; ``lr`` a host float; ``scaler`` overrides the probe's GradScaler for this step.
+        Unrecorded steps get ``train`` rows ``loss``, ``grad_norm`` (global, before clipping) and ``lr``
+        (``step_scalars``); with ``burst=`` the step's loss and grad_norm go to the spike detector, and a
+        burst records every step after a spike (``lnprobe.burst``). No host synchronisation.
         Under torch.distributed every rank must call it the same number of times (it may flush,
         and a flush is a collective call).
         """
@@ -633,6 +636,14 @@ def attach(
         updates: an optimizer or a list of them: ``update_rms`` and ``update_ratio`` of every parameter on
             recorded steps, from optimizer step hooks (``lnprobe.updates``). Call ``probe.step()`` before
             ``opt.step()``.
+        step_scalars: True (default): ``train`` rows ``loss``, ``grad_norm`` (global, before clipping) and
+            ``lr`` at every step, recorded or not, kept on the device until a flush (``lnprobe.stepscalars``);
+            False: on recorded steps only.
+        burst: an ``lnprobe.Burst(...)``: after a loss or grad-norm spike (docs/theory.md §5, decided on the
+            device) or a NaN/Inf at step k, record every step through k + ``steps`` (from k + 1 on CPU, k + 2
+            on an accelerator that keeps up); ``history=H`` also writes the residual stream's m2 and absmax
+            of the H unrecorded steps before; meta.json ``bursts`` says when and why (``lnprobe.burst``).
+            Not under torch.distributed.
 
     Raises (before a hook is registered or a file touched): ``lnprobe.RunExistsError`` (a FileExistsError)
     when ``out`` holds a run and neither ``resume`` nor ``overwrite`` is passed; ``lnprobe.RunLockedError``
