@@ -13,10 +13,10 @@ every ``--every`` steps without per-step scalars (``step_scalars=False``: what a
 before) · the same with per-step scalars (the default) · plus ``burst=Burst()`` · plus
 ``burst=Burst(history=16)`` (residual-stream history hooks on every forward). Only unrecorded steps
 are timed (the schedule's step 0 and the warm-up are left out; no spike occurs, so no burst starts):
-the cost that bursts and scalars add to every step. Two numbers per configuration: the median full
-step, and the median time inside ``probe.step()`` alone, which is far less noisy than a difference of
-full steps. On CUDA each timed region is closed by ``torch.cuda.synchronize()``. Prints a table and the
-load average; asserts nothing.
+the cost that bursts and scalars add to every step. Three numbers per configuration: the median full
+step, the median forward + backward (where the history hooks run), and the median time inside
+``probe.step()`` alone, which is far less noisy than a difference of full steps. On CUDA each timed
+region is closed by ``torch.cuda.synchronize()``. Prints a table and the load average; asserts nothing.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 kw["burst"] = lnprobe.Burst(history=16 if b == "history" else 0)
             probe = lnprobe.attach(model, work / f"run{i}", every=args.every, flush_every=10**6,
                                    flush_seconds=None, **kw)
-        setups.append({"name": name, "model": model, "opt": opt, "probe": probe, "full": [], "step": []})
+        setups.append({"name": name, "model": model, "opt": opt, "probe": probe, "full": [], "step": [], "fb": []})
     vocab = setups[0]["model"].config.vocab_size
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device)
@@ -93,10 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             _, loss = s["model"](x, y)
             loss.backward()
-            t1 = t2 = 0.0
+            _sync(device)
+            t1 = t2 = time.perf_counter()
             if s["probe"] is not None:
-                _sync(device)
-                t1 = time.perf_counter()
                 s["probe"].step(loss=loss, lr=1e-4)
                 _sync(device)
                 t2 = time.perf_counter()
@@ -108,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             if rnd >= warmup and not recorded:
                 s["full"].append((t3 - t0) * 1e3)
                 s["step"].append((t2 - t1) * 1e3)
+                s["fb"].append((t1 - t0) * 1e3)
     wall = time.perf_counter() - t_start
     for s in setups:
         if s["probe"] is not None:
@@ -119,12 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reference GPT preset {args.preset} ({n_params / 1e6:.2f} M parameters), batch {args.batch} × {args.seq}, "
           f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} timed unrecorded "
           f"steps per configuration, alternated; {wall:.0f} s wall; load average {os.getloadavg()[0]:.2f}")
-    print("| configuration | ms/step (median) | ratio | overhead | ms in probe.step() (median) |")
-    print("|---|---|---|---|---|")
+    print("| configuration | ms/step (median) | ratio | overhead | ms forward + backward (median) "
+          "| ms in probe.step() (median) |")
+    print("|---|---|---|---|---|---|")
     for s in setups:
         full = statistics.median(s["full"])
         inside = f"{statistics.median(s['step']):.3f}" if s["probe"] is not None else "–"
-        print(f"| {s['name'].strip()} | {full:.1f} | {full / base:.3f} | {100 * (full / base - 1):+.1f} % | {inside} |")
+        print(f"| {s['name'].strip()} | {full:.1f} | {full / base:.3f} | {100 * (full / base - 1):+.1f} % "
+              f"| {statistics.median(s['fb']):.1f} | {inside} |")
     return 0
 
 
