@@ -12,7 +12,8 @@ Configurations: no probe · a second unprobed copy (A/A control: the noise floor
 every ``--every`` steps without per-step scalars (``step_scalars=False``: what an unrecorded step cost
 before) · the same with per-step scalars (the default) · plus ``burst=Burst()`` · plus
 ``burst=Burst(history=16)`` (residual-stream history hooks on every forward). Only unrecorded steps
-are timed (the schedule's step 0 and the warm-up are left out; no spike occurs, so no burst starts):
+are timed (the schedule's step 0, steps recorded by a burst and the warm-up are left out; bursts that
+started are named after their row):
 the cost that bursts and scalars add to every step. Three numbers per configuration: the median full
 step, the median forward + backward (where the history hooks run), and the median time inside
 ``probe.step()`` alone, which is far less noisy than a difference of full steps. On CUDA each timed
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(warmup + args.steps):
         order = setups[rnd % len(setups):] + setups[:rnd % len(setups)]
         for s in order:
+            recorded = s["probe"] is not None and s["probe"].recording  # the schedule's or a burst's step
             _sync(device)
             t0 = time.perf_counter()
             _, loss = s["model"](x, y)
@@ -103,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
             s["opt"].zero_grad(set_to_none=True)
             _sync(device)
             t3 = time.perf_counter()
-            recorded = s["probe"] is not None and rnd % args.every == 0
             if rnd >= warmup and not recorded:
                 s["full"].append((t3 - t0) * 1e3)
                 s["step"].append((t2 - t1) * 1e3)
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_start
     for s in setups:
         if s["probe"] is not None:
+            s["bursts"] = len(s["probe"]._burst.bursts) if s["probe"]._burst is not None else 0
             s["probe"].close()
     shutil.rmtree(work, ignore_errors=True)
 
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         full = statistics.median(s["full"])
         inside = f"{statistics.median(s['step']):.3f}" if s["probe"] is not None else "–"
         print(f"| {s['name'].strip()} | {full:.1f} | {full / base:.3f} | {100 * (full / base - 1):+.1f} % "
-              f"| {statistics.median(s['fb']):.1f} | {inside} |")
+              f"| {statistics.median(s['fb']):.1f} | {inside} |" + (f" {s['bursts']} burst(s)" if s.get("bursts") else ""))
     return 0
 
 
