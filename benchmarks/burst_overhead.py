@@ -12,8 +12,10 @@ Configurations: no probe · a second unprobed copy (A/A control: the noise floor
 every ``--every`` steps without per-step scalars (``step_scalars=False``: what an unrecorded step cost
 before) · the same with per-step scalars (the default) · plus ``burst=Burst()`` · plus
 ``burst=Burst(history=16)`` (residual-stream history hooks on every forward). Only unrecorded steps
-are timed (the schedule's step 0, steps recorded by a burst and the warm-up are left out; bursts that
-started are named after their row):
+are timed (the schedule's step 0, steps recorded by a burst and the warm-up are left out). The bursts'
+threshold is 1e9 by default, so that the detector runs at every step but no burst starts (with 7, the
+default, a burst may start early in training, where the gradient norm still trends; ``--threshold 7``
+shows it; bursts that started are named after their row):
 the cost that bursts and scalars add to every step. Three numbers per configuration: the median full
 step, the median forward + backward (where the history hooks run), and the median time inside
 ``probe.step()`` alone, which is far less noisy than a difference of full steps. On CUDA each timed
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--every", type=int, default=1000, help="probe schedule (default 1000: only step 0 recorded)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threshold", type=float, default=1e9,
+                    help="the bursts' spike threshold (default 1e9: never fires; 7 is Burst's default)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             kw = dict(kw)
             b = kw.pop("burst", None)
             if b is not None:
-                kw["burst"] = lnprobe.Burst(history=16 if b == "history" else 0)
+                # a threshold no step reaches: the detector runs at every step, no burst starts (a burst's
+                # cost is that of recording every step, lnprobe's every=1 row of benchmarks/overhead.py)
+                kw["burst"] = lnprobe.Burst(history=16 if b == "history" else 0, threshold=args.threshold)
             probe = lnprobe.attach(model, work / f"run{i}", every=args.every, flush_every=10**6,
                                    flush_seconds=None, **kw)
         setups.append({"name": name, "model": model, "opt": opt, "probe": probe, "full": [], "step": [], "fb": []})
