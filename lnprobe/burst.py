@@ -13,13 +13,16 @@
   window.
 
 A trigger at step k records every step from the first one the host learns of it to k + ``steps``
-(a trigger inside a running burst extends it). The decision never synchronises the host: the device
-packs (trigger code, z of each signal, values) into 5 float64 and copies them without blocking into
-pinned host memory; each ``probe.step()`` reads the copies that have arrived (a CUDA event query). On
-CPU the copy of step k has arrived at the end of its own ``step()``: the burst starts at k + 1. On
-an accelerator it has arrived by the next ``step()`` whenever the device keeps up with the host: the
-burst starts at k + 2 (later only if the host runs more than that ahead; with ``SLOTS`` copies in
-flight the oldest is waited for).
+(a trigger inside a running burst extends it). A signal that rises steadily can trigger too: early in
+training the gradient norm may sit many of its (small) standard deviations above the mean of its
+first values; a ``min_history`` longer than that start evaluates no step before it.
+
+The decision never synchronises the host: the device packs (trigger code, z of each signal, values)
+into 5 float64 and copies them without blocking into pinned host memory; each ``probe.step()`` reads
+the copies that have arrived (a CUDA event query). On CPU the copy of step k has arrived at the end of
+its own ``step()``: the burst starts at k + 1. On an accelerator it has arrived by the next ``step()``
+whenever the device keeps up with the host: the burst starts at k + 2 (later only if the host runs
+more than that ahead; with ``SLOTS`` copies in flight the oldest is waited for).
 
 **History.** ``history=H`` > 0 also keeps, on the device, the residual stream's ``m2`` and ``absmax``
 at every layer for the last H unrecorded steps (forward hooks on the ``resid`` points: one fused
