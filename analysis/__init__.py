@@ -8,7 +8,8 @@ numpy / pandas / scipy / matplotlib anywhere. Installed as ``lnprobe.analysis`` 
 activations, FP16 margin, spike score), ``plots`` (figures), ``plots_cross`` (figures across runs and
 sweeps), ``verdicts`` (prediction checks),
 ``compare`` (measured-vs-predicted frames), ``verdict_schema`` (the verdict record and verdicts.json),
-``render`` (Markdown and HTML tables), ``report`` (report.md / report.html). ``plots``, ``verdicts``,
+``render`` (Markdown and HTML tables), ``report`` (report.md / report.html), ``stability`` (spike scores,
+bursts, first non-finite site for the report). ``plots``, ``verdicts``,
 ``render`` and ``report`` load on first use so
 that ``import lnprobe.analysis`` does not pull in matplotlib.
 """
@@ -27,10 +28,10 @@ __all__ = [
     "Run", "load", "GrowthFit", "classify_growth", "attribution", "growth_over_steps",
     "massive_candidates", "track_massive", "fp16_margin", "spike_score", "predict_init_profile",
     "build_report", "run_report", "fits", "io", "massive", "theory", "plots", "verdicts", "report",
-    "compare", "render", "verdict_schema", "plots_cross",
+    "compare", "render", "verdict_schema", "plots_cross", "stability",
 ]
 
-_LAZY_MODULES = ("compare", "plots", "plots_cross", "verdicts", "verdict_schema", "render", "report")
+_LAZY_MODULES = ("compare", "plots", "plots_cross", "verdicts", "verdict_schema", "render", "report", "stability")
 
 
 def __getattr__(name: str) -> Any:

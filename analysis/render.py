@@ -127,7 +127,8 @@ def verdict_sections_md(records: Sequence[dict[str, Any]]) -> list[str]:
 
 def markdown_report(*, runs: Sequence[dict[str, str]], records: Sequence[dict[str, Any]], summary: Sequence[str],
                     honesty: str, figures: dict[str, dict[str, Path]], captions: dict[str, str],
-                    partial: dict[str, list[str]], missing: dict[str, str], load_notes: Sequence[str]) -> str:
+                    partial: dict[str, list[str]], missing: dict[str, str], load_notes: Sequence[str],
+                    stability: Sequence[str] = ()) -> str:
     """report.md. Everything quoted from the runs (names, paths, notes, messages) goes through
     :func:`md_text` (code spans only hold names made here: verdict ids, figure names); what could not
     be read is listed first."""
@@ -138,6 +139,9 @@ def markdown_report(*, runs: Sequence[dict[str, str]], records: Sequence[dict[st
                   ""] + [f"- {md_text(n)}" for n in load_notes] + [""]
     lines += verdict_sections_md(records)
     lines += ["## Summary", ""] + [f"- {_md_summary(s, runs)}" for s in summary] + [""]
+    if stability:
+        lines += ["## Training stability", "", md_text(STABILITY_INTRO), ""]
+        lines += [f"- {_md_summary(s, runs)}" for s in stability] + [""]
     lines += ["## Honest limits", "", md_text(honesty), ""]
     lines += ["## Figures", ""]
     for name, paths in figures.items():
@@ -164,6 +168,11 @@ def _md_summary(s: str, runs: Sequence[dict[str, str]]) -> str:
     return md_text(s)
 
 
+STABILITY_INTRO = ("Spike scores after OLMo 2 (docs/theory.md §5): a step is a spike when its value is at least "
+                   "7 standard deviations above the mean of the previous 1000 values; score = spikes / evaluated "
+                   "steps. Gradient norm: global, before clipping. Bursts: steps recorded after a spike "
+                   "(meta.json bursts); first non-finite: meta.json first_nonfinite.")
+
 _HTML = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string("""\
 <!DOCTYPE html><html><head><meta charset='utf-8'><title>lnprobe report</title><style>
 body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}
@@ -187,6 +196,10 @@ th{background:#eee}img{max-width:100%}
 <p>{{ c['pass'] }} pass, {{ c['fail'] }} fail, {{ c['n/a'] }} not applicable.</p>
 {% endfor %}
 <h2>Summary</h2><ul>{% for s in summary %}<li>{{ s.replace('**', '') }}</li>{% endfor %}</ul>
+{% if stability %}
+<h2>Training stability</h2><p>{{ stability_intro }}</p>
+<ul>{% for s in stability %}<li>{{ s.replace('**', '') }}</li>{% endfor %}</ul>
+{% endif %}
 <h2>Honest limits</h2><p>{{ honesty }}</p>
 <h2>Figures</h2>
 {% for f in figures %}
@@ -203,7 +216,8 @@ th{background:#eee}img{max-width:100%}
 
 def html_report(*, runs: Sequence[dict[str, str]], records: Sequence[dict[str, Any]], summary: Sequence[str],
                 honesty: str, figures: dict[str, dict[str, Path]], captions: dict[str, str],
-                partial: dict[str, list[str]], missing: dict[str, str], load_notes: Sequence[str]) -> str:
+                partial: dict[str, list[str]], missing: dict[str, str], load_notes: Sequence[str],
+                stability: Sequence[str] = ()) -> str:
     """report.html: one self-contained page (PNGs inline), every quoted value HTML-escaped by Jinja2."""
     theory_v, instr = split_instrument(records)
     sections = [("Verdicts", "m = measured (mean over runs, 95 % t-interval in brackets when n ≥ 2), p = predicted; "
@@ -215,4 +229,5 @@ def html_report(*, runs: Sequence[dict[str, str]], records: Sequence[dict[str, A
     figs = [{"name": name, "caption": captions.get(name, ""), "partial": "; ".join(partial.get(name, [])),
              "data": base64.b64encode(paths["png"].read_bytes()).decode("ascii")} for name, paths in figures.items()]
     return _HTML.render(runs=runs, sections=sections, columns=COLUMNS, colour=STATUS_COLOUR, summary=summary,
-                        honesty=honesty, figures=figs, missing=missing, load_notes=load_notes)
+                        honesty=honesty, figures=figs, missing=missing, load_notes=load_notes,
+                        stability=stability, stability_intro=STABILITY_INTRO)

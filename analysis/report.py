@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from . import compare, fits, massive, plots, plots_cross, plots_logits, render, verdicts
+from . import compare, fits, massive, plots, plots_cross, plots_logits, render, stability, verdicts
 from .io import Run, load
 
 HONESTY = (
@@ -54,6 +54,7 @@ class ReportResult:
     verdicts: pd.DataFrame = field(default_factory=pd.DataFrame)
     summary: list[str] = field(default_factory=list)
     runs: list[str] = field(default_factory=list)
+    stability: list[str] = field(default_factory=list)  # one paragraph per run (analysis.stability)
 
 
 def _slug(text: str) -> str:
@@ -311,12 +312,13 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, formats: S
     swept = sweep_summary(runs) if sweep or len({compare.lr(r) for r in runs}) > 1 else ""
     if swept:
         result.summary.insert(0, swept)
+    result.stability = [stability.summary_line(stability.stability(r)) for r in runs]
     # tables are rendered from the file just written, so the report shows exactly what it holds
     parts = dict(runs=[{"name": r.name, "placement": r.placement, "path": str(r.path)} for r in runs],
                  records=verdicts.read_json(result.verdicts_json), summary=result.summary,
                  honesty=" ".join(x for x in (HONESTY, scale_notes(runs)) if x),
                  figures=result.figures, captions=captions, partial=result.partial, missing=result.missing,
-                 load_notes=load_notes)
+                 load_notes=load_notes, stability=result.stability)
     result.report_md.write_text(render.markdown_report(**parts), encoding="utf-8")
     result.report_html.write_text(render.html_report(**parts), encoding="utf-8")
     return result

@@ -15,26 +15,27 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["attach", "load_run", "open", "inspect", "Probe", "Run", "Schedule", "ALL_SITES", "RunExistsError",
+__all__ = ["attach", "load_run", "open", "inspect", "Probe", "Run", "Schedule", "Burst", "ALL_SITES",
+           "RunExistsError",
            "RunLockedError", "RunDirectoryError"]
 __version__ = "0.1.0"
 
 # public name -> the submodule that defines it
 _LAZY_NAMES = {
     "attach": "probe", "Probe": "probe", "ALL_SITES": "sites",
-    "Schedule": "schedule",
+    "Schedule": "schedule", "Burst": "burst",
     "Run": "store", "load_run": "store", "open": "query",
     "RunExistsError": "rundir", "RunLockedError": "rundir", "RunDirectoryError": "validate",
 }
 # submodules reachable as attributes right after ``import lnprobe`` (lnprobe.integrations.hf, ...)
-_SUBMODULES = ("analysis", "checkpoint", "cli", "constants", "data", "discovery", "distributed", "export",
+_SUBMODULES = ("analysis", "burst", "checkpoint", "cli", "constants", "data", "discovery", "distributed", "export",
                "integrations", "launch", "models", "testing",
                "attnlogits", "probe", "query", "rundir", "scan", "scan_inputs", "schedule", "sinks", "sites", "stats",
-               "store", "train", "updates",
-               "summary", "validate")
+               "stepscalars", "store", "train", "updates", "summary", "validate")
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time these load on first use
     from . import analysis, integrations  # noqa: F401
+    from .burst import Burst  # noqa: F401
     from .probe import Probe, attach  # noqa: F401
     from .query import open  # noqa: F401
     from .rundir import RunExistsError, RunLockedError  # noqa: F401

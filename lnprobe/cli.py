@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", metavar="DIR", help="write live TensorBoard event files to DIR at every flush")
     p.add_argument("--attn-logits", action="store_true", help="also record the output logits and the attention "
                    "logits (qk_absmax, entropy: an extra QKᵀ per layer on recorded steps)")
+    p.add_argument("--burst", type=int, default=0, metavar="N",
+                   help="after a loss or gradient-norm spike (7σ, docs/theory.md §5) or a NaN, record every step for "
+                        "N steps (default 0: off; not under torchrun)")
+    p.add_argument("--burst-history", type=int, default=16, metavar="H",
+                   help="with --burst: also write the residual stream's m2 and absmax of the H steps before it")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="train pre, peri and post with the same seed and data, then build a report")
@@ -251,7 +256,8 @@ def _train_config(args: argparse.Namespace):
                        progress=not args.no_progress, fsdp=args.fsdp, tensorboard=getattr(args, "tensorboard", None),
                        ckpt_every=getattr(args, "ckpt_every", 100), flush_seconds=getattr(args, "flush_seconds", 60.0),
                        grad_clip=args.grad_clip, warmup=args.warmup, weight_decay=args.weight_decay,
-                       attn_logits=getattr(args, "attn_logits", False))
+                       attn_logits=getattr(args, "attn_logits", False),
+                       burst=getattr(args, "burst", 0), burst_history=getattr(args, "burst_history", 16))
 
 
 # ----------------------------------------------------------------------------- summaries

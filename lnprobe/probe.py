@@ -41,6 +41,7 @@ from torch import nn
 from . import distributed as D
 from . import stats as S
 from .attnlogits import LogitObserver
+from .burst import Burst, BurstMonitor, ResidHistory, previous_bursts
 from .flushclock import FlushClock
 from .hooks import SiteObserver
 from .options import first_step, legacy_resume, parse_sites, parse_stats, select_sites
@@ -51,11 +52,15 @@ from .schedule import Schedule
 from .sinks import SinkSet, first_nonfinite
 from .sites import ALL_SITES, SiteKey
 from .steprows import Rows, StepRows, StepRowsBuilder, scalar_frame
+from .stepscalars import StepScalars
 from .store import RunWriter
 from .updates import UpdateTracker
 
 DEFAULT_SITES = ALL_SITES
 DEFAULT_GRAD_SITES: tuple[str, ...] = S.default_sites("gradient")  # ("resid",), from the registry
+#: unrecorded steps whose train rows (step_scalars) may wait for a flush: bounds their memory when the
+#: schedule is sparse and flush_seconds is None (counted in steps, the same on every rank)
+MAX_UNFLUSHED_SCALAR_STEPS = 4096
 
 
 class Probe:
@@ -95,6 +100,8 @@ class Probe:
         updates: Any = None,
         logits: bool = False,
         attn_logits: bool = False,
+        step_scalars: bool = True,
+        burst: Burst | None = None,
     ):
         """Discover the model's blocks and sites, register the hooks and write meta.json.
 
@@ -112,6 +119,12 @@ class Probe:
         if distributed and self._dist is None:
             raise RuntimeError("lnprobe.attach(distributed=True): torch.distributed is not initialised with more "
                                "than one rank; call torch.distributed.init_process_group first (e.g. under torchrun)")
+        if burst is not None and not isinstance(burst, Burst):
+            raise TypeError(f"lnprobe.attach(burst=...): expected an lnprobe.Burst(...), found {type(burst).__name__}")
+        if burst is not None and self._dist is not None:
+            raise ValueError("lnprobe.attach(burst=...) is not supported under torch.distributed yet (the ranks would "
+                             "have to agree on every burst decision); attach without burst=, or with distributed=False "
+                             "and a run directory per rank")
         # Refuse an existing or locked run directory before a hook is registered or a file touched.
         D.on_writer(self._dist, f"claim the run directory {out}",
                     lambda: check_claim(out, resume=resume is not False, overwrite=overwrite))
@@ -162,6 +175,23 @@ class Probe:
         self._logits = LogitObserver(self.model, self.map, self._records_forward, self._notes, logits=logits,
                                      attn_logits=attn_logits) if (logits or attn_logits) else None
         self._handles += self._logits.handles if self._logits is not None else []
+        # Per-step train rows of unrecorded steps (lnprobe.stepscalars) and spike-triggered bursts (lnprobe.burst).
+        self._stepscalars = StepScalars(self._rows.layout, self._dist.world_size if self._dist else 1)
+        self._record_scalars = bool(step_scalars)
+        self._scalar_steps = 0  # unrecorded steps with train rows since the last forced flush
+        self._captured_gn: torch.Tensor | None = None  # capture_param_grads on an unrecorded step
+        first = next(iter(self.model.parameters()), None)
+        self._device = first.device if first is not None else torch.device("cpu")
+        self._burst: BurstMonitor | None = None
+        if burst is not None:
+            history = None
+            if burst.history:
+                history = ResidHistory(burst.history, self.map.site_points(), self.model, self._records_history,
+                                       self._notes, self._rows.layout)
+                self._handles += history.handles
+            self._burst = BurstMonitor(burst, self._device, history)
+            if resume is not False:  # a resumed run keeps the bursts of the steps before its first one
+                self._burst.bursts += previous_bursts(out, self._step)
 
         meta = self.map.to_meta()
         meta.update(
@@ -176,10 +206,13 @@ class Probe:
             notes=self._notes,
             first_step=self._step,
             last_step=self._step - 1,
+            step_scalars=self._record_scalars,
             versions={"lnprobe": version(), "torch": torch.__version__, "python": platform.python_version()},
         )
         if self._dist is not None:
             meta["distributed"] = self._dist.to_meta()
+        if burst is not None:
+            meta.update(burst=burst.to_meta(), bursts=self._burst.bursts)  # the list grows in place (rank 0)
         # Only rank 0 writes; the other ranks keep no writer but take part in every reduction.
         self.writer = None
         try:
@@ -212,6 +245,10 @@ class Probe:
     def _records_forward(self) -> bool:
         return self._active and not self._closed and (self.record_all or self.model.training)
 
+    def _records_history(self) -> bool:
+        # burst history: the residual stream of forwards the schedule does not record
+        return not self._active and not self._closed and (self.record_all or self.model.training)
+
     # ----------------------------------------------------------------- steps
     @property
     def current_step(self) -> int:
@@ -225,6 +262,12 @@ class Probe:
         return self._active and not self._closed
 
     @property
+    def records_step_scalars(self) -> bool:
+        """True when every step, recorded or not, gets ``train`` rows (``step_scalars``) or feeds the
+        burst detector (``burst``): integrations then pass the loss and gradients of every step."""
+        return not self._closed and (self._record_scalars or self._burst is not None)
+
+    @property
     def param_grads_captured(self) -> bool:
         """True when ``capture_param_grads`` has read the gradients of the step now open."""
         return self._captured is not None
@@ -235,6 +278,9 @@ class Probe:
         Call once per optimizer step, after backward (and ``scaler.unscale_(opt)`` under AMP) and
         before gradient clipping, ``opt.step()`` and ``zero_grad()``. ``loss`` may be a tensor or a
         float; ``lr`` a host float; ``scaler`` overrides the probe's GradScaler for this step.
+        Unrecorded steps get ``train`` rows ``loss``, ``grad_norm`` (global, before clipping) and ``lr``
+        (``step_scalars``); with ``burst=`` the step's loss and grad_norm go to the spike detector, and a
+        burst records every step after a spike (``lnprobe.burst``). No host synchronisation.
         Under torch.distributed every rank must call it the same number of times (it may flush,
         and a flush is a collective call).
         """
@@ -242,26 +288,34 @@ class Probe:
             raise RuntimeError("probe.step() after probe.close(): attach a new probe to keep recording")
         if self._flush_deferred:  # the optimizer step of the last flushed step never came (e.g. an AMP skip)
             self.flush()
+        rows = None
         if self._active:
             self._pending_steps += 1
             try:
-                self._finish_step(loss, lr, scaler if scaler is not None else self.scaler)
+                rows = self._finish_step(loss, lr, scaler if scaler is not None else self.scaler)
             except Exception as exc:
                 self._notes.append(f"step {self._step}: statistics dropped after {type(exc).__name__}: {exc}")
                 warnings.warn(f"lnprobe: step {self._step} not recorded: {exc}", RuntimeWarning, stacklevel=2)
+        elif self._record_scalars or self._burst is not None:
+            rows = self._unrecorded_step(loss, lr)
+        if self._burst is not None:
+            self._burst_step(rows, loss)
         for acc in self._acc.values():
             acc.clear()
         if self._logits is not None:
             self._logits.clear()
-        self._captured = None
+        self._captured, self._captured_gn = None, None
         self._update_step = self._step if self._active else None
         self._step += 1
         self._step_calls += 1
-        self._active = self.schedule(self._step)
+        self._active = self.schedule(self._step) or (self._burst is not None and self._burst.covers(self._step))
         time_due = self._clock.tick()
+        scalars_due = self._scalar_steps >= MAX_UNFLUSHED_SCALAR_STEPS
+        if scalars_due:
+            self._scalar_steps = 0
         # Counted in steps, not buffer entries: a step dropped on one rank must not shift that rank's
         # flushes (and so its collectives) against the other ranks'.
-        if self._pending_steps >= self.flush_every or time_due:
+        if self._pending_steps >= self.flush_every or time_due or scalars_due:
             if self._updates is not None and self._update_step is not None:
                 # after this step's update rows (optimizer post-hook) or at the next step()
                 self._flush_deferred = True
@@ -275,10 +329,16 @@ class Probe:
         Trainer): call this where the gradients are complete but not yet clipped; ``step()`` then uses
         these norms instead of reading ``.grad`` again. ``loss_scale`` divides the norms when the
         gradients are still multiplied by an AMP loss scale (``lnprobe.runtime.loss_scale(scaler)``).
-        A later call replaces an earlier one. No host synchronisation. Does nothing on steps that are
-        not recorded.
+        A later call replaces an earlier one. No host synchronisation. On steps that are not recorded
+        it reads only the global gradient norm of the per-step train rows (``records_step_scalars``).
         """
         if not self.recording:
+            if self.records_step_scalars:
+                gn = self._stepscalars.grad_norm(self._current_params())
+                if gn is not None and loss_scale is not None:
+                    gn = gn / (loss_scale.to(gn.device, torch.float64) if torch.is_tensor(loss_scale)
+                               else float(loss_scale))
+                self._captured_gn = gn
             return
         with_grad = [(n, p) for n, p in self._current_params() if p.grad is not None]
         if not with_grad:
@@ -293,7 +353,7 @@ class Probe:
         """Add a line to meta.json's ``notes`` (written at the next flush and at close)."""
         self._notes.append(str(text))
 
-    def _finish_step(self, loss: Any, lr: float | None, scaler: Any) -> None:
+    def _finish_step(self, loss: Any, lr: float | None, scaler: Any) -> StepRows | None:
         sites = list(self._acc.items())
         if self._acc and not self.model.training and not self.record_all and not self._warned_eval \
                 and not any(acc.parts for acc in self._acc.values()):
@@ -310,6 +370,45 @@ class Probe:
         extra = self._logits.step_rows(self._step, self._rows.layout) if self._logits is not None else None
         if extra is not None:
             self._buffer.append(extra)
+        return rows
+
+    def _unrecorded_step(self, loss: Any, lr: float | None) -> StepRows | None:
+        """The train rows (loss, grad_norm before clipping, lr) of a step the schedule does not record,
+        buffered when ``step_scalars`` (lnprobe.stepscalars); also the burst detector's input."""
+        try:
+            gn = self._captured_gn if self._captured_gn is not None else \
+                self._stepscalars.grad_norm(self._current_params())
+            rows = self._stepscalars.rows(self._step, loss, gn, lr, self._device)
+        except Exception as exc:  # a probe never crashes training
+            self._record_scalars = False
+            self._notes.append(f"per-step train scalars disabled at step {self._step} after "
+                               f"{type(exc).__name__}: {exc}")
+            warnings.warn(f"lnprobe: per-step train scalars disabled: {exc}; training continues", RuntimeWarning,
+                          stacklevel=3)
+            return None
+        if rows is not None and self._record_scalars:
+            self._buffer.append(rows)
+            self._scalar_steps += 1
+        return rows
+
+    def _burst_step(self, rows: StepRows | None, loss: Any) -> None:
+        """Feed the closed step's loss and grad_norm to the burst detector; buffer the history rows of a
+        burst that starts now and write meta.json's ``bursts`` (lnprobe.burst)."""
+        try:
+            lt, gt = self._stepscalars.signals(rows)
+            n_bursts = len(self._burst.bursts)
+            self._buffer += self._burst.after_step(self._step, loss if lt is None else lt, gt,
+                                                   recorded=self._active)
+            if len(self._burst.bursts) > n_bursts:
+                b = self._burst.bursts[-1]
+                self._notes.append(f"burst at steps {b['first_step']}..{b['last_step']}, triggered at step "
+                                   f"{b['trigger_step']}: {b['reason']}")
+                if self.writer is not None:  # written now: a burst start is rare, and worth keeping after a kill
+                    self.writer.update_meta(bursts=self._burst.bursts, notes=self._notes)
+        except Exception as exc:  # a probe never crashes training
+            self._burst = None
+            self._notes.append(f"bursts disabled at step {self._step} after {type(exc).__name__}: {exc}")
+            warnings.warn(f"lnprobe: bursts disabled: {exc}; training continues", RuntimeWarning, stacklevel=3)
 
     def _update_steps(self) -> tuple[int, int | None, int | None]:
         # for lnprobe.updates: step() calls so far, the last closed step and the open one (None: not recorded)
@@ -509,6 +608,8 @@ def attach(
     updates: Any = None,
     logits: bool = False,
     attn_logits: bool = False,
+    step_scalars: bool = True,
+    burst: Burst | None = None,
 ) -> Probe:
     """Attach a probe to ``model`` that writes the run directory ``out``; also a context manager.
 
@@ -554,6 +655,14 @@ def attach(
         attn_logits: record the ``attn_logits`` site per block (``qk_absmax`` with its head, ``entropy``), exact
             for the reference GPT and Hugging Face models (their attention-function interface); costs an extra
             QKᵀ per layer on recorded steps (``lnprobe.attnlogits``).
+        step_scalars: True (default): ``train`` rows ``loss``, ``grad_norm`` (global, before clipping) and
+            ``lr`` at every step, recorded or not, kept on the device until a flush (``lnprobe.stepscalars``);
+            False: on recorded steps only.
+        burst: an ``lnprobe.Burst(...)``: after a loss or grad-norm spike (docs/theory.md §5, decided on the
+            device) or a NaN/Inf at step k, record every step through k + ``steps`` (from k + 1 on CPU, k + 2
+            on an accelerator that keeps up); ``history=H`` also writes the residual stream's m2 and absmax
+            of the H unrecorded steps before; meta.json ``bursts`` says when and why (``lnprobe.burst``).
+            Not under torch.distributed.
 
     Raises (before a hook is registered or a file touched): ``lnprobe.RunExistsError`` (a FileExistsError)
     when ``out`` holds a run and neither ``resume`` nor ``overwrite`` is passed; ``lnprobe.RunLockedError``
@@ -565,4 +674,5 @@ def attach(
                  placement=placement, example_input=example_input, record=record, flush_every=flush_every,
                  flush_seconds=flush_seconds, scaler=scaler, config=config, run_name=run_name, resume=resume,
                  distributed=distributed, process_group=process_group, start_step=start_step, append=append,
-                 overwrite=overwrite, sinks=sinks, updates=updates, logits=logits, attn_logits=attn_logits)
+                 overwrite=overwrite, sinks=sinks, updates=updates, logits=logits, attn_logits=attn_logits,
+                 step_scalars=step_scalars, burst=burst)

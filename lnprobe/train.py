@@ -68,6 +68,7 @@ from typing import Any
 import torch
 
 from . import checkpoint, launch, store
+from .burst import Burst
 from .checkpoint import CHECKPOINT_NAME, CheckpointError
 from .data import CorpusError, TokenData
 from .launch import DTYPES, ConfigError, Launch, autocast, resolve_device, resolve_dtype
@@ -103,6 +104,8 @@ class TrainConfig:
     ``fsdp``: under torchrun, shard the model with FSDP2 instead of wrapping it in DDP.
     ``tensorboard``: a directory for live TensorBoard event files (``lnprobe.sinks.TensorBoard``; rank 0).
     ``attn_logits``: also record the ``logits`` and ``attn_logits`` sites (``lnprobe.attnlogits``).
+    ``burst``: N > 0 records every step for N steps after a loss or gradient-norm spike (``lnprobe.Burst``),
+    with the residual stream of the ``burst_history`` unrecorded steps before it; 0: off (one process only).
     An invalid field raises :class:`ConfigError` (a ValueError) saying what is accepted.
     """
 
@@ -129,6 +132,8 @@ class TrainConfig:
     fsdp: bool = False
     tensorboard: str | None = None
     attn_logits: bool = False
+    burst: int = 0
+    burst_history: int = 16
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -136,7 +141,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"TrainConfig.{name} must be a positive int, got {v!r}")
-        for name in ("eval_every", "ckpt_every", "seed"):
+        for name in ("eval_every", "ckpt_every", "seed", "burst", "burst_history"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"TrainConfig.{name} must be an int ≥ 0, got {v!r}")
@@ -179,6 +184,8 @@ class TrainConfig:
         d["warmup"] = self.warmup_steps
         if not isinstance(self.every, (int, str)):
             d["every"] = [int(s) for s in self.every]
+        if not self.burst:  # bursts off: the dict of a run made before bursts existed (resume compares them)
+            del d["burst"], d["burst_history"]
         return d
 
 
@@ -338,6 +345,9 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path, res
 def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup, ctx: Launch,
            res: checkpoint.ResumePoint | None, stop_after: int | None, overwrite: bool) -> TrainResult:
     device, dtype, seq_len, data = setup.device, setup.dtype, setup.seq_len, setup.data
+    if cfg.burst and ctx.on:
+        raise ConfigError("--burst is not supported under torchrun yet (the ranks would have to agree on every "
+                          "burst decision); run without --burst")
     ckpt_path = out_dir / CHECKPOINT_NAME
     ckpt = res.ckpt if res is not None else None
     if res is None and ctx.main and ckpt_path.exists():
@@ -392,6 +402,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
         grad_sites=("resid", "mlp_raw"), overwrite=overwrite,
         sinks=[TensorBoard(cfg.tensorboard)] if cfg.tensorboard and ctx.main else None,
         logits=cfg.attn_logits, attn_logits=cfg.attn_logits,
+        burst=Burst(steps=cfg.burst, history=cfg.burst_history) if cfg.burst else None,
     )
     if resume_meta:
         probe.update_meta(**resume_meta)
@@ -435,18 +446,15 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, out_dir: Path, setup: _Setup,
                 # The ranks' losses differ (their rows differ): decide on their mean, the same on every rank;
                 # a stop signal on any rank stops every rank after this step.
                 last_loss, stop = launch.loss_and_stop(loss, signals.signum is not None, ctx)
-                # The probe writes loss rows on the steps it records; the trainer writes the others, so
-                # the loss curve has every step (and the diverging step has its loss in any case).
-                probed = schedule(step)
+                # The probe writes loss, grad_norm and lr rows at every step (per-step train scalars);
+                # the diverging step also gets its nonfinite_loss row when the schedule skipped it.
                 if not math.isfinite(last_loss):
                     status, diverged_step = "diverged", step
-                    if not probed:
-                        probe.log_scalars({"loss": last_loss, "nonfinite_loss": 1.0}, step=step)
+                    if not schedule(step):
+                        probe.log_scalars({"nonfinite_loss": 1.0}, step=step)
                     reason = f"loss is {last_loss} at step {step}"
                     probe.update_meta(divergence={"step": step, "reason": reason, "loss": str(last_loss), "lr": lr})
                     break
-                if not probed:
-                    probe.log_scalars({"loss": last_loss, "lr": lr}, step=step)
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 scaler.step(opt)

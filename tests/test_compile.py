@@ -60,7 +60,7 @@ def same_records(a, b):
     key = ["step", "site", "layer", "stat"]
     m = a.merge(b, on=key, suffixes=("_e", "_c"), how="outer", indicator=True)
     assert (m._merge == "both").all() and len(m) > 0
-    assert sorted(m.step.unique()) == SCHEDULE
+    assert sorted(m[m.site != "train"].step.unique()) == SCHEDULE  # train rows: every step
     np.testing.assert_allclose(m.value_c, m.value_e, rtol=1e-5, atol=1e-8)
     loc = m[m.stat.isin(["absmax", "top1"])]
     assert (loc.token_c == loc.token_e).all() and (loc.channel_c == loc.channel_e).all()

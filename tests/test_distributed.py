@@ -27,6 +27,7 @@ import lnprobe  # noqa: E402
 
 VOCAB, T, GLOBAL_B, STEPS, WORLD = 64, 16, 8, 3, 2
 PROBE_KW = dict(sites="all", stats="all", grad_sites="all", flush_every=2)
+SPARSE_KW = dict(PROBE_KW, every=2)  # step 1 unrecorded: its per-step train rows (loss, grad_norm, lr) are reduced
 
 
 class ScaledGPT(NanoGPT):
@@ -93,6 +94,17 @@ def worker(out: Path) -> int:
             fully_shard(block)
         fully_shard(model)
         with lnprobe.attach(model, out / "fsdp", **PROBE_KW) as probe:
+            train(model, probe, rank, WORLD)
+
+        # Per-step train scalars of an unrecorded step under DDP and FSDP2 (lnprobe.stepscalars).
+        model = DDP(make_model())
+        with lnprobe.attach(model, out / "ddp_sparse", **SPARSE_KW) as probe:
+            train(model, probe, rank, WORLD)
+        model = make_model()
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        with lnprobe.attach(model, out / "fsdp_sparse", **SPARSE_KW) as probe:
             train(model, probe, rank, WORLD)
 
         # Layouts differ: rank 1 stops recording one hook point, so its rows lack that site.
@@ -197,6 +209,18 @@ def test_fsdp2_records_equal_one_process_on_the_global_batch(launched, reference
     m = compare(run.records, reference)
     scale = m[(m.site == "param:logit_scale") & (m.stat == "grad_norm")]
     assert len(scale) == 3 and (scale.value_run > 0).all()  # rank 1's shard of it is empty
+
+
+@pytest.mark.parametrize("name", ["ddp_sparse", "fsdp_sparse"])
+def test_unrecorded_steps_train_scalars_equal_one_process(launched, tmp_path, name):
+    out, _, _ = launched
+    model = make_model()
+    with lnprobe.attach(model, tmp_path / "single", **SPARSE_KW) as probe:
+        train(model, probe)
+    ref = lnprobe.load_run(tmp_path / "single").records
+    m = compare(lnprobe.load_run(out / name).records, ref)
+    one = m[m.step == 1]
+    assert set(one.site) == {"train"} and set(one.stat) == {"loss", "grad_norm", "lr"}
 
 
 def test_ranks_with_different_rows_are_aligned_on_their_union(launched, reference):

@@ -57,7 +57,8 @@ def test_scalars_and_histograms_round_trip(run_dir, tmp_path):
                                    ("attn_out/absmax", "attn_out", 1, "absmax")]:
         ev = (acc if layer < 0 else per_layer[f"layer_{layer:02d}"]).Scalars(tag)
         ref = r[(r.site == site) & (r.layer == layer) & (r.stat == stat)].sort_values("step")
-        assert [e.step for e in ev] == ref.step.tolist() == [0, 2, 4]
+        # recorded steps 0, 2, 4; train rows at every step (per-step train scalars)
+        assert [e.step for e in ev] == ref.step.tolist() == ([0, 1, 2, 3, 4] if site == "train" else [0, 2, 4])
         np.testing.assert_allclose([e.value for e in ev], ref.value, rtol=1e-6)  # events hold float32
     # parameters by role x layer: the role_table value (root of the sum of squares of the role's norms)
     ev = per_layer["layer_01"].Scalars("param/attn.qkv/grad_norm")

@@ -54,16 +54,19 @@ def test_callable_sink_gets_every_recorded_step_at_flush(tmp_path):
     rec = Recorder()
     probe = lnprobe.attach(model, tmp_path / "run", every=2, flush_every=2, sinks=[rec], updates=opt)
     train(probe, model, 3, opt)
-    assert sorted(rec.seen) == [0, 2]  # the first flush (2 recorded steps) came after step 2
+    # the first flush (2 recorded steps) came after step 2; step 1 is there with its per-step train scalars
+    assert sorted(rec.seen) == [0, 1, 2] and "lnprobe/loss" in rec.seen[1] and "lnprobe/absmax" not in rec.seen[1]
     train(probe, model, 3, opt)
     probe.close()
-    assert sorted(rec.seen) == [0, 2, 4]
+    assert sorted(rec.seen) == [0, 1, 2, 3, 4, 5]
     r = lnprobe.load_run(tmp_path / "run").records
     for step, sc in rec.seen.items():
         rs = r[r.step == step]
         tr = rs[rs.site == "train"].set_index("stat")["value"]
         assert sc["lnprobe/loss"] == pytest.approx(tr["loss"])
         assert sc["lnprobe/grad_norm"] == pytest.approx(tr["grad_norm"])
+        if step % 2:  # an unrecorded step: its train scalars only
+            continue
         resid = rs[(rs.site == "resid") & (rs.stat == "m2")]
         assert sc["lnprobe/resid_m2_last"] == pytest.approx(resid.loc[resid.layer.idxmax(), "value"])
         act = rs[(rs.stat == "absmax") & ~rs.site.str.startswith("param:")]

@@ -211,7 +211,8 @@ class ProbeCallback(TrainerCallback):
         @no_compile
         def root_hook(module, args, kwargs, output):
             probe = self.probe
-            if probe is None or not probe.recording or not module.training or not torch.is_grad_enabled():
+            if probe is None or not (probe.recording or probe.records_step_scalars) or not module.training \
+                    or not torch.is_grad_enabled():
                 return None
             loss = _loss_of(output)
             anchor = loss

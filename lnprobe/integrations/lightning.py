@@ -87,7 +87,8 @@ class ProbeCallback(pl.Callback):
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         """Add the micro-batch's (normalised) loss to the step's loss; no host sync."""
-        if self.probe is not None and self.probe.recording and torch.is_tensor(loss):
+        if self.probe is not None and (self.probe.recording or self.probe.records_step_scalars) \
+                and torch.is_tensor(loss):
             d = loss.detach().float()
             self._loss = d if self._loss is None else self._loss + d
 
