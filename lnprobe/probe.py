@@ -455,7 +455,7 @@ class Probe:
         (between its forwards and ``step()``) and the buffered steps not yet flushed. Read it after
         backward, before ``step()``, for the most the probe keeps. Activations are never held."""
         tensors = [t for acc in self._acc.values() for p in acc.parts
-                   for t in (p.sums, p.counts, p.cand, p.cand_tok, p.sample) if t is not None]
+                   for t in (p.sums, p.counts, p.cand, p.cand_tok, p.sample, p.blocks) if t is not None]
         tensors += [g.packed for acc in self._acc.values() for g in acc.grads]
         tensors += [t for e in self._buffer for t in (e.values, e.loc)]
         if self._captured is not None:
