@@ -5,8 +5,9 @@ thread while training goes on.
 Order and guarantees: jobs run one at a time in submission order. ``join()`` waits for every job
 submitted so far and re-raises, on the calling (training) thread, the first exception a job raised,
 so a failed write is never lost: it surfaces at the probe's next ``step()``, ``flush()`` or ``close()``
-as it would have at the flush itself. The probe joins at the start of every ``step()``, so a flush's
-part is on disk before the next ``step()`` returns; a process killed in between loses that part too.
+as it would have at the flush itself. The probe joins in every ``step()`` once the step is closed, so a
+flush's part is on disk before the next ``step()`` returns; a process killed in between loses that
+part too.
 The thread is a daemon (an idle non-daemon thread would block interpreter exit before the atexit
 close could run) and is started again in a forked child, which inherits the object but not the thread.
 """

@@ -236,7 +236,6 @@ class Probe:
         """
         if self._closed:
             raise RuntimeError("probe.step() after probe.close(): attach a new probe to keep recording")
-        self._worker.join()  # the last background write is on disk (or its failure is raised) by now
         if self._flush_deferred:  # the optimizer step of the last flushed step never came (e.g. an AMP skip)
             self._flush(wait=False)
         if self._active:
@@ -253,6 +252,9 @@ class Probe:
         self._step += 1
         self._step_calls += 1
         self._active = self.schedule(self._step)
+        # The step is closed. The previous flush's background write is on disk before step() returns
+        # (a failed write is raised here, on the training thread, as the flush itself raised before).
+        self._worker.join()
         time_due = self._clock.tick()
         # Counted in steps, not buffer entries: a step dropped on one rank must not shift that rank's
         # flushes (and so its collectives) against the other ranks'.

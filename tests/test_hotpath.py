@@ -153,3 +153,50 @@ def test_environment_switch_runs_the_accelerator_path_on_cpu():
     off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert on.stdout.split() == ["False", "fused"], on.stderr
     assert off.stdout.split() == ["True", "cpu"], off.stderr
+
+
+def _train(probe, model, steps):
+    x = torch.randint(0, 64, (2, 32))
+    for _ in range(steps):
+        model(x, torch.roll(x, -1, 1))[1].backward()
+        probe.step()
+        model.zero_grad()
+
+
+def test_step_flushes_write_on_the_background_thread_and_are_on_disk_at_the_next_step(tmp_path):
+    import threading
+
+    model = _gpt(1)
+    probe = lnprobe.attach(model, tmp_path / "run", flush_every=1)
+    writers = []
+    append = probe.writer.append
+
+    def recording_append(frame):
+        writers.append(threading.current_thread().name)
+        return append(frame)
+
+    probe.writer.append = recording_append
+    _train(probe, model, 3)
+    assert writers[:2] == ["lnprobe-flush", "lnprobe-flush"]  # step()'s flushes: off the training thread
+    # every step() joins the previous write: steps 0 and 1 are on disk, step 2's write may be running
+    probe._worker.join()
+    assert sorted(lnprobe.load_run(tmp_path / "run").records.step.unique()) == [0, 1, 2]
+    probe.flush()  # an explicit flush writes on the calling thread (nothing new: meta only)
+    probe.close()
+    assert lnprobe.load_run(tmp_path / "run").meta["status"] == "finished"
+
+
+def test_a_failed_background_write_is_raised_at_the_next_step(tmp_path):
+    model = _gpt(1)
+    probe = lnprobe.attach(model, tmp_path / "run", flush_every=1)
+
+    def full_disk(frame):
+        raise OSError("No space left on device")
+
+    probe.writer.append = full_disk
+    _train(probe, model, 1)  # the flush of step 0 fails on the background thread
+    with pytest.raises(OSError, match="No space left"):
+        _train(probe, model, 1)
+    with pytest.raises(OSError, match="No space left"):  # close flushes step 1 synchronously: fails again
+        probe.close()
+    assert lnprobe.load_run(tmp_path / "run").meta["status"] == "crashed"
