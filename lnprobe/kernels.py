@@ -15,10 +15,11 @@ centred values (the row is re-read from cache), exactly the definitions of ``lnp
 Comparisons with NaN are false, so NaN never counts as over a threshold, and where a median is NaN no
 value is massive.
 
-Which device runs it: CUDA tensors when Triton is importable (PyTorch's CUDA wheels ship it); CPU
-tensors only under the test switch ``LNPROBE_ACCELERATOR_PATH=1``, through Triton's interpreter (slow,
-numpy underneath, but the same kernel source). ``available(x)`` decides; ``lnprobe.stats`` falls back to
-fixed-shape torch operations elsewhere.
+Which device runs it: CUDA tensors when Triton is importable (PyTorch's CUDA wheels ship it), the
+kernel compiled; CPU tensors when ``lnprobe.stats`` takes the accelerator path on them
+(``LNPROBE_ACCELERATOR_PATH=1`` or ``stats.CPU_ROW_SKIPPING = False``, tests and benchmarks), the same
+kernel run by Triton's interpreter (slow: numpy underneath). ``available(device)`` says whether it
+can run; ``lnprobe.stats.reduction_path`` decides, and falls back to fixed-shape torch operations.
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ from typing import Any
 import torch
 
 from . import opcount
+from .constants import FP16_MAX, MASSIVE_ABS, MASSIVE_RATIO
+
+# v · BELOW rounds to the float32 just below v (every normal positive v): "a ≥ v" as "a > v·BELOW"
+BELOW = 1.0 - 2.0 ** -24
 
 BLOCK_COLS = 6  # Σ Σx², Σ D·var, Σ kurtosis, #nonfinite, #>fp16, #massive
 # registers per program on a GPU; the interpreter runs a program as numpy calls, so bigger tiles there
@@ -61,8 +66,8 @@ def _triton() -> Any:
 # TRITON_INTERPRET said then), while this kernel is built for either on demand (``_kernel``); the
 # interpreter runs a reduction with these combine functions as one numpy call.
 def _token_pass(x_ptr, med_ptr, blocks_ptr, tok_max_ptr, n_tok, d, row_stride,
-               HAS_MED: tl.constexpr, CENTRED: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_D: tl.constexpr):
+                HAS_MED: tl.constexpr, CENTRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                OVER: tl.constexpr, BIG: tl.constexpr, RATIO: tl.constexpr, BELOW: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     row_ok = rows < n_tok
@@ -76,7 +81,7 @@ def _token_pass(x_ptr, med_ptr, blocks_ptr, tok_max_ptr, n_tok, d, row_stride,
     thr = 0.0  # massive threshold; read only with HAS_MED
     if HAS_MED:
         # the float just below 1000·median (strict comparison = "≥ 1000·median"), in float32
-        thr = tl.load(med_ptr).to(tl.float32) * 1000.0 * 0.99999994
+        thr = tl.load(med_ptr).to(tl.float32) * RATIO * BELOW
     inf_count = tl.full([BLOCK_M], 0.0, tl.float32)
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)  # (BD,)
@@ -89,9 +94,9 @@ def _token_pass(x_ptr, med_ptr, blocks_ptr, tok_max_ptr, n_tok, d, row_stride,
         nans += tl.reduce(isnan.to(tl.float32), 1, tl.standard._sum_combine)
         inf_count += tl.reduce((a == float("inf")).to(tl.float32), 1, tl.standard._sum_combine)
         amax = tl.maximum(amax, tl.reduce(tl.where(isnan, 0.0, a), 1, tl.standard._elementwise_max))
-        over += tl.reduce((a > 65504.0).to(tl.float32), 1, tl.standard._sum_combine)
+        over += tl.reduce((a > OVER).to(tl.float32), 1, tl.standard._sum_combine)
         if HAS_MED:
-            big += tl.reduce(((a > 100.0) & (a > thr)).to(tl.float32), 1, tl.standard._sum_combine)
+            big += tl.reduce(((a > BIG) & (a > thr)).to(tl.float32), 1, tl.standard._sum_combine)
     dvar = s2 - s1 * s1 / d  # (BM,) D · variance
     dvar = tl.where(dvar < 0.0, 0.0, dvar)  # rounding below zero; NaN stays NaN
     kurt = s2 * 0.0
@@ -182,4 +187,5 @@ def token_pass(x2d: torch.Tensor, median: torch.Tensor | None, centred: bool) ->
 
 def _launch(interpreted, nb, x2d, med, blocks, tok_max, n_tok, d, has_med, centred, block_m, block_d) -> None:
     _kernel(interpreted)[(nb,)](x2d, med, blocks, tok_max, n_tok, d, x2d.stride(0),
-                                HAS_MED=has_med, CENTRED=centred, BLOCK_M=block_m, BLOCK_D=block_d)
+                                HAS_MED=has_med, CENTRED=centred, BLOCK_M=block_m, BLOCK_D=block_d,
+                                OVER=FP16_MAX, BIG=MASSIVE_ABS, RATIO=MASSIVE_RATIO, BELOW=BELOW)

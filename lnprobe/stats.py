@@ -201,8 +201,8 @@ DEFAULT_ACTIVATION_STATS: tuple[str, ...] = default_stats("resid")
 # (NaN stays NaN and is skipped by nansum; Inf gives 1). Scaling by a power of two is exact.
 _COUNT_SCALE = 2.0 ** 17
 # v · (1 − 2^-24) rounds to the float32 just below v for every normal positive float32 v, so that
-# "a ≥ v" becomes "a > v·_BELOW" and every count is one strict comparison.
-_BELOW = 1.0 - 2.0 ** -24
+# "a ≥ v" becomes "a > v·_BELOW" and every count is one strict comparison (the fused kernel too).
+_BELOW = _kernels.BELOW
 # On CPU tensors the counts look only at the tokens that can contain a counted element (see
 # reduce_activation). False runs the accelerator path on CPU tensors: the test switch
 # LNPROBE_ACCELERATOR_PATH=1 sets it so at import, tests also set it directly.
