@@ -34,6 +34,17 @@ wandb's separate service process is not. The process peak moves by about 2 % bet
 runs on CPU, so the children also report ``held KB``: the bytes of tensor storage that the
 instrumentation itself keeps after backward (``Probe.held_bytes`` for lnprobe), which is exact.
 Prints the table and the load average; ``--csv`` writes it. Asserts nothing.
+
+Compiled rows (asked for by name, ``--compile-backend``, default inductor): ``torch.compile(model)``
+without a probe, and with lnprobe every step and every 10 steps; compare them with each other (the
+ratio column is to the eager 'no probe'). Since step()'s flushes write on a background thread, the
+'flush' kind is the part of a flush left on the training thread; waiting for the write at the next
+``step()`` is in that step's time.
+
+Device operations (``--ops``, also printed after the table unless ``--no-ops``): for one recorded
+step of the benchmark model and each reduction path (cpu, fused Triton kernel, torch fallback), the
+device operations per probed tensor in the hooks, those of ``probe.step()`` and the KB that the
+hooks create per probed tensor (``lnprobe.opcount``; the model's own operations subtracted).
 """
 from __future__ import annotations
 
@@ -157,7 +168,9 @@ def _make_model(bench: Bench) -> tuple[nn.Module, torch.optim.Optimizer]:
 def _attach_probe(s: Setup, bench: Bench, out: Path, every: int, **kw: Any) -> None:
     s.probe = lnprobe.attach(s.model, out, every=every, **kw)
     s.every = every
-    flush = s.probe.flush
+    # step()'s own flushes call _flush (their Parquet write then runs on a background thread, joined at
+    # the next step(): what that costs the training thread lands in the step times)
+    flush = s.probe._flush
 
     def timed_flush(*a: Any, **k: Any):  # tells the timer which steps flushed and what the flush cost
         _sync(bench)  # on CUDA: the step's queued work is not the flush's
@@ -168,7 +181,7 @@ def _attach_probe(s: Setup, bench: Bench, out: Path, every: int, **kw: Any) -> N
             _sync(bench)
             s.flush_ms.append((time.perf_counter() - t0) * 1e3)
 
-    s.probe.flush = timed_flush
+    s.probe._flush = timed_flush
     s.after_backward = lambda loss: s.probe.step(loss=loss)
     s.held = lambda: s.probe.held_bytes
 
@@ -390,7 +403,8 @@ def time_configs(setups: list[Setup], bench: Bench, steps: int, warmup: int = 2)
 def ms_per_step(name: str, kinds: dict[str, list[float]], every: int, flush_borrowed: float | None) -> tuple[float, str]:
     """Σ_kind long-run frequency × median; returns (ms, note)."""
     med = {k: statistics.median(v) for k, v in kinds.items()}
-    if name not in ("lnprobe_every1", "lnprobe_every10", "lnprobe_all"):
+    if name not in ("lnprobe_every1", "lnprobe_every10", "lnprobe_all", "compiled_lnprobe_every1",
+                    "compiled_lnprobe_every10"):
         return med["plain"], ""
     f_rec = 1.0 / every
     f_flush = f_rec / DEFAULT_FLUSH_EVERY
