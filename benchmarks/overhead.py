@@ -37,9 +37,9 @@ Prints the table and the load average; ``--csv`` writes it. Asserts nothing.
 
 Compiled rows (asked for by name, ``--compile-backend``, default inductor): ``torch.compile(model)``
 without a probe, and with lnprobe every step and every 10 steps; compare them with each other (the
-ratio column is to the eager 'no probe'). Since step()'s flushes write on a background thread, the
-'flush' kind is the part of a flush left on the training thread; waiting for the write at the next
-``step()`` is in that step's time.
+ratio column is to the eager 'no probe'). The probes here write their flushes on the training thread
+(the default); with ``probe.write_in_background`` the 'flush' kind would be the part of a flush left
+on the training thread, and waiting for the write at the next ``step()`` would be in that step's time.
 
 Device operations (``--ops``, also printed after the table unless ``--no-ops``): for one recorded
 step of the benchmark model and each reduction path (cpu, fused Triton kernel, torch fallback), the

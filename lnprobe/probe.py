@@ -64,8 +64,8 @@ class Probe:
 
     Public state: ``current_step`` (the number of the step the next ``step()`` closes), ``recording``
     (that step is on the schedule and the probe is open), ``param_grads_captured``, ``hook_count``,
-    ``held_bytes``; ``model`` (the unwrapped model), ``map`` (what discovery found), ``schedule``,
-    ``path`` (the run directory).
+    ``held_bytes``, ``write_in_background`` (settable, default False: see ``flush``); ``model`` (the
+    unwrapped model), ``map`` (what discovery found), ``schedule``, ``path`` (the run directory).
     """
 
     def __init__(
@@ -125,6 +125,9 @@ class Probe:
         self.flush_every = flush_every
         self._clock = FlushClock(flush_seconds, self._dist)
         self._worker = FlushWorker()  # the host side of step()'s flushes (single process)
+        # Opt-in: step()'s flushes write on a background thread, joined at the next step() (design page
+        # section 6). Off by default: a flush's part is then on disk when the step() that made it returns.
+        self.write_in_background = False
         self.scaler = scaler
         self._closed = False
         self._handles: list[Any] = []
@@ -333,9 +336,9 @@ class Probe:
         reduced across ranks (``lnprobe.distributed.reduce_rows``) and rank 0 writes the part.
         meta.json's ``last_step`` (the last step closed, where ``resume=True`` continues) and
         ``heartbeat`` (that step and the wall time, see ``lnprobe.flushclock``) are updated at every flush.
-        A call of ``flush()`` returns when its part is written; the flushes that ``step()`` makes by
-        itself write in the background (``lnprobe.flushworker``, design page section 6) unless the probe
-        has live sinks (they are called on the training thread).
+        A call of ``flush()`` returns when its part is written. With ``probe.write_in_background = True``
+        the flushes that ``step()`` makes by itself write on a background thread (``lnprobe.flushworker``,
+        design page section 6), unless the probe has live sinks (they are called on the training thread).
         """
         return self._flush(wait=True)
 
@@ -351,7 +354,7 @@ class Probe:
             rows = self._local_rows(buf) if buf else None
             host = rows.start_host_copy() if rows is not None else None
             job = partial(self._write_local, rows, host, scalars, self._step - 1)
-            if wait or self._sinks:  # live sinks are user code: called on the training thread, at the flush
+            if wait or not self.write_in_background or self._sinks:  # sinks: user code, on the training thread
                 return job()
             self._worker.submit(job)
             return None

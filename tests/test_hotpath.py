@@ -168,6 +168,7 @@ def test_step_flushes_write_on_the_background_thread_and_are_on_disk_at_the_next
 
     model = _gpt(1)
     probe = lnprobe.attach(model, tmp_path / "run", flush_every=1)
+    probe.write_in_background = True
     writers = []
     append = probe.writer.append
 
@@ -183,12 +184,14 @@ def test_step_flushes_write_on_the_background_thread_and_are_on_disk_at_the_next
     assert sorted(lnprobe.load_run(tmp_path / "run").records.step.unique()) == [0, 1, 2]
     probe.flush()  # an explicit flush writes on the calling thread (nothing new: meta only)
     probe.close()
+    assert all(name == "lnprobe-flush" for name in writers[:3])
     assert lnprobe.load_run(tmp_path / "run").meta["status"] == "finished"
 
 
 def test_a_failed_background_write_is_raised_at_the_next_step(tmp_path):
     model = _gpt(1)
     probe = lnprobe.attach(model, tmp_path / "run", flush_every=1)
+    probe.write_in_background = True
 
     def full_disk(frame):
         raise OSError("No space left on device")
@@ -200,3 +203,18 @@ def test_a_failed_background_write_is_raised_at_the_next_step(tmp_path):
     with pytest.raises(OSError, match="No space left"):  # close flushes step 1 synchronously: fails again
         probe.close()
     assert lnprobe.load_run(tmp_path / "run").meta["status"] == "crashed"
+
+
+def test_step_flushes_write_on_the_training_thread_by_default(tmp_path):
+    """Counter-example of the background test: without the opt-in the part is on disk when step() returns."""
+    import threading
+
+    model = _gpt(1)
+    probe = lnprobe.attach(model, tmp_path / "run", flush_every=1)
+    writers = []
+    append = probe.writer.append
+    probe.writer.append = lambda frame: (writers.append(threading.current_thread().name), append(frame))[1]
+    _train(probe, model, 2)
+    assert writers == [threading.current_thread().name] * 2
+    assert sorted(lnprobe.load_run(tmp_path / "run").records.step.unique()) == [0, 1]
+    probe.close()
