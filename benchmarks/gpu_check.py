@@ -14,10 +14,17 @@
    with gradients at every site; every 10 steps (off-schedule steps); gradient accumulation (2
    micro-batches); and ``probe.step(loss=<float>, lr=<float>)`` (host floats must not be copied to
    the device synchronously).
-2. The overhead table of ``benchmarks/overhead.py`` on CUDA (its functions, alternated configurations,
-   ``torch.cuda.max_memory_allocated`` per configuration in a subprocess).
+2. The fused kernel: a bf16 CUDA activation takes the ``fused`` path, its records equal the torch
+   fallback's, and the device operations per probed tensor (``benchmarks/overhead.py --ops``).
+3. Compiled model: ``torch.compile`` (inductor) of the reference GPT with a probe, recorded and
+   unrecorded steps: graphs, graph breaks and recompiles counted; then ``mode="reduce-overhead"``
+   (CUDA graphs) with a probe: trains and records, or the failure is reported.
+4. The overhead table of ``benchmarks/overhead.py`` on CUDA (its functions, alternated configurations,
+   the compiled rows, ``torch.cuda.max_memory_allocated`` per configuration in a subprocess).
 
-Exit status 1, with a banner, when any sync happened; 2 without CUDA. Budget: about 3-6 minutes on one
+Without CUDA the CPU-safe parts run (operation counts on CPU with the kernel in Triton's
+interpreter, the compiled-model counts with the ``eager`` backend) and the script exits 2 saying so.
+Exit status 1, with a banner, when any sync happened or a check failed. Budget: about 3-6 minutes on one
 H200 (most of it the memory subprocesses; ``--quick`` for a smoke run).
 """
 from __future__ import annotations
@@ -121,6 +128,79 @@ def sync_check(steps: int = 3) -> list[str]:
     return failures
 
 
+def fused_check() -> list[str]:
+    """The fused path on a CUDA bf16 tensor: chosen, and equal to the torch fallback."""
+    from lnprobe import stats as S
+
+    x = (torch.randn(32, 256, 512, device="cuda") * 2).bfloat16()
+    x[3, 7, 11] = 3000.0
+    path = S.reduction_path(x)
+    plan = S.StatPlan(S.ACTIVATION_STATS)
+    fused = S.finalize_activation([S.reduce_activation(x, plan)], S.ACTIVATION_STATS)[0].cpu()
+    S.FUSED_KERNEL = False
+    try:
+        ref = S.finalize_activation([S.reduce_activation(x, plan)], S.ACTIVATION_STATS)[0].cpu()
+    finally:
+        S.FUSED_KERNEL = True
+    ok = torch.allclose(fused, ref, rtol=1e-5, equal_nan=True)
+    print(f"fused kernel: path {path} · equal to the torch fallback: {ok}")
+    if path != "fused":
+        return [f"fused check: a CUDA bf16 tensor took the {path!r} path (is triton importable?)"]
+    return [] if ok else [f"fused check: fused {fused.tolist()} != fallback {ref.tolist()}"]
+
+
+def compiled_check(device: str, backend: str, steps: int = 4) -> list[str]:
+    """A compiled reference GPT with a probe recording steps 0 and 2: graphs, graph breaks, recompiles."""
+    from torch._dynamo.utils import counters
+
+    from lnprobe.models import GPT, GPTConfig
+
+    failures = []
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, seq_len=32, d_model=64, n_layers=4, n_heads=4)).to(device)
+    graphs = [0]
+
+    def counting(gm, example_inputs):
+        graphs[0] += 1
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend(backend)(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=counting)
+    per_step = []
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = lnprobe.attach(compiled, Path(tmp) / "run", every=[0, 2])
+        for step in range(steps):
+            x = torch.randint(0, 64, (4, 32), device=device)
+            _, loss = compiled(x, torch.roll(x, -1, 1))
+            loss.backward()
+            probe.step(loss=loss)
+            per_step.append((graphs[0], sum(counters["graph_break"].values())))
+        probe.close()
+    print(f"compiled ({backend}, {device}): (graphs, graph breaks) after each step: {per_step}")
+    if per_step[-1][0] != per_step[1][0]:
+        failures.append(f"compiled check: recompiled after warm-up: {per_step}")
+    if device == "cuda":
+        torch._dynamo.reset()
+        try:
+            cg = torch.compile(model, mode="reduce-overhead")
+            with tempfile.TemporaryDirectory() as tmp:
+                probe = lnprobe.attach(cg, Path(tmp) / "run", every=[0, 2])
+                for _ in range(steps):
+                    x = torch.randint(0, 64, (4, 32), device=device)
+                    _, loss = cg(x, torch.roll(x, -1, 1))
+                    loss.backward()
+                    probe.step(loss=loss)
+                probe.close()
+                rows = len(lnprobe.load_run(Path(tmp) / "run").records)
+            print(f"CUDA graphs (reduce-overhead) with a probe: trained {steps} steps, {rows} rows")
+        except Exception as exc:
+            failures.append(f"CUDA graphs check: {type(exc).__name__}: {exc}")
+    return failures
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 30, quick 10)")
@@ -129,19 +209,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", default=None)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("gpu_check: CUDA is not available on this machine; run it on a GPU machine")
+        print("gpu_check: CUDA is not available on this machine; running the CPU-safe parts only")
+        O.print_op_counts("cpu")
+        cpu_failures = compiled_check("cpu", "eager")
+        for f in cpu_failures:
+            print(f)
+        print("gpu_check: CUDA is not available: the sync check, the fused CUDA kernel, CUDA graphs and the "
+              "CUDA overhead table did not run; run it on a GPU machine")
         return 2
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · CUDA {torch.version.cuda}")
     t0 = time.perf_counter()
     failures = sync_check()
     print(f"sync check: {time.perf_counter() - t0:.0f} s")
+    failures += fused_check()
+    O.print_op_counts("cuda")
+    failures += compiled_check("cuda", "inductor")
     if not a.skip_table:
         steps = a.steps if a.steps is not None else (10 if a.quick else 30)
         O.run_benchmark(list(O.CONFIGS), "cuda", steps, mem_steps=3 if a.quick else O.DEFAULT_FLUSH_EVERY + 2,
                         threads=None, csv_path=a.csv, memory=True, mem_repeats=1)
     if failures:
         bar = "!" * 78
-        print(f"\n{bar}\nSYNC DETECTED: lnprobe synchronised with the host on a non-flush step\n{bar}")
+        print(f"\n{bar}\nCHECK FAILED (a sync on a non-flush step, or a fused/compiled check)\n{bar}")
         for f in failures:
             print(f)
         return 1

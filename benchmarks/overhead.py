@@ -34,6 +34,17 @@ wandb's separate service process is not. The process peak moves by about 2 % bet
 runs on CPU, so the children also report ``held KB``: the bytes of tensor storage that the
 instrumentation itself keeps after backward (``Probe.held_bytes`` for lnprobe), which is exact.
 Prints the table and the load average; ``--csv`` writes it. Asserts nothing.
+
+Compiled rows (asked for by name, ``--compile-backend``, default inductor): ``torch.compile(model)``
+without a probe, and with lnprobe every step and every 10 steps; compare them with each other (the
+ratio column is to the eager 'no probe'). The probes here write their flushes on the training thread
+(the default); with ``probe.write_in_background`` the 'flush' kind would be the part of a flush left
+on the training thread, and waiting for the write at the next ``step()`` would be in that step's time.
+
+Device operations (``--ops``, also printed after the table unless ``--no-ops``): for one recorded
+step of the benchmark model and each reduction path (cpu, fused Triton kernel, torch fallback), the
+device operations per probed tensor in the hooks, those of ``probe.step()`` and the KB that the
+hooks create per probed tensor (``lnprobe.opcount``; the model's own operations subtracted).
 """
 from __future__ import annotations
 
@@ -64,7 +75,7 @@ from lnprobe.models import GPT, config_from_preset  # noqa: E402
 
 CONFIGS: tuple[str, ...] = (
     "none", "none_control", "lnprobe_every1", "lnprobe_every10", "lnprobe_all", "naive_item", "naive_same", "wandb_watch",
-    "hidden_states",
+    "hidden_states", "compiled_none", "compiled_lnprobe_every1", "compiled_lnprobe_every10",
 )
 LABELS = {
     "none": "no probe",
@@ -76,6 +87,9 @@ LABELS = {
     "naive_same": "naive hooks, .item(), lnprobe's coverage",
     "wandb_watch": "wandb.watch(log='all', log_freq=1), offline",
     "hidden_states": "clone block outputs, reduce after step",
+    "compiled_none": "torch.compile(model), no probe",
+    "compiled_lnprobe_every1": "torch.compile(model), lnprobe every step",
+    "compiled_lnprobe_every10": "torch.compile(model), lnprobe every 10 steps",
 }
 COVERAGE = {
     "none": "-",
@@ -89,7 +103,13 @@ COVERAGE = {
                   "param grad/value norms, norm gains",
     "wandb_watch": "64-bin histograms of every PARAMETER and parameter GRADIENT; no activations at all",
     "hidden_states": "resid (block outputs) only, lnprobe's resid stats; no branch sites, no grads",
+    "compiled_none": "- (the baseline of the compiled rows)",
+    "compiled_lnprobe_every1": "as lnprobe every step, on the compiled model",
+    "compiled_lnprobe_every10": "as lnprobe every 10 steps, on the compiled model",
 }
+COMPILE_BACKEND = "inductor"  # --compile-backend
+# the compiled rows compile the model once per configuration (minutes on 2 CPU cores): asked for by name
+DEFAULT_CONFIGS = tuple(c for c in CONFIGS if not c.startswith("compiled_"))
 DEFAULT_FLUSH_EVERY = 20  # lnprobe.attach's default; the probes below use it
 
 
@@ -148,7 +168,9 @@ def _make_model(bench: Bench) -> tuple[nn.Module, torch.optim.Optimizer]:
 def _attach_probe(s: Setup, bench: Bench, out: Path, every: int, **kw: Any) -> None:
     s.probe = lnprobe.attach(s.model, out, every=every, **kw)
     s.every = every
-    flush = s.probe.flush
+    # step()'s own flushes call _flush (their Parquet write then runs on a background thread, joined at
+    # the next step(): what that costs the training thread lands in the step times)
+    flush = s.probe._flush
 
     def timed_flush(*a: Any, **k: Any):  # tells the timer which steps flushed and what the flush cost
         _sync(bench)  # on CUDA: the step's queued work is not the flush's
@@ -159,7 +181,7 @@ def _attach_probe(s: Setup, bench: Bench, out: Path, every: int, **kw: Any) -> N
             _sync(bench)
             s.flush_ms.append((time.perf_counter() - t0) * 1e3)
 
-    s.probe.flush = timed_flush
+    s.probe._flush = timed_flush
     s.after_backward = lambda loss: s.probe.step(loss=loss)
     s.held = lambda: s.probe.held_bytes
 
@@ -313,6 +335,12 @@ def make_setup(name: str, bench: Bench, workdir: Path) -> Setup | str:
         _naive_same_coverage(s)
     elif name == "hidden_states":
         _hidden_states(s)
+    elif name.startswith("compiled_"):
+        s.model = torch.compile(model, backend=COMPILE_BACKEND)
+        if name != "compiled_none":
+            _attach_probe(s, bench, workdir / name, 1 if name.endswith("every1") else 10)
+        else:
+            s.values_per_step = 0
     elif name == "wandb_watch":
         try:
             _wandb(s, workdir / name)
@@ -375,7 +403,8 @@ def time_configs(setups: list[Setup], bench: Bench, steps: int, warmup: int = 2)
 def ms_per_step(name: str, kinds: dict[str, list[float]], every: int, flush_borrowed: float | None) -> tuple[float, str]:
     """Σ_kind long-run frequency × median; returns (ms, note)."""
     med = {k: statistics.median(v) for k, v in kinds.items()}
-    if name not in ("lnprobe_every1", "lnprobe_every10", "lnprobe_all"):
+    if name not in ("lnprobe_every1", "lnprobe_every10", "lnprobe_all", "compiled_lnprobe_every1",
+                    "compiled_lnprobe_every10"):
         return med["plain"], ""
     f_rec = 1.0 / every
     f_flush = f_rec / DEFAULT_FLUSH_EVERY
@@ -595,6 +624,68 @@ def run_benchmark(names: list[str], device: str, steps: int, mem_steps: int, thr
     return rows
 
 
+def op_counts(device: str) -> list[tuple[str, float, int, float, float]]:
+    """Device operations of the probe on one recorded step of the benchmark model, per reduction path:
+    (path, hook operations per probed tensor, operations of probe.step(), KB created per probed tensor,
+    largest temporary in KB). Counted by lnprobe.opcount.OpCounter; the accelerator paths run on this
+    device's tensors (on CPU the fused kernel runs in Triton's interpreter: counted, not timed)."""
+    from lnprobe import kernels
+    from lnprobe.opcount import OpCounter
+
+    bench = default_bench(device)
+    x, y = bench.batch_tensors()
+    out = []
+    paths = [("cpu", True, True), ("torch", False, False)]
+    if kernels.available(bench.device):
+        paths.insert(1, ("fused", False, True))
+    if bench.device.type == "cuda":
+        paths = [p for p in paths if p[0] != "cpu"]
+    saved = S.CPU_ROW_SKIPPING, S.FUSED_KERNEL
+    for path, skipping, fused in paths:
+        S.CPU_ROW_SKIPPING, S.FUSED_KERNEL = skipping, fused
+        try:
+            model, _ = _make_model(bench)
+
+            def fb():
+                with torch.autocast(bench.device.type, dtype=bench.amp_dtype or torch.float32,
+                                    enabled=bench.amp_dtype is not None):
+                    _, loss = model(x, y)
+                loss.backward()
+                return loss
+
+            fb()
+            model.zero_grad(set_to_none=True)
+            with OpCounter() as bare:
+                fb()
+            model.zero_grad(set_to_none=True)
+            with tempfile.TemporaryDirectory() as d:
+                probe = lnprobe.attach(model, Path(d) / "run", every=1, flush_every=10**6)
+                fb()
+                probe.step()
+                model.zero_grad(set_to_none=True)
+                with OpCounter() as probed:
+                    loss = fb()
+                n = len({id(p) for acc in probe._acc.values() for p in acc.parts})
+                n += sum(len(acc.grads) for acc in probe._acc.values())
+                with OpCounter() as step:
+                    probe.step(loss=loss)
+                probe.close()
+            extra_kb = (probed.new_bytes - bare.new_bytes) / n / 1024
+            out.append((path, (probed.kernels - bare.kernels) / n, step.kernels, extra_kb, probed.largest / 1024))
+        finally:
+            S.CPU_ROW_SKIPPING, S.FUSED_KERNEL = saved
+    return out
+
+
+def print_op_counts(device: str) -> None:
+    rows = op_counts(device)
+    print("device operations per recorded step (lnprobe.opcount; default probe; model ops subtracted):")
+    print(f"{'path':8s} {'ops/probed tensor':>18s} {'ops in step()':>14s} {'KB created/tensor':>18s} {'largest KB (step)':>18s}")
+    for path, per, step, kb, largest in rows:
+        print(f"{path:8s} {per:18.1f} {step:14d} {kb:18.1f} {largest:18.1f}")
+    print("largest KB is the largest tensor created during the probed forward+backward, the model's own included.")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 30, quick 10)")
@@ -602,14 +693,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="few steps, short memory runs: a smoke test")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--csv", default=None, help="write the table as CSV to this path")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help=f"comma-separated subset of {','.join(CONFIGS)} (default: all but the compiled rows)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-control", action="store_true", help="leave out the A/A control (a 2nd unprobed copy)")
+    p.add_argument("--ops", action="store_true", help="only count device operations per probed tensor and exit")
+    p.add_argument("--no-ops", action="store_true", help="skip the device-operation counts")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     steps = a.steps if a.steps is not None else (10 if a.quick else 30)
+    globals()["COMPILE_BACKEND"] = a.compile_backend
+    if a.ops:
+        print_op_counts(a.device)
+        return 0
     if a.memory_child:
         print(json.dumps(memory_child(a.memory_child, a.device, steps)))
         return 0
@@ -624,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     mem_steps = 3 if a.quick else DEFAULT_FLUSH_EVERY + 2
     run_benchmark(names, a.device, steps, mem_steps, a.threads, a.csv, memory=not a.no_memory,
                   mem_repeats=1 if a.quick else 3)
+    if not a.no_ops:
+        print_op_counts(a.device)
     return 0
 
 

@@ -26,13 +26,17 @@ class GradientPartial:
 
 
 def reduce_gradient(g: torch.Tensor) -> GradientPartial:
-    """Reduce one hidden-state gradient (any shape) to ‖g‖₂, max and min (three reads, no temporaries)."""
+    """Reduce one hidden-state gradient (any shape) to ‖g‖₂, max and min: three device operations,
+    no temporary. The norm accumulates in float32 whatever g's dtype (no float32 copy of a bf16
+    gradient); max and min are exact in g's own dtype."""
     gd = g.detach()
-    gf = gd if gd.dtype == torch.float32 else gd.float()
-    if gf.numel() == 0:
-        return GradientPartial(gf.new_zeros(3), 0)
-    lo, hi = torch.aminmax(gf)  # NaN-propagating
-    return GradientPartial(torch.stack([torch.linalg.vector_norm(gf), hi, lo]), gd.numel())
+    if gd.dtype == torch.float64:  # rare; vector_norm would refuse to narrow it into float32
+        gd = gd.float()
+    if gd.numel() == 0:
+        return GradientPartial(gd.new_zeros(3, dtype=torch.float32), 0)
+    lo, hi = torch.aminmax(gd)  # NaN-propagating
+    norm = torch.linalg.vector_norm(gd, dtype=torch.float32)
+    return GradientPartial(torch.stack([norm, hi, lo]), gd.numel())  # (3,) float32 (stack promotes)
 
 
 def finalize_gradients(groups: Sequence[Sequence[GradientPartial]],

@@ -31,6 +31,7 @@ import atexit
 import platform
 import warnings
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -43,6 +44,7 @@ from . import stats as S
 from .attnlogits import LogitObserver
 from .burst import Burst, BurstMonitor, ResidHistory, previous_bursts
 from .flushclock import FlushClock
+from .flushworker import FlushWorker
 from .hooks import SiteObserver
 from .options import first_step, legacy_resume, parse_sites, parse_stats, select_sites
 from .paramstats import norm_param_entries
@@ -68,8 +70,8 @@ class Probe:
 
     Public state: ``current_step`` (the number of the step the next ``step()`` closes), ``recording``
     (that step is on the schedule and the probe is open), ``param_grads_captured``, ``hook_count``,
-    ``held_bytes``; ``model`` (the unwrapped model), ``map`` (what discovery found), ``schedule``,
-    ``path`` (the run directory).
+    ``held_bytes``, ``write_in_background`` (settable, default False: see ``flush``); ``model`` (the
+    unwrapped model), ``map`` (what discovery found), ``schedule``, ``path`` (the run directory).
     """
 
     def __init__(
@@ -138,6 +140,10 @@ class Probe:
         self.record_all = record == "all"
         self.flush_every = flush_every
         self._clock = FlushClock(flush_seconds, self._dist)
+        self._worker = FlushWorker()  # the host side of step()'s flushes (single process)
+        # Opt-in: step()'s flushes write on a background thread, joined at the next step() (design page
+        # section 6). Off by default: a flush's part is then on disk when the step() that made it returns.
+        self.write_in_background = False
         self.scaler = scaler
         self._closed = False
         self._handles: list[Any] = []
@@ -287,7 +293,7 @@ class Probe:
         if self._closed:
             raise RuntimeError("probe.step() after probe.close(): attach a new probe to keep recording")
         if self._flush_deferred:  # the optimizer step of the last flushed step never came (e.g. an AMP skip)
-            self.flush()
+            self._flush(wait=False)
         rows = None
         if self._active:
             self._pending_steps += 1
@@ -309,6 +315,9 @@ class Probe:
         self._step += 1
         self._step_calls += 1
         self._active = self.schedule(self._step) or (self._burst is not None and self._burst.covers(self._step))
+        # The step is closed. The previous flush's background write is on disk before step() returns
+        # (a failed write is raised here, on the training thread, as the flush itself raised before).
+        self._worker.join()
         time_due = self._clock.tick()
         scalars_due = self._scalar_steps >= MAX_UNFLUSHED_SCALAR_STEPS
         if scalars_due:
@@ -320,7 +329,7 @@ class Probe:
                 # after this step's update rows (optimizer post-hook) or at the next step()
                 self._flush_deferred = True
             else:
-                self.flush()
+                self._flush(wait=False)
 
     def capture_param_grads(self, loss_scale: "torch.Tensor | float | None" = None) -> None:
         """Read the parameter gradient norms now, for the step that the next ``step()`` closes.
@@ -421,7 +430,7 @@ class Probe:
             loc = torch.full((2, values.numel()), float("nan"), dtype=torch.float64, device=values.device)
             self._buffer.append(StepRows(step, values, loc, self._rows.layout(keys), weights, kinds))
             if self._flush_deferred:
-                self.flush()
+                self._flush(wait=False)
 
     def _current_params(self) -> list[tuple[str, torch.Tensor]]:
         return list(self.model.named_parameters()) if self._fsdp else self._params
@@ -438,43 +447,65 @@ class Probe:
         reduced across ranks (``lnprobe.distributed.reduce_rows``) and rank 0 writes the part.
         meta.json's ``last_step`` (the last step closed, where ``resume=True`` continues) and
         ``heartbeat`` (that step and the wall time, see ``lnprobe.flushclock``) are updated at every flush.
+        A call of ``flush()`` returns when its part is written. With ``probe.write_in_background = True``
+        the flushes that ``step()`` makes by itself write on a background thread (``lnprobe.flushworker``,
+        design page section 6), unless the probe has live sinks (they are called on the training thread).
         """
+        return self._flush(wait=True)
+
+    def _flush(self, wait: bool) -> Path | None:
+        """The flush; ``wait=False`` hands the host side of a single-process flush to the background
+        writer (the device-to-host copy starts here, non-blocking into pinned memory on CUDA)."""
+        self._worker.join()  # the previous background write first: its failure is raised here
         self._pending_steps, self._flush_deferred = 0, False
         self._clock.flushed()
         scalars, self._scalars = self._scalars, []
         buf, self._buffer = self._buffer, []
         if self._dist is None:
-            frames = [self._local_rows(buf).frame()] if buf else []
-        else:
-            # Everything that can fail on one rank alone runs before the first collective; the failure
-            # is then agreed on by all ranks (one tiny all_gather) and raised everywhere, naming the rank.
-            rows, error = None, None
-            try:
-                rows = self._local_rows(buf)
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            reduced = D.reduce_rows(self._dist, rows, error)
-            frames = [reduced.frame()] if reduced is not None else []
+            rows = self._local_rows(buf) if buf else None
+            host = rows.start_host_copy() if rows is not None else None
+            job = partial(self._write_local, rows, host, scalars, self._step - 1)
+            if wait or not self.write_in_background or self._sinks:  # sinks: user code, on the training thread
+                return job()
+            self._worker.submit(job)
+            return None
+        # Distributed: every collective on the training thread, in order, on every rank. Everything that
+        # can fail on one rank alone runs before the first collective; the failure is then agreed on by
+        # all ranks (one tiny all_gather) and raised everywhere, naming the rank.
+        rows, error = None, None
+        try:
+            rows = self._local_rows(buf)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        reduced = D.reduce_rows(self._dist, rows, error)
+        frames = [reduced.frame()] if reduced is not None else []
         path, write_error = None, None
         if self.writer is not None:
             try:
-                if scalars:
-                    frames.append(scalar_frame(scalars))
-                frames = [f for f in frames if not f.empty]
-                if frames:
-                    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-                    path = self.writer.append(frame)
-                    self._after_write(frame)
-                # Also without new rows: the heartbeat says the process was alive at this step.
-                self.writer.update_meta(last_step=self._step - 1, notes=self._notes,
-                                        heartbeat=self._clock.heartbeat(self._step - 1))
+                path = self._write(frames, scalars, self._step - 1)
             except Exception as exc:
-                if self._dist is None:
-                    raise
                 write_error = f"{type(exc).__name__}: {exc}"
-        if self._dist is not None:
-            # Rank 0 alone writes: if that fails the other ranks must fail too, not run on into a hang.
-            D.agree(self._dist, write_error, "write the run directory")
+        # Rank 0 alone writes: if that fails the other ranks must fail too, not run on into a hang.
+        D.agree(self._dist, write_error, "write the run directory")
+        return path
+
+    def _write_local(self, rows: Rows | None, host: Any, scalars: list, last_step: int) -> Path | None:
+        # the host side of a single-process flush (the training thread or the background writer)
+        frames = [rows.frame(host)] if rows is not None else []
+        return self._write(frames, scalars, last_step) if self.writer is not None else None
+
+    def _write(self, frames: list[pd.DataFrame], scalars: list, last_step: int) -> Path | None:
+        """Append the frames (and the host scalars) as one part; update meta.json's last step and heartbeat."""
+        path = None
+        if scalars:
+            frames.append(scalar_frame(scalars))
+        frames = [f for f in frames if not f.empty]
+        if frames:
+            frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+            path = self.writer.append(frame)
+            self._after_write(frame)
+        # Also without new rows: the heartbeat says the process was alive at this step.
+        self.writer.update_meta(last_step=last_step, notes=self._notes, heartbeat=self._clock.heartbeat(last_step))
         return path
 
     def _after_write(self, frame: pd.DataFrame) -> None:
@@ -504,6 +535,7 @@ class Probe:
 
     def update_meta(self, **fields: Any) -> None:
         """Add or replace keys of meta.json (e.g. the trainer's divergence record); rank 0 only writes."""
+        self._worker.join()  # meta.json has one writer at a time
         if self.writer is not None:
             self.writer.update_meta(**fields)
 
@@ -518,6 +550,7 @@ class Probe:
         if self._updates is not None:
             self._updates.remove()
         try:
+            self._worker.join()  # a background write still running; its failure ends the close as a crash
             if self._dist is not None and status != "finished":
                 # Ending on an error: the other ranks may be anywhere (in a DDP all-reduce, or dead), so a
                 # reduction could hang. Drop the unflushed steps instead.
@@ -532,6 +565,10 @@ class Probe:
             status, error = "crashed", error or f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            try:
+                self._worker.join()  # nothing may write meta.json beside the final update below
+            except BaseException:
+                pass  # already raised above
             fields: dict[str, Any] = {"status": status, "notes": self._notes, "last_step": self._step - 1,
                                       "heartbeat": self._clock.heartbeat(self._step - 1)}
             if error:
@@ -566,7 +603,7 @@ class Probe:
         (between its forwards and ``step()``) and the buffered steps not yet flushed. Read it after
         backward, before ``step()``, for the most the probe keeps. Activations are never held."""
         tensors = [t for acc in self._acc.values() for p in acc.parts
-                   for t in (p.sums, p.counts, p.cand, p.cand_tok, p.sample) if t is not None]
+                   for t in (p.sums, p.counts, p.cand, p.cand_tok, p.sample, p.blocks) if t is not None]
         tensors += [g.packed for acc in self._acc.values() for g in acc.grads]
         tensors += [t for e in self._buffer for t in (e.values, e.loc)]
         if self._captured is not None:

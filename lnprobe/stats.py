@@ -66,6 +66,7 @@ from typing import Sequence
 
 import torch
 
+from . import kernels as _kernels
 from .constants import FP16_MAX, MASSIVE_ABS, MASSIVE_RATIO
 from .runtime import stack_groups as _stack_groups
 from .runtime import to_device as _to_device
@@ -212,11 +213,31 @@ DEFAULT_ACTIVATION_STATS: tuple[str, ...] = default_stats("resid")
 # (NaN stays NaN and is skipped by nansum; Inf gives 1). Scaling by a power of two is exact.
 _COUNT_SCALE = 2.0 ** 17
 # v · (1 − 2^-24) rounds to the float32 just below v for every normal positive float32 v, so that
-# "a ≥ v" becomes "a > v·_BELOW" and every count is one strict comparison.
-_BELOW = 1.0 - 2.0 ** -24
+# "a ≥ v" becomes "a > v·_BELOW" and every count is one strict comparison (the fused kernel too).
+_BELOW = _kernels.BELOW
 # On CPU tensors the counts look only at the tokens that can contain a counted element (see
-# reduce_activation). Tests set this to False to run the accelerator path on CPU.
-CPU_ROW_SKIPPING = True
+# reduce_activation). False runs the accelerator path on CPU tensors: the test switch
+# LNPROBE_ACCELERATOR_PATH=1 sets it so at import, tests also set it directly.
+CPU_ROW_SKIPPING = not _kernels.accelerator_path_on_cpu()
+# The accelerator path runs the fused Triton kernel (lnprobe.kernels) where Triton is importable;
+# False forces the fixed-shape torch fallback (tests of the fallback, devices without Triton).
+FUSED_KERNEL = True
+
+
+def reduction_path(x: torch.Tensor) -> str:
+    """Which code reduces ``x``: ``"cpu"`` (row skipping, CPU tensors), ``"fused"`` (the Triton token
+    pass) or ``"torch"`` (fixed-shape torch operations: no Triton, another device, or traced by
+    torch.compile, where inductor fuses them into the model's own kernels)."""
+    if x.device.type == "cpu" and CPU_ROW_SKIPPING:
+        return "cpu"
+    if FUSED_KERNEL and _kernels.available(x.device) and not _compiling():
+        return "fused"
+    return "torch"
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 def check_stats(stats: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -250,6 +271,9 @@ class ActivationPartial:
     cand: torch.Tensor | None = None  # (k, D) float32: the k rows (tokens) with the largest max |x|, signed
     cand_tok: torch.Tensor | None = None  # (k,) int64: flat token index of each row (0..N-1)
     sample: torch.Tensor | None = None  # (n,) float32, n ≤ MEDIAN_SAMPLE: subsample of |x| for the median
+    #   (x's own dtype on the fused path: |x| of a bf16 value is exact in bf16)
+    blocks: torch.Tensor | None = None  # (nb, 6) float32, fused path only: block sums of the token pass
+    #   (lnprobe.kernels), turned into ``sums`` and ``counts`` at finalize for all sites at once
 
 
 @dataclass
@@ -330,6 +354,8 @@ def reduce_activation(x: torch.Tensor, plan: StatPlan) -> ActivationPartial:
     part = ActivationPartial(n_elem, n_tok, d, t)
     if n_elem == 0:
         return part
+    if reduction_path(xd) == "fused":
+        return _reduce_fused(xd, plan, part)
     own = xd.dtype != torch.float32
     xf = xd.float() if own else xd  # (N, D) float32; a copy (ours to overwrite) only for other dtypes
 
@@ -396,6 +422,43 @@ def reduce_activation(x: torch.Tensor, plan: StatPlan) -> ActivationPartial:
         del buf
         part.counts = torch.stack(counts)  # (3,)
     return part
+
+
+def _reduce_fused(xd: torch.Tensor, plan: StatPlan, part: ActivationPartial) -> ActivationPartial:
+    """The accelerator path with the fused kernel: at most 5 device operations, no temporary of the
+    activation's size, no float32 copy of a bf16/fp16 activation.
+
+    1. |x| at the median's strided positions (x's dtype; |x| is exact in any float format);
+    2. its median, only for ``massive`` (the kernel reads it from the device, no sync);
+    3. the token pass (``lnprobe.kernels.token_pass``): block sums and counts, per-token max |x|;
+    4. and 5. ``topk`` of the token maxima and the gather of those rows (top-k statistics only).
+    """
+    n_tok, d = xd.shape
+    if xd.stride(1) != 1:  # the kernel reads rows with unit stride; hooked tensors almost always are
+        xd = xd.contiguous()
+    median = None
+    if plan.median:
+        part.sample = xd.reshape(-1)[:: _median_stride(part.n_elem, d)].abs()  # (≤MEDIAN_SAMPLE,) a copy
+        if plan.massive:
+            median = part.sample.median()  # 0-d, on the device
+    part.blocks, tok_max = _kernels.token_pass(xd, median, centred=plan.kurtosis)  # (nb, 6), (N,)
+    if plan.topk:
+        _, part.cand_tok = tok_max.topk(min(plan.rows, n_tok))  # (k,) NaN tokens first, as on the other paths
+        part.cand = xd.index_select(0, part.cand_tok)  # (k, D) a copy, x's dtype
+    return part
+
+
+def _resolve_blocks(parts: list[ActivationPartial]) -> None:
+    """Turn the fused path's block sums into ``sums`` and ``counts`` (float64), batched over parts with
+    equal block counts: one stack and one sum per distinct shape, whatever the number of sites."""
+    by_shape: dict[int, list[ActivationPartial]] = {}
+    for p in parts:
+        if p.blocks is not None:
+            by_shape.setdefault(p.blocks.shape[0], []).append(p)
+    for group in by_shape.values():
+        total = torch.stack([p.blocks for p in group]).sum(1, dtype=torch.float64)  # (P, 6)
+        for p, row in zip(group, total.unbind(0)):
+            p.sums, p.counts, p.blocks = row[:3], row[3:], None
 
 
 def _top_candidates(parts: list[ActivationPartial]) -> dict[int, torch.Tensor]:
@@ -470,6 +533,7 @@ def finalize_activations(groups: Sequence[Sequence[ActivationPartial]]) -> tuple
     if not groups or any(len(g) == 0 for g in groups):
         raise ValueError("finalize_activations: expected a non-empty list of non-empty groups of partials")
     parts = [p for g in groups for p in g]
+    _resolve_blocks(parts)
     dev = next((t.device for p in parts for t in (p.sums, p.cand, p.sample, p.counts) if t is not None),
                torch.device("cpu"))
     n_groups, m, nan = len(groups), max(len(g) for g in groups), math.nan

@@ -121,11 +121,30 @@ class Rows:
             out.extend((int(step), str(a), int(b), str(c)) for a, b, c in zip(lay.site, lay.layer, lay.stat))
         return out
 
-    def frame(self):
-        """The rows as a records DataFrame, as they are (one process): one device-to-host transfer."""
+    def start_host_copy(self) -> "tuple[torch.Tensor, Any]":
+        """Start the one device-to-host transfer of values, tokens and channels: ``(host, event)``.
+
+        On CUDA the copy goes non-blocking into pinned memory and ``event`` (a CUDA event recorded
+        after it) tells when it is done, so the training thread does not wait; elsewhere the
+        concatenated tensor is already on the host (event None)."""
+        flat = torch.cat([self.values, self.token, self.channel])  # (3K,)
+        if flat.device.type != "cuda":
+            return flat.cpu(), None
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, (event, flat)  # flat is kept until the copy is done
+
+    def frame(self, host_copy: "tuple[torch.Tensor, Any] | None" = None):
+        """The rows as a records DataFrame, as they are (one process): one device-to-host transfer
+        (``host_copy``: one started by ``start_host_copy``, waited for here)."""
         from .store import records_frame
 
-        host = torch.cat([self.values, self.token, self.channel]).cpu().numpy()  # the one host transfer
+        host_t, pending = host_copy if host_copy is not None else self.start_host_copy()
+        if pending is not None:
+            pending[0].synchronize()  # the copy is done (waits on this thread only)
+        host = host_t.numpy()
         k = self.n
         lens = [len(lay.site) for lay in self.layouts]
         cat = (lambda arrays: np.concatenate(arrays)) if self.layouts else (lambda arrays: np.array([]))
