@@ -374,7 +374,9 @@ def test_report_checks_the_qk_norm_bound_and_draws_the_signal_figures(tmp_path):
     assert v["status"] == "pass" and 0 < v["measured"] <= 1
     assert "largest attention logit" in res.summary[0]
     # the counter-example: a record above the bound (e.g. a QK-norm with a bias) fails the verdict
-    part = sorted((tmp_path / "qk" / "records").glob("*.parquet"))[0]
+    from lnprobe.store import record_files
+
+    part = record_files(tmp_path / "qk")[0][0]  # the compacted file: close() rewrote the parts into it
     df = pd.read_parquet(part)
     df.loc[(df.stat == "qk_absmax") & (df.layer == 1), "value"] *= 10
     df.to_parquet(part)
