@@ -55,31 +55,46 @@ def tiny_llama(vocab: int, seq_len: int, *, seed: int = 0):
 
 def launch_workers(script: str | Path, *args: str, world: int = 2, timeout: float = 240) -> tuple[list[int], list[str]]:
     """Run ``python script *args`` as `world` gloo ranks on this machine (RANK, WORLD_SIZE, MASTER_* set)
-    and return (exit codes, outputs) in rank order. A hang kills every rank and fails the test (with what
-    the ranks printed) instead of blocking CI."""
+    and return (exit codes, outputs) in rank order. Outputs go to files, not pipes, so a rank that prints a
+    lot never blocks on a full pipe while another rank is being waited for. A hang kills every rank and
+    fails the test (with what the ranks printed) instead of blocking CI."""
     import os
     import socket
     import subprocess
     import sys
+    import tempfile
+    import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    logs = [tempfile.TemporaryFile() for _ in range(world)]
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    try:
-        outputs = [p.communicate(timeout=timeout)[0].decode(errors="replace") for p in procs]
-    except subprocess.TimeoutExpired:
+                                      stdout=logs[rank], stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    hung = False
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            hung = True
+            break
+
+    def printed(log) -> str:
+        log.seek(0)
+        return log.read().decode(errors="replace")
+
+    if hung:
         for p in procs:
             p.kill()
-        printed = [p.communicate()[0].decode(errors="replace")[-2000:] for p in procs]
+            p.wait()
         pytest.fail(f"distributed workers hung (no result within {timeout:.0f} s); they printed:\n"
-                    + "\n---\n".join(printed))
-    return [p.returncode for p in procs], outputs
+                    + "\n---\n".join(printed(log)[-3000:] for log in logs))
+    return [p.returncode for p in procs], [printed(log) for log in logs]
 
 
 def exit_worker(code: int) -> None:
