@@ -186,8 +186,9 @@ def _bend(model: str, p: tuple[float, ...], l0: float, l1: float) -> float:
 
 
 def _m2_tables(records: Any) -> dict[str, pd.DataFrame]:
-    """step × layer m2 tables of resid, resid_mid, attn_out, mlp_out from a Run or a long frame."""
-    sites = ("resid", "resid_mid", "attn_out", "mlp_out")
+    """step × layer m2 tables of resid, resid_mid, attn_out, mlp_out and, for decoder blocks of an
+    encoder–decoder, resid_xattn and xattn_out, from a Run or a long frame (empty where not recorded)."""
+    sites = ("resid", "resid_mid", "attn_out", "mlp_out", "resid_xattn", "xattn_out")
     if hasattr(records, "pivot") and hasattr(records, "records"):       # analysis.io.Run
         return {s: records.pivot(s, "m2") for s in sites}
     df = records[(records["stat"] == "m2") & records["site"].isin(sites)]
@@ -204,7 +205,9 @@ def attribution(records: Any, placement: str | None = None) -> pd.DataFrame:
     κ = v / m2(x_in),  ρ = (m2(x_out) − m2(x_in) − v) / (2·sqrt(m2(x_in)·v))
 
     attention sublayer of block l: x_in = resid_l, v = m2(attn_out_l), x_out = resid_mid_l;
-    MLP sublayer: x_in = resid_mid_l, v = m2(mlp_out_l), x_out = resid_{l+1}.
+    MLP sublayer: x_in = resid_mid_l, v = m2(mlp_out_l), x_out = resid_{l+1}. A decoder block of an
+    encoder–decoder (three sublayers) adds the cross-attention sublayer ("xattn"): x_in = resid_mid_l,
+    v = m2(xattn_out_l), x_out = resid_xattn_l; its MLP then reads x_in = resid_xattn_l.
     κ is the branch power relative to the stream, ρ the cosine between stream and branch output
     (it follows from m2(x + a) = m2(x) + m2(a) + 2·mean(x·a)). Valid for any placement with an
     identity residual path (pre, peri, output, lns); meaningless for Post-LN, whose residual path
@@ -217,12 +220,12 @@ def attribution(records: Any, placement: str | None = None) -> pd.DataFrame:
     consistent and no cosine can be read from them).
 
     ``records``: an analysis.io.Run or a long-format frame (columns step, site, layer, stat, value)
-    holding one or more steps. Returns columns step, layer, sublayer ("attn"/"mlp"), m2_in, v,
+    holding one or more steps. Returns columns step, layer, sublayer ("attn"/"xattn"/"mlp"), m2_in, v,
     m2_out, kappa, rho, rho_raw; empty when resid/resid_mid/attn_out/mlp_out m2 are not all recorded.
     """
     t = _m2_tables(records)
     cols = ["step", "layer", "sublayer", "m2_in", "v", "m2_out", "kappa", "rho", "rho_raw"]
-    if any(t[s].empty for s in t):
+    if any(t[s].empty for s in ("resid", "resid_mid", "attn_out", "mlp_out")):
         return pd.DataFrame(columns=cols)
     resid, mid, attn, mlp = t["resid"], t["resid_mid"], t["attn_out"], t["mlp_out"]
     steps = resid.index.intersection(mid.index).intersection(attn.index).intersection(mlp.index)
@@ -233,9 +236,19 @@ def attribution(records: Any, placement: str | None = None) -> pd.DataFrame:
     r_in = resid.loc[steps, blocks].to_numpy()                               # (S, B)
     r_next = resid.loc[steps, [b + 1 for b in blocks]].to_numpy()
     m = mid.loc[steps, blocks].to_numpy()
+    # decoder blocks: the stream after the cross-attention (NaN in blocks with two sublayers)
+    x_mid = t["resid_xattn"].reindex(index=steps, columns=blocks).to_numpy(dtype=float)   # (S, B)
+    x_v = t["xattn_out"].reindex(index=steps, columns=blocks).to_numpy(dtype=float)
+    decoder = ~np.isnan(x_mid).all(axis=0)                                   # (B,) blocks with xattn
+    mlp_in = np.where(decoder[None, :], x_mid, m)
+    sublayers = [("attn", r_in, attn.loc[steps, blocks].to_numpy(), m, np.ones(len(blocks), bool)),
+                 ("xattn", m, x_v, x_mid, decoder),
+                 ("mlp", mlp_in, mlp.loc[steps, blocks].to_numpy(), r_next, np.ones(len(blocks), bool))]
     frames = []
-    for name, x_in, v, x_out in (("attn", r_in, attn.loc[steps, blocks].to_numpy(), m),
-                                 ("mlp", m, mlp.loc[steps, blocks].to_numpy(), r_next)):
+    for name, x_in, v, x_out, keep in sublayers:
+        if not keep.any():
+            continue
+        x_in, v, x_out = x_in[:, keep], v[:, keep], x_out[:, keep]
         with np.errstate(divide="ignore", invalid="ignore"):
             kappa = v / x_in
             rho_raw = (x_out - x_in - v) / (2.0 * np.sqrt(x_in * v))
@@ -245,7 +258,7 @@ def attribution(records: Any, placement: str | None = None) -> pd.DataFrame:
         rho = np.where(np.abs(rho_raw) <= 1.05, np.clip(rho_raw, -1.0, 1.0), np.nan)
         S, B = x_in.shape
         frames.append(pd.DataFrame({
-            "step": np.repeat(steps.to_numpy(), B), "layer": np.tile(np.asarray(blocks), S),
+            "step": np.repeat(steps.to_numpy(), B), "layer": np.tile(np.asarray(blocks)[keep], S),
             "sublayer": name, "m2_in": x_in.ravel(), "v": v.ravel(), "m2_out": x_out.ravel(),
             "kappa": kappa.ravel(), "rho": rho.ravel(), "rho_raw": rho_raw.ravel()}))
     return pd.concat(frames, ignore_index=True).sort_values(["step", "layer", "sublayer"], ignore_index=True)

@@ -74,7 +74,8 @@ from lnprobe import stats as S  # noqa: E402
 from lnprobe.models import GPT, config_from_preset  # noqa: E402
 
 CONFIGS: tuple[str, ...] = (
-    "none", "none_control", "lnprobe_every1", "lnprobe_every10", "lnprobe_all", "naive_item", "naive_same", "wandb_watch",
+    "none", "none_control", "lnprobe_every1", "lnprobe_every10", "lnprobe_all", "lnprobe_sinks", "lnprobe_updates",
+    "naive_item", "naive_same", "wandb_watch",
     "hidden_states", "compiled_none", "compiled_lnprobe_every1", "compiled_lnprobe_every10",
 )
 LABELS = {
@@ -83,6 +84,8 @@ LABELS = {
     "lnprobe_every1": "lnprobe, every step (default sites/stats)",
     "lnprobe_every10": "lnprobe, every 10 steps",
     "lnprobe_all": "lnprobe, every step, sites=all stats=all",
+    "lnprobe_sinks": "lnprobe, every step, live TensorBoard sink",
+    "lnprobe_updates": "lnprobe, every step, optimizer updates",
     "naive_item": "naive hooks, .item() per statistic",
     "naive_same": "naive hooks, .item(), lnprobe's coverage",
     "wandb_watch": "wandb.watch(log='all', log_freq=1), offline",
@@ -98,6 +101,9 @@ COVERAGE = {
                       "param grad/value norms; norm gains",
     "lnprobe_every10": "as above, on 1 step in 10",
     "lnprobe_all": "every site with all 12 stats (kurtosis, median, counts, top-3 with location)",
+    "lnprobe_sinks": "as lnprobe every step, and its summary scalars and profiles sent to a live TensorBoard "
+                     "SummaryWriter at every flush",
+    "lnprobe_updates": "as lnprobe every step, and update_rms / update_ratio of every parameter (optimizer hooks)",
     "naive_item": "mean/std/max of each block, norm and Linear OUTPUT; no grads, no locations, no counts",
     "naive_same": "lnprobe's default sites and statistics (exact median, flat top-3 index), resid grads, "
                   "param grad/value norms, norm gains",
@@ -329,6 +335,15 @@ def make_setup(name: str, bench: Bench, workdir: Path) -> Setup | str:
         _attach_probe(s, bench, workdir / name, 10)
     elif name == "lnprobe_all":
         _attach_probe(s, bench, workdir / name, 1, sites="all", stats="all")
+    elif name == "lnprobe_sinks":
+        try:
+            from lnprobe.sinks import TensorBoard
+            sink = TensorBoard(workdir / f"{name}_tb")
+        except ImportError:
+            return "skipped: tensorboard not installed"
+        _attach_probe(s, bench, workdir / name, 1, sinks=[sink])
+    elif name == "lnprobe_updates":
+        _attach_probe(s, bench, workdir / name, 1, updates=s.opt)
     elif name == "naive_item":
         _naive_logger(s)
     elif name == "naive_same":

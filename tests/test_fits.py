@@ -96,6 +96,32 @@ def test_attribution_matches_hand_computed_kappa_and_rho():
     assert empty.empty and "rho" in empty.columns
 
 
+def test_attribution_of_a_decoder_block_has_a_cross_attention_sublayer():
+    # encoder block 0 (two sublayers), decoder block 1 (self-attention, cross-attention, MLP), built so
+    # that each branch a = c·x + noise and ρ of every sublayer is known
+    rng = np.random.default_rng(1)
+    N, D = 512, 64
+    x = rng.standard_normal((N, D))
+    m2 = lambda t: float(np.mean(t ** 2))  # noqa: E731
+    rows, rho_true = [(0, "resid", 0, "m2", m2(x))], []
+    for layer, subs in ((0, ("attn", "mlp")), (1, ("attn", "xattn", "mlp"))):
+        for name in subs:
+            a = 0.4 * x + 0.5 * rng.standard_normal((N, D))
+            rho_true.append((layer, name, np.mean(x * a) / np.sqrt(m2(x) * m2(a))))
+            rows.append((0, f"{name}_out", layer, "m2", m2(a)))
+            x = x + a
+            after = {"attn": "resid_mid", "xattn": "resid_xattn", "mlp": "resid"}[name]
+            rows.append((0, after, layer + (name == "mlp"), "m2", m2(x)))
+    att = attribution(pd.DataFrame(rows, columns=["step", "site", "layer", "stat", "value"]))
+    got = {(int(r.layer), r.sublayer): r.rho for r in att.itertuples()}
+    assert set(got) == {(l, n) for l, n, _ in rho_true}  # no xattn row for the encoder block
+    for layer, name, rho in rho_true:
+        assert got[(layer, name)] == pytest.approx(rho, rel=1e-10), (layer, name)
+    mlp1 = att[(att.layer == 1) & (att.sublayer == "mlp")].iloc[0]
+    xmid = [r[4] for r in rows if r[1] == "resid_xattn"][0]
+    assert mlp1.m2_in == pytest.approx(xmid)  # the decoder MLP reads the stream after the cross-attention
+
+
 def test_growth_over_steps_tracks_a_change_of_class():
     table = pd.DataFrame([1 + 2 * LAYERS, 1 + 0.5 * LAYERS ** 2.0, 0.5 * 1.6 ** LAYERS],
                          index=[0, 100, 200], columns=LAYERS)
