@@ -418,8 +418,8 @@ def time_configs(setups: list[Setup], bench: Bench, steps: int, warmup: int = 2)
 def ms_per_step(name: str, kinds: dict[str, list[float]], every: int, flush_borrowed: float | None) -> tuple[float, str]:
     """Σ_kind long-run frequency × median; returns (ms, note)."""
     med = {k: statistics.median(v) for k, v in kinds.items()}
-    if name not in ("lnprobe_every1", "lnprobe_every10", "lnprobe_all", "compiled_lnprobe_every1",
-                    "compiled_lnprobe_every10"):
+    if name not in ("lnprobe_every1", "lnprobe_every10", "lnprobe_all", "lnprobe_sinks", "lnprobe_updates",
+                    "compiled_lnprobe_every1", "compiled_lnprobe_every10"):
         return med["plain"], ""
     f_rec = 1.0 / every
     f_flush = f_rec / DEFAULT_FLUSH_EVERY
