@@ -125,14 +125,21 @@ def check_interval_init(runs: list[Run], placement: str, widen: float = 0.10) ->
                 detail={"layer_L_interval": rng})
 
 
-def check_peri_bound(runs: list[Run], group: str = "peri", rtol: float = 1e-6) -> Verdict:
-    """peri.hard_bound: max over steps and layers of measured/bound, RMS and max|x| forms, ≤ 1."""
+def _worst_ratios(runs: list[Run], ratio) -> tuple[list[tuple[str, float, float]], dict[str, str]]:
+    """For a hard bound: ``(name, worst measured/bound, 1.0)`` per run where ``ratio(run)`` gives
+    ``(worst, where)`` (runs where it gives None are left out), and ``{name: where}``."""
     vals, where = [], {}
     for r in runs:
-        got = _peri_bound_ratio(r)
+        got = ratio(r)
         if got is not None:
             vals.append((r.name, got[0], 1.0))
             where[r.name] = got[1]
+    return vals, where
+
+
+def check_peri_bound(runs: list[Run], group: str = "peri", rtol: float = 1e-6) -> Verdict:
+    """peri.hard_bound: max over steps and layers of measured/bound, RMS and max|x| forms, ≤ 1."""
+    vals, where = _worst_ratios(runs, _peri_bound_ratio)
     return make("peri.hard_bound", "Peri-LN stream RMS and max|x| never exceed RMS(x_0) + Σ(max|γ| + RMS(β)) "
                 "(and the sqrt(D) per-coordinate form)", "derived", "le", rtol, vals, group=group,
                 unit="max measured/bound", aggregate="max", detail={"worst": where},
@@ -169,12 +176,7 @@ def _peri_bound_ratio(run: Run) -> tuple[float, str] | None:
 
 def check_qk_norm_bound(runs: list[Run], group: str = "", rtol: float = 1e-6) -> Verdict:
     """attn.qk_norm_bound: max over steps and layers of qk_absmax / (sqrt(d_h)·max|γ_q|·max|γ_k|) ≤ 1 (§5)."""
-    vals, where = [], {}
-    for r in runs:
-        got = qk_bound_ratio(r)
-        if got is not None:
-            vals.append((r.name, got[0], 1.0))
-            where[r.name] = got[1]
+    vals, where = _worst_ratios(runs, qk_bound_ratio)
     return make("attn.qk_norm_bound", "with QK-norm the attention logit max|q·k|/sqrt(d_h) never exceeds "
                 "sqrt(d_h)·max|γ_q|·max|γ_k|", "related", "le", rtol, vals, group=group,
                 unit="max qk_absmax/bound", aggregate="max", detail={"worst": where},

@@ -110,3 +110,21 @@ def exit_worker(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def token_batch(seed: int, b: int = 4, vocab: int = 64, t: int = 16):
+    """A deterministic (b, t) batch of token ids and its next-token targets (the ids rolled by one)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (b, t), generator=g)  # (B, T)
+    return x, torch.roll(x, -1, 1)
+
+
+def seeded_nanogpt(seed: int = 0, vocab: int = 64, block_size: int = 16):
+    """tests/nanogpt.py's NanoGPT with weights drawn after ``torch.manual_seed(seed)``."""
+    import torch
+    from nanogpt import NanoGPT
+
+    torch.manual_seed(seed)
+    return NanoGPT(vocab=vocab, block_size=block_size)

@@ -6,25 +6,18 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from nanogpt import NanoGPT
+from helpers import seeded_nanogpt, token_batch
 from test_sync import SyncCounter, assert_no_probe_syncs
 
 import lnprobe
 from lnprobe import burst as B
 from lnprobe.analysis import massive
 
-VOCAB, T = 64, 16
+VOCAB, T = 64, 16  # the defaults of helpers.token_batch and seeded_nanogpt
 
 
-def batch(seed, b=4):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, VOCAB, (b, T), generator=g)
-    return x, torch.roll(x, -1, 1)
-
-
-def make(seed=0):
-    torch.manual_seed(seed)
-    return NanoGPT(vocab=VOCAB, block_size=T)
+batch = token_batch  # (seed, b=4): ids (b, T) of VOCAB and their next-token targets
+make = seeded_nanogpt  # (seed=0): the NanoGPT of these tests
 
 
 def train(model, probe, steps, spikes=(), nan_at=(), lr=1e-3):
