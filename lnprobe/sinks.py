@@ -21,7 +21,10 @@ framework's own ``loss``):
   massive-activation count summed over sites; ``lnprobe/nonfinite_grads``: parameters whose
   gradient norm is NaN/Inf;
 - ``lnprobe/update_ratio_max``, ``lnprobe/update_ratio_max_layer``: the largest ‖Δp‖/‖p‖ over the
-  parameters (``updates=`` of ``attach``), and its layer.
+  parameters (``updates=`` of ``attach``), and its layer;
+- ``lnprobe/qk_absmax``, ``lnprobe/qk_absmax_layer``: the largest attention logit |q·k|/sqrt(d_h) over
+  the layers and its layer (``attn_logits=True``); ``lnprobe/lse_mean``, ``lnprobe/logit_absmax``: the
+  output logits' mean log Z and largest |logit| (``logits=True``).
 
 Profiles (one tag per site and statistic, never one per parameter): ``lnprobe/profile/<site>/<stat>``
 for ``PROFILES`` (a value per layer), and ``lnprobe/profile/param/<stat>`` for parameter statistics
@@ -45,14 +48,17 @@ PREFIX = "lnprobe/"
 #: (site, stat) activation and gradient statistics sent as per-layer profiles.
 PROFILES: tuple[tuple[str, str], ...] = (
     ("resid", "m2"), ("resid", "var"), ("resid", "absmax"), ("resid", "grad_rms"), ("mlp_act", "absmax"),
+    ("attn_logits", "qk_absmax"), ("attn_logits", "entropy"),
 )
 #: parameter statistics aggregated per layer: (stat, how)
 PARAM_PROFILES: tuple[tuple[str, str], ...] = (("grad_norm", "rss"), ("update_ratio", "max"))
 #: the order in which a block's sites are computed (for "first in forward order"): at layer l the
-#: stream entering block l, the attention branch, the stream between the sublayers, the MLP branch;
-#: ``final`` follows ``resid`` at layer L.
+#: stream entering block l, the attention branch, the stream after it, the cross-attention branch and
+#: the stream after it (decoder blocks of an encoder–decoder), the MLP branch; ``final`` follows
+#: ``resid`` at layer L. Every site of ``lnprobe.sites.ALL_SITES`` (tests/test_sinks.py checks it).
 FORWARD_ORDER: tuple[str, ...] = (
-    "resid", "attn_raw", "attn_out", "resid_mid", "mlp_act", "mlp_raw", "mlp_out", "final")
+    "resid", "attn_raw", "attn_out", "resid_mid", "xattn_raw", "xattn_out", "resid_xattn", "mlp_act", "mlp_raw",
+    "mlp_out", "final")
 
 
 @dataclass
@@ -104,6 +110,14 @@ def _summary(step: int, g: pd.DataFrame) -> Summary:
     if ur.any():
         i = np.flatnonzero(ur)[np.argmax(value[ur])]
         sc[PREFIX + "update_ratio_max"], sc[PREFIX + "update_ratio_max_layer"] = float(value[i]), float(layer[i])
+    qk = (site == "attn_logits") & (stat == "qk_absmax") & np.isfinite(value)
+    if qk.any():
+        i = np.flatnonzero(qk)[np.argmax(value[qk])]
+        sc[PREFIX + "qk_absmax"], sc[PREFIX + "qk_absmax_layer"] = float(value[i]), float(layer[i])
+    for name in ("lse_mean", "logit_absmax"):
+        sel = (site == "logits") & (stat == name)
+        if sel.any():
+            sc[PREFIX + name] = float(value[sel][-1])
     for ps, pst in PROFILES:
         sel = (site == ps) & (stat == pst)
         if sel.any():

@@ -10,6 +10,7 @@ import struct
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from helpers import SMALL, tiny_llama, write_corpus
@@ -288,3 +289,26 @@ def test_hf_callback_forwards_the_summary_into_the_trainer_logs(tmp_path):
     acc = EventAccumulator(str(next(tmp_path.glob("runs/*"))))
     acc.Reload()
     assert "train/lnprobe/loss" in acc.Tags()["scalars"]
+
+
+def test_forward_order_covers_every_site():
+    from lnprobe.sites import ALL_SITES
+
+    assert sorted(K.FORWARD_ORDER) == sorted(ALL_SITES)
+    # a decoder block: the cross-attention branch comes before the MLP of the same layer
+    frame = pd.DataFrame({"step": [1, 1], "site": ["mlp_out", "xattn_out"], "layer": [3, 3],
+                          "stat": ["nonfinite"] * 2, "value": [1.0, 2.0]})
+    assert K.first_nonfinite(frame)["site"] == "xattn_out"
+
+
+def test_summary_carries_the_attention_and_output_logit_scalars():
+    frame = pd.DataFrame({
+        "step": [2] * 6, "site": ["attn_logits"] * 4 + ["logits"] * 2, "layer": [0, 1, 0, 1, 2, 2],
+        "stat": ["qk_absmax", "qk_absmax", "entropy", "entropy", "lse_mean", "logit_absmax"],
+        "value": [3.0, 7.5, 1.2, 0.8, 4.4, 9.0]})
+    (s,) = K.summarize(frame)
+    assert s.scalars["lnprobe/qk_absmax"] == 7.5 and s.scalars["lnprobe/qk_absmax_layer"] == 1
+    assert s.scalars["lnprobe/lse_mean"] == 4.4 and s.scalars["lnprobe/logit_absmax"] == 9.0
+    layers, values = s.profiles["lnprobe/profile/attn_logits/entropy"]
+    assert list(layers) == [0, 1] and list(values) == [1.2, 0.8]
+    assert "lnprobe/absmax" not in s.scalars  # attention logits are not activations
