@@ -28,8 +28,8 @@ _LAZY_NAMES = {
     "RunExistsError": "rundir", "RunLockedError": "rundir", "RunDirectoryError": "validate",
 }
 # submodules reachable as attributes right after ``import lnprobe`` (lnprobe.integrations.hf, ...)
-_SUBMODULES = ("analysis", "burst", "checkpoint", "cli", "constants", "data", "discovery", "distributed", "export",
-               "integrations", "launch", "models", "testing",
+_SUBMODULES = ("analysis", "burst", "checkpoint", "cli", "compaction", "constants", "data", "discovery", "distributed",
+               "export", "integrations", "launch", "models", "testing",
                "attnlogits", "probe", "query", "rundir", "scan", "scan_inputs", "schedule", "sinks", "sites", "stats",
                "stepscalars", "store", "train", "updates", "summary", "validate")
 

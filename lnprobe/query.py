@@ -1,6 +1,6 @@
 """Queries over run directories, one or many, on DuckDB: the lazy relation of ``lnprobe.open``, the
 filtered reads behind ``lnprobe.load_run`` and the :class:`~lnprobe.store.Run` accessors, and the
-sorted rewrite of :func:`lnprobe.store.compact`. No torch.
+sorted rewrite of :func:`lnprobe.compaction.compact`. No torch.
 
     runs = lnprobe.open("runs/sweep/runs/*")            # every run directory the pattern matches
     runs.runs                                           # one row per run: run, path, placement, lr, ...

@@ -16,7 +16,7 @@ import pytest
 
 import lnprobe
 import lnprobe.analysis as analysis
-from lnprobe import constants, store
+from lnprobe import compaction, constants, store
 
 REPO = Path(__file__).resolve().parents[1]
 L, D = 3, 16
@@ -303,7 +303,7 @@ def _kill_after(monkeypatch, n: int) -> list[str]:
     done: list[str] = []
 
     def wrap(name):
-        real = getattr(store, name)
+        real = getattr(compaction, name)
 
         def op(*args, **kw):
             if len(done) == n:
@@ -312,7 +312,7 @@ def _kill_after(monkeypatch, n: int) -> list[str]:
                 raise _Killed(name)
             done.append(name)
             return real(*args, **kw)
-        monkeypatch.setattr(store, name, op)
+        monkeypatch.setattr(compaction, name, op)
     for name in ("_write_compacted", "_replace", "_remove"):
         wrap(name)
     return done
@@ -354,7 +354,7 @@ def test_compaction_failure_is_a_warning_and_keeps_the_parts(tmp_path, monkeypat
 
     def broken(*a, **k):
         raise OSError("No space left on device")
-    monkeypatch.setattr(store, "_write_compacted", broken)
+    monkeypatch.setattr(compaction, "_write_compacted", broken)
     with pytest.warns(RuntimeWarning, match="compaction of the record parts failed.*No space left"):
         assert store.compact_quietly(run_dir) is None
     assert not (run_dir / "records" / "manifest.json").exists()
