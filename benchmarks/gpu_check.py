@@ -150,7 +150,8 @@ def fused_check() -> list[str]:
 
 
 def compiled_check(device: str, backend: str, steps: int = 4) -> list[str]:
-    """A compiled reference GPT with a probe recording steps 0 and 2: graphs, graph breaks, recompiles."""
+    """A compiled reference GPT (``fullgraph=True``) with a probe recording steps 0 and 2: graphs, graph
+    breaks, recompiles. Expected: no graph break, two graphs (recorded and unrecorded steps), none after."""
     from torch._dynamo.utils import counters
 
     from lnprobe.models import GPT, GPTConfig
@@ -168,7 +169,7 @@ def compiled_check(device: str, backend: str, steps: int = 4) -> list[str]:
 
         return lookup_backend(backend)(gm, example_inputs)
 
-    compiled = torch.compile(model, backend=counting)
+    compiled = torch.compile(model, backend=counting, fullgraph=True)
     per_step = []
     with tempfile.TemporaryDirectory() as tmp:
         probe = lnprobe.attach(compiled, Path(tmp) / "run", every=[0, 2])
@@ -182,6 +183,8 @@ def compiled_check(device: str, backend: str, steps: int = 4) -> list[str]:
     print(f"compiled ({backend}, {device}): (graphs, graph breaks) after each step: {per_step}")
     if per_step[-1][0] != per_step[1][0]:
         failures.append(f"compiled check: recompiled after warm-up: {per_step}")
+    if per_step[-1][1] or per_step[-1][0] > 2:
+        failures.append(f"compiled check: graph breaks or more than two graphs: {per_step}")
     if device == "cuda":
         torch._dynamo.reset()
         try:

@@ -8,6 +8,12 @@ Forwards re-run inside backward by activation checkpointing are not reduced agai
 engine's current graph task tells a recompute apart from a forward), but they carry the gradient
 hook when the first forward ran without grad (reentrant checkpointing). A hook point that raises is
 disabled with one warning and a note; training goes on.
+
+Under ``torch.compile`` the same hooks are traced into the model's graph (``lnprobe.traced``): the
+reduction runs inside the compiled code and its result comes back through the ``lnprobe::deliver``
+operator to ``receive``, which files it as an eager hook would. No graph break; the schedule flag is the
+only guard the hooks add. A recompute of activation checkpointing inside a compiled region is the
+compiler's business (it does not re-run the hooks), so the traced path does not ask the autograd engine.
 """
 from __future__ import annotations
 
@@ -17,9 +23,13 @@ from typing import Any, Callable
 import torch
 
 from . import stats as S
-from .runtime import in_backward, no_compile
+from . import traced
+from .runtime import compiling, in_backward
 
 SiteKey = tuple[str, int]  # (site, layer)
+# The fields of an ActivationPartial that a traced hook may deliver (those that are not None).
+_PARTIAL_FIELDS = ("sums", "counts", "cand", "cand_tok", "sample", "blocks")
+_GRADIENT = "gradient"  # the ``fields`` of a delivered hidden-state gradient partial
 
 
 class SiteObserver:
@@ -32,46 +42,64 @@ class SiteObserver:
         self.notes = notes
         self.failed_points = failed_points
         self.plans: dict[Any, S.StatPlan] = {}  # hook point -> what its reduction computes
+        # Traced hooks name their point by its index here (an int constant in the compiled graph).
+        self.points: list[tuple[Any, list[SiteKey], list[SiteKey]]] = []  # (point, keys, gradient keys)
+        self.key = traced.register(self.receive)
+
+    def close(self) -> None:
+        """Stop receiving from compiled graphs (they keep calling ``deliver``, which then does nothing)."""
+        traced.unregister(self.key)
+
+    def _prepare(self, entries) -> list[tuple[int, Any, list[SiteKey], S.StatPlan]]:
+        """(index, point, keys, plan) of each entry, decided before any call: traced code then reads
+        nothing that changes while the probe runs."""
+        out = []
+        for point, keys in entries:
+            plan = self.plans.get(point)
+            if plan is None:
+                plan = self.plans[point] = S.StatPlan(tuple(sorted({s for k in keys for s in self.acc[k].stats})))
+            self.points.append((point, keys, [k for k in keys if k in self.grad_keys]))
+            out.append((len(self.points) - 1, point, keys, plan))
+        return out
 
     def pre_hook(self, entries):
         """A forward pre-hook observing the block inputs of ``entries`` [(point, keys)]."""
-        @no_compile
+        prepared = self._prepare(entries)
+
         def pre_hook(module, args, kwargs):
-            if self.is_on():
-                for point, keys in entries:
-                    self.observe(point, point.fetch(args, kwargs), keys)
+            if not self.is_on():
+                return None
+            if compiling():
+                return self.observe_traced(prepared, args, kwargs)
+            for _, point, keys, plan in prepared:
+                self.observe(point, point.fetch(args, kwargs), keys, plan)
             return None
 
         return pre_hook
 
     def fwd_hook(self, entries):
         """A forward hook observing the module outputs of ``entries`` [(point, keys)]."""
-        @no_compile
+        prepared = self._prepare(entries)
+
         def fwd_hook(module, args, kwargs, output):
-            if self.is_on():
-                for point, keys in entries:
-                    self.observe(point, point.fetch(args, kwargs, output), keys)
+            if not self.is_on():
+                return None
+            if compiling():
+                return self.observe_traced(prepared, args, kwargs, output, forward=True)
+            for _, point, keys, plan in prepared:
+                self.observe(point, point.fetch(args, kwargs, output), keys, plan)
             return None
 
         return fwd_hook
 
-    def observe(self, point: Any, x: Any, keys: list[SiteKey]) -> None:
+    def observe(self, point: Any, x: torch.Tensor, keys: list[SiteKey], plan: S.StatPlan) -> None:
         """Reduce ``x`` into the open step's partials for ``keys``; arm its gradient hook if asked."""
-        if point in self.failed_points or not torch.is_tensor(x) or not x.is_floating_point():
+        if not _observable(point, x, self.failed_points):
             return
         try:
             recompute = in_backward()
             if not recompute:
-                plan = self.plans.get(point)
-                if plan is None:
-                    plan = self.plans[point] = S.StatPlan(tuple(sorted({s for k in keys for s in self.acc[k].stats})))
-                part = S.reduce_activation(x, plan)
-                n_tok = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-                for k in keys:
-                    acc = self.acc[k]
-                    acc.parts.append(part)
-                    acc.n_elem += x.numel()
-                    acc.n_tok += n_tok
+                self._file(S.reduce_activation(x, plan), keys)
             grad_keys = [k for k in keys if k in self.grad_keys]
             if not grad_keys:
                 return
@@ -89,16 +117,70 @@ class SiteObserver:
         except Exception as exc:  # a probe never crashes training
             self.fail(point, exc)
 
+    def observe_traced(self, prepared, args: tuple, kwargs: dict | None, output: Any = None,
+                       forward: bool = False) -> Any:
+        """The traced form of a hook call (Dynamo is tracing it into the model's graph).
+
+        Each point's reduction becomes part of the compiled graph and ``deliver`` hands its tensors
+        to ``receive`` at run time. A point whose hidden-state gradient is recorded is passed on
+        through ``_GradientTap``, an identity (a view: no copy) whose backward reduces the gradient
+        and delivers it the same way; the hook then returns the call's values with the tapped tensor
+        in its place (what a forward hook or pre-hook returns to substitute them), else None.
+        Why not ``Tensor.register_hook`` as in eager mode: Dynamo traces a hook on an intermediate
+        tensor speculatively and, in PyTorch 2.13, loses attribute writes that the model's own Python
+        objects make after it (a transformers KV cache then fails and the frame falls back to eager).
+        """
+        replaced = None
+        for idx, point, _, plan in prepared:
+            x = point.fetch(args, kwargs, output)
+            if not _observable(point, x, self.failed_points):
+                continue
+            part = S.reduce_activation(x, plan)
+            fields = [f for f in _PARTIAL_FIELDS if getattr(part, f) is not None]
+            torch.ops.lnprobe.deliver(self.key, idx, ",".join(fields), [getattr(part, f) for f in fields],
+                                      [part.n_elem, part.n_tok, part.d, part.t])
+            if self.points[idx][2] and not point.flat and x.requires_grad and torch.is_grad_enabled():
+                tapped = _GradientTap.apply(x, self.key, idx)
+                if forward:
+                    output = replaced = point.replace(args, kwargs, output, tapped)
+                else:
+                    args, kwargs = replaced = point.replace(args, kwargs, output, tapped)
+        return replaced
+
+    def receive(self, idx: int, fields: str, tensors: list[torch.Tensor], sizes: list[int]) -> None:
+        """Run time of a compiled graph: file what a traced hook reduced at ``self.points[idx]``."""
+        point, keys, grad_keys = self.points[idx]
+        if point in self.failed_points:
+            return
+        try:
+            if fields == _GRADIENT:
+                self._file_gradient(S.GradientPartial(tensors[0], sizes[0]), grad_keys)
+            else:
+                names = fields.split(",") if fields else []
+                self._file(S.ActivationPartial(*sizes, **dict(zip(names, tensors))), keys)
+        except Exception as exc:  # raised inside the compiled graph's run: it must not reach training
+            self.fail(point, exc)
+
+    def _file(self, part: S.ActivationPartial, keys: list[SiteKey]) -> None:
+        """Add one forward call's partial to the open step of every (site, layer) in ``keys``."""
+        for k in keys:
+            acc = self.acc[k]
+            acc.parts.append(part)
+            acc.n_elem += part.n_elem
+            acc.n_tok += part.n_tok
+
+    def _file_gradient(self, part: S.GradientPartial, keys: list[SiteKey]) -> None:
+        for k in keys:
+            self.acc[k].grads.append(part)
+            self.acc[k].g_elem += part.n_elem
+
     def grad_hook(self, point: Any, keys: list[SiteKey]):
         """A tensor hook reducing the hidden-state gradient at ``point`` (divided by the AMP loss scale)."""
         def grad_hook(g):
             if point in self.failed_points:
                 return None
             try:
-                part = S.reduce_gradient(g)
-                for k in keys:
-                    self.acc[k].grads.append(part)
-                    self.acc[k].g_elem += g.numel()
+                self._file_gradient(S.reduce_gradient(g), keys)
             except Exception as exc:
                 self.fail(point, exc)
             return None
@@ -111,3 +193,26 @@ class SiteObserver:
         msg = f"lnprobe: disabled hook point {point} after {type(exc).__name__}: {exc}; training continues"
         self.notes.append(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _observable(point: Any, x: Any, failed_points: set) -> bool:
+    """A floating-point tensor at a hook point that has not failed."""
+    return point not in failed_points and torch.is_tensor(x) and x.is_floating_point()
+
+
+class _GradientTap(torch.autograd.Function):
+    """Identity in the forward (a view of ``x``, no copy); in the backward it reduces the
+    hidden-state gradient at hook point ``idx`` (``lnprobe.stats.reduce_gradient``), delivers it to
+    receiver ``key`` and passes the gradient on unchanged. Traced hooks use it in place of a tensor
+    hook."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, key: int, idx: int) -> torch.Tensor:
+        ctx.key, ctx.idx = key, idx
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        part = S.reduce_gradient(g)
+        torch.ops.lnprobe.deliver(ctx.key, ctx.idx, _GRADIENT, [part.packed], [part.n_elem])
+        return g, None, None

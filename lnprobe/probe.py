@@ -18,9 +18,9 @@ Hot-path rules (design page section 6):
 - hidden-state gradients are divided by the AMP loss scale of that backward;
 - under torch.distributed (DDP, FSDP2) statistics are reduced across ranks once per flush and only
   rank 0 writes (``lnprobe.distributed``); ``flush()`` and ``close()`` are then collective calls;
-- under ``torch.compile`` the hook bodies are ``torch.compiler.disable``d (``runtime.no_compile``): the
-  schedule flag never enters Dynamo's guards, so flipping it never recompiles; the price is a graph
-  break at every hooked module call.
+- under ``torch.compile`` the site hooks are traced into the model's graph and deliver their
+  reductions through a custom operator (``lnprobe.traced``): no graph break, two compiled variants
+  (recorded and unrecorded steps), no recompilation after them.
 
 A probe observes only: every hook returns ``None`` and never touches the tensors it reads. If a hook
 raises, the probe warns once, stops using that hook point and training goes on.
@@ -547,6 +547,7 @@ class Probe:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._observer.close()
         if self._updates is not None:
             self._updates.remove()
         try:

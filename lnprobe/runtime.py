@@ -24,6 +24,13 @@ def no_compile(fn):
     return disable(fn) if disable is not None else fn
 
 
+def compiling() -> bool:
+    """True while Dynamo traces the calling code (``torch.compiler.is_compiling``): hooks then take
+    their traced form (``lnprobe.traced``)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def loss_scale(scaler: Any) -> torch.Tensor | None:
     """The current loss scale of an enabled ``torch.amp.GradScaler`` as its 0-d device tensor (no host
     sync), None when there is no scaler or it is disabled."""

@@ -124,6 +124,24 @@ class HookPoint:
                 value = value.view(bt[0], bt[1], value.shape[-1])
         return value
 
+    def replace(self, args: tuple, kwargs: dict | None, output: Any, new: torch.Tensor) -> Any:
+        """The hook call's values with this point's tensor replaced by ``new`` (for a traced
+        hook's gradient tap, an identity of the tensor): ``(args, kwargs)`` for kind "in", the
+        output for kind "out" — what a forward pre-hook / forward hook returns to substitute them.
+        Not for ``flat`` points, whose fetched tensor is a reshaped view."""
+        if self.kind == "in":
+            if isinstance(self.arg, int):
+                return args[: self.arg] + (new,) + args[self.arg + 1:], kwargs
+            return args, {**(kwargs or {}), self.arg: new}
+        if self.arg is None:
+            return new
+        if isinstance(output, Mapping):
+            output[self.arg] = new  # the module's own fresh output object (a dict or HF ModelOutput)
+            return output
+        if isinstance(output, list):
+            return output[: self.arg] + [new] + output[self.arg + 1:]
+        return output[: self.arg] + (new,) + output[self.arg + 1:]
+
     def __str__(self) -> str:
         where = self.module or "<root>"
         return f"{where}:{self.kind}" + ("" if self.arg is None else f"[{self.arg}]")

@@ -68,6 +68,7 @@ import torch
 
 from . import kernels as _kernels
 from .constants import FP16_MAX, MASSIVE_ABS, MASSIVE_RATIO
+from .runtime import compiling
 from .runtime import stack_groups as _stack_groups
 from .runtime import to_device as _to_device
 
@@ -228,16 +229,13 @@ def reduction_path(x: torch.Tensor) -> str:
     """Which code reduces ``x``: ``"cpu"`` (row skipping, CPU tensors), ``"fused"`` (the Triton token
     pass) or ``"torch"`` (fixed-shape torch operations: no Triton, another device, or traced by
     torch.compile, where inductor fuses them into the model's own kernels)."""
+    if compiling():  # traced hooks (lnprobe.traced): data-dependent shapes and Triton calls stay out
+        return "torch"
     if x.device.type == "cpu" and CPU_ROW_SKIPPING:
         return "cpu"
-    if FUSED_KERNEL and _kernels.available(x.device) and not _compiling():
+    if FUSED_KERNEL and _kernels.available(x.device):
         return "fused"
     return "torch"
-
-
-def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
 
 
 def check_stats(stats: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -354,7 +352,8 @@ def reduce_activation(x: torch.Tensor, plan: StatPlan) -> ActivationPartial:
     part = ActivationPartial(n_elem, n_tok, d, t)
     if n_elem == 0:
         return part
-    if reduction_path(xd) == "fused":
+    path = reduction_path(xd)
+    if path == "fused":
         return _reduce_fused(xd, plan, part)
     own = xd.dtype != torch.float32
     xf = xd.float() if own else xd  # (N, D) float32; a copy (ours to overwrite) only for other dtypes
@@ -381,7 +380,7 @@ def reduce_activation(x: torch.Tensor, plan: StatPlan) -> ActivationPartial:
     # says so. On CPU, host and device are one, so the counts look only at those tokens
     # (data-dependent shapes cost nothing there). Elsewhere that would be a host sync: every count
     # is then a fixed-shape float pass over |x| (computed once, shared with top-k and the median).
-    skip_rows = CPU_ROW_SKIPPING and xd.device.type == "cpu"
+    skip_rows = path == "cpu"
     a = None
     if not skip_rows and (plan.over_fp16 or plan.massive):
         a = xf.abs_() if own else xf.abs()  # (N, D); x's sign is no longer needed below

@@ -1,10 +1,12 @@
-"""Probe on torch.compile'd models: same records as eager, no recompilation after warm-up.
+"""Probe on torch.compile'd models: the site hooks are traced into the model's graph (lnprobe.traced).
 
-The hook bodies are ``torch.compiler.disable``d (lnprobe.runtime.no_compile): the schedule flag is read
-outside traced code, so flipping it between scheduled and unscheduled steps never touches Dynamo's
-guards. Compilation is counted with a counting backend around ``aot_eager`` (fast on CPU): every new
-graph Dynamo produces (first compile or recompile) calls the backend once. The HF model uses the
-plain ``eager`` backend to stay fast on 2 CPU cores (Dynamo's tracing and guards are the same).
+Checked: ``fullgraph=True`` compiles (no graph break anywhere), Dynamo's graph-break counter stays
+empty, exactly two graphs are compiled (recorded and unrecorded steps: the schedule flag is the only
+guard the probe adds), none after warm-up, also with gradient accumulation, and the records (values,
+tokens and channels, hidden-state gradients included) equal an eager run's. Compilation is counted
+with a counting backend around ``aot_eager`` (fast on CPU): every new graph Dynamo produces (first
+compile or recompile) calls the backend once. The HF model uses the plain ``eager`` backend to stay
+fast on 2 CPU cores (Dynamo's tracing and guards are the same).
 """
 import numpy as np
 import pytest
@@ -36,12 +38,13 @@ def batch(step, b=4):
     return x, torch.roll(x, -1, 1)
 
 
-def run(model, out, forward, steps=4, counts=None, backend=None):
+def run(model, out, forward, steps=4, counts=None, backend=None, micro=1):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with lnprobe.attach(model, out, every=SCHEDULE, sites="all") as probe:
         for step in range(steps):
-            loss = forward(model, *batch(step))
-            loss.backward()
+            for m in range(micro):  # gradient accumulation: micro-batches of one optimizer step
+                loss = forward(model, *batch(step * micro + m))
+                (loss / micro).backward()
             probe.step(loss=loss)
             opt.step()
             opt.zero_grad()
@@ -66,40 +69,103 @@ def same_records(a, b):
     assert (loc.token_c == loc.token_e).all() and (loc.channel_c == loc.channel_e).all()
 
 
-def check_compiled_equals_eager(tmp_path, make, forward, backend_name):
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def check_compiled_equals_eager(tmp_path, make, forward, backend_name, micro=1, fullgraph=True):
+    """Compile ``make()`` with a probe and compare with an eager twin; return the graphs compiled per step."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()  # graph breaks of earlier tests do not count
     eager = make()
     compiled_inner = make()
     compiled_inner.load_state_dict(eager.state_dict())
     backend = CountingBackend(backend_name)
-    compiled = torch.compile(compiled_inner, backend=backend)
+    compiled = torch.compile(compiled_inner, backend=backend, fullgraph=fullgraph)
     counts = []
-    rc = run(compiled, tmp_path / "compiled", forward, counts=counts, backend=backend)
-    re = run(eager, tmp_path / "eager", forward)
+    rc = run(compiled, tmp_path / "compiled", forward, counts=counts, backend=backend, micro=micro)
+    re = run(eager, tmp_path / "eager", forward, micro=micro)
     same_records(re, rc)
+    assert set(re.site) >= {"resid", "train"} and "grad_rms" in set(rc.stat)
     # Warm-up: step 0 (first scheduled) and step 1 (first unscheduled). Flat afterwards.
     assert counts[1][0] > 0, "nothing was compiled"
     assert counts[-1] == counts[1], f"recompiled after warm-up: (graphs, frames) per step {counts}"
     for (n, a), (_, b) in zip(eager.named_parameters(), compiled_inner.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    return [graphs for graphs, _ in counts]
 
 
-def test_compiled_nanogpt_records_equal_eager_without_recompiles(tmp_path):
+def check_no_graph_break(tmp_path, make, forward, backend_name, micro=1):
+    graphs = check_compiled_equals_eager(tmp_path, make, forward, backend_name, micro)
+    assert _graph_breaks() == 0
+    # one graph for recorded steps, one for unrecorded ones, whatever the number of micro-batches
+    assert graphs == [1, 2, 2, 2], f"graphs compiled after each step: {graphs}"
+
+
+def make_gpt():
+    from lnprobe.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=VOCAB, seq_len=T, n_layers=3, n_heads=2, d_model=32))
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_compiled_reference_gpt_has_no_graph_break(tmp_path, micro):
+    check_no_graph_break(tmp_path, make_gpt, lambda m, x, y: m(x, y)[1], "aot_eager", micro)
+
+
+def test_without_the_traced_form_the_graph_breaks(tmp_path, monkeypatch):
+    """Counter-example of the checks above: hooks that take their eager form inside traced code (the
+    autograd-engine query, tensor hooks) cannot be compiled with ``fullgraph=True``."""
+    import lnprobe.hooks as H
+
+    monkeypatch.setattr(H, "compiling", lambda: False)
+    with pytest.raises(Exception, match="(?i)graph break|unsupported|not supported|skip"):
+        check_compiled_equals_eager(tmp_path, make_gpt, lambda m, x, y: m(x, y)[1], "aot_eager")
+
+
+def test_failing_traced_delivery_disables_its_point_and_training_goes_on(tmp_path, monkeypatch):
+    """A receiver that raises inside a compiled graph's run is a warning, never an error of training."""
+    import lnprobe.hooks as H
+
+    real = H.SiteObserver._file
+
+    def file_or_fail(self, part, keys):
+        if any(site == "attn_out" for site, _ in keys):
+            raise RuntimeError("planted")
+        real(self, part, keys)
+
+    monkeypatch.setattr(H.SiteObserver, "_file", file_or_fail)
+    torch._dynamo.reset()
+    model = torch.compile(make_gpt(), backend="aot_eager", fullgraph=True)
+    with pytest.warns(RuntimeWarning, match="disabled hook point .*planted"):
+        records = run(model, tmp_path / "run", lambda m, x, y: m(x, y)[1])
+    assert "attn_out" not in set(records.site) and {"resid", "mlp_out"} <= set(records.site)
+    # closed probe: the compiled graph still calls the operator, which now does nothing
+    x, y = batch(9)
+    model(x, y)[1].backward()
+
+
+def test_compiled_nanogpt_has_no_graph_break(tmp_path):
     def make():
         torch.manual_seed(0)
         return NanoGPT(vocab=VOCAB, block_size=T)
 
-    check_compiled_equals_eager(tmp_path, make, lambda m, x, y: m(x, y)[1], "aot_eager")
+    check_no_graph_break(tmp_path, make, lambda m, x, y: m(x, y)[1], "aot_eager")
 
 
-def test_compiled_hf_llama_records_equal_eager_without_recompiles(tmp_path):
+def test_compiled_hf_llama_has_no_graph_break(tmp_path):
     pytest.importorskip("transformers")
 
     def make():
         torch.manual_seed(0)
         return tiny_llama(VOCAB, T)
 
-    check_compiled_equals_eager(tmp_path, make, lambda m, x, y: m(input_ids=x, labels=x).loss, "eager")
+    check_no_graph_break(tmp_path, make, lambda m, x, y: m(input_ids=x, labels=x).loss, "eager", micro=2)
 
 
 def test_schedule_flag_stays_out_of_traced_code():
