@@ -52,7 +52,8 @@ import torch
 from torch import nn
 
 from . import stats as S
-from .runtime import in_backward, no_compile
+from . import traced
+from .runtime import compiling, in_backward
 
 LOGIT_STATS: tuple[str, ...] = S.LOGIT_STATS  # ("logit_rms", "logit_absmax", "lse_mean")
 ATTN_LOGIT_STATS: tuple[str, ...] = S.ATTN_LOGIT_STATS  # ("qk_absmax", "entropy")
@@ -194,6 +195,10 @@ def output_logits(output: Any) -> torch.Tensor | None:
     return None
 
 
+def _has_logits(z: torch.Tensor | None) -> bool:
+    return z is not None and z.is_floating_point() and z.dim() >= 1 and z.numel() > 0
+
+
 def _qk_norm_gains(model: nn.Module, param_roles: dict) -> list[tuple[str, int, nn.Module]]:
     """(weight name, layer, module) of the QK-norm torch norm modules (their gain is their weight)."""
     out = []
@@ -237,6 +242,10 @@ class LogitObserver:
         self._failed: set[str] = set()
         self._qk_gains: list[tuple[str, int, nn.Module]] = []  # (weight name, layer, norm module)
         self.sites: list[str] = []
+        # traced hooks (torch.compile) deliver their partials to ``receive`` (lnprobe.traced)
+        self.key = traced.register(self.receive)
+        key = self.key
+        self.handles.append(_Handle(lambda: traced.unregister(key)))
         if logits:
             self.handles.append(model.register_forward_hook(self._logits_hook))
             self.sites.append("logits")
@@ -280,32 +289,35 @@ class LogitObserver:
         return len(model_map.blocks)
 
     def _sdpa_hook(self, layer: int):
-        @no_compile
         def sdpa_pre_hook(module, args):
-            if self.is_on() and not in_backward() and len(args) >= 2:
+            if self.is_on() and len(args) >= 2:
                 self._attention(layer, args[0], args[1], None, getattr(module, "scaling", None),
                                 getattr(module, "is_causal", True), None)
             return None
 
         return sdpa_pre_hook
 
-    @no_compile
     def _hf_call(self, layer: int, module: nn.Module, query, key, mask, scaling, is_causal, softcap) -> None:
-        if self.is_on() and not in_backward():
+        if self.is_on():
             if scaling is None:
                 scaling = getattr(module, "scaling", None)
             self._attention(layer, query, key, mask, scaling, is_causal, softcap)
 
-    @no_compile
     def _logits_hook(self, module, args, output):
-        if not self.is_on() or in_backward() or "logits" in self._failed:
+        if not self.is_on() or "logits" in self._failed:
+            return None
+        if compiling():  # traced into the model's graph: the partial comes back through ``receive``
+            z = output_logits(output)
+            if _has_logits(z):
+                torch.ops.lnprobe.deliver(self.key, -1, "logits", [logit_partial(z)],
+                                          [z.numel(), z.numel() // z.shape[-1]])
+            return None
+        if in_backward():
             return None
         try:
             z = output_logits(output)
-            if z is not None and z.is_floating_point() and z.dim() >= 1 and z.numel():
-                self._logit_parts.append(logit_partial(z))
-                self._logit_counts[0] += z.numel()
-                self._logit_counts[1] += z.numel() // z.shape[-1]
+            if _has_logits(z):
+                self._file_logits(logit_partial(z), z.numel(), z.numel() // z.shape[-1])
         except Exception as exc:
             self._fail("logits", exc)
         return None
@@ -313,12 +325,37 @@ class LogitObserver:
     def _attention(self, layer, q, k, mask, scaling, is_causal, softcap) -> None:
         if "attn_logits" in self._failed or not (torch.is_tensor(q) and torch.is_tensor(k)) or q.dim() != 4:
             return
+        rows = q.shape[0] * q.shape[1] * q.shape[2]
+        mask = mask if torch.is_tensor(mask) else None
+        if compiling():  # traced: a recompute of activation checkpointing is the compiler's own
+            part = attention_partial(q, k, scaling, mask, bool(is_causal), softcap)
+            torch.ops.lnprobe.deliver(self.key, layer, "attn_logits", [part], [rows])
+        elif not in_backward():
+            try:
+                self._file_attention(layer, attention_partial(q, k, scaling, mask, bool(is_causal), softcap), rows)
+            except Exception as exc:
+                self._fail("attn_logits", exc)
+
+    def receive(self, layer: int, site: str, tensors: list[torch.Tensor], sizes: list[int]) -> None:
+        """Run time of a compiled graph: file a partial that a traced hook computed (``lnprobe.traced``)."""
+        if site in self._failed:
+            return
         try:
-            part = attention_partial(q, k, scaling, mask if torch.is_tensor(mask) else None, bool(is_causal), softcap)
-            self._attn_parts.setdefault(layer, []).append(part)
-            self._attn_rows[layer] = self._attn_rows.get(layer, 0) + q.shape[0] * q.shape[1] * q.shape[2]
-        except Exception as exc:
-            self._fail("attn_logits", exc)
+            if site == "logits":
+                self._file_logits(tensors[0], sizes[0], sizes[1])
+            else:
+                self._file_attention(layer, tensors[0], sizes[0])
+        except Exception as exc:  # raised inside the compiled graph's run: it must not reach training
+            self._fail(site, exc)
+
+    def _file_logits(self, part: torch.Tensor, n_elem: int, n_tok: int) -> None:
+        self._logit_parts.append(part)
+        self._logit_counts[0] += n_elem
+        self._logit_counts[1] += n_tok
+
+    def _file_attention(self, layer: int, part: torch.Tensor, rows: int) -> None:
+        self._attn_parts.setdefault(layer, []).append(part)
+        self._attn_rows[layer] = self._attn_rows.get(layer, 0) + rows
 
     def _fail(self, site: str, exc: Exception) -> None:
         self._failed.add(site)

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 
 from . import stats as S
-from .runtime import in_backward, no_compile
+from . import traced
+from .runtime import compiling, in_backward
 from .steprows import StepRows
 
 SIGNALS = ("loss", "grad_norm")
@@ -214,6 +215,13 @@ class SpikeDetector:
         return out
 
 
+def _norm_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(Σx²) (float32 accumulation, no temporary of x's size) and max |x| of one tensor, 0-d each."""
+    x = x.detach()
+    lo, hi = torch.aminmax(x)  # () each, no |x| temporary
+    return torch.linalg.vector_norm(x, dtype=torch.float32), torch.maximum(hi, -lo)
+
+
 class ResidHistory:
     """The last H unrecorded steps' residual-stream m2 and absmax per layer, kept on the device."""
 
@@ -237,6 +245,7 @@ class ResidHistory:
         self._elem_cache: dict[tuple, np.ndarray] = {}
         self._failed = False
         self.handles: list[Any] = []
+        self.key = traced.register(self.receive)  # traced hooks (torch.compile) deliver here
         modules = dict(model.named_modules())
         for layer, pt in resid:
             module = modules[pt.module]
@@ -246,7 +255,6 @@ class ResidHistory:
                 self.handles.append(module.register_forward_hook(self._post(layer, pt), with_kwargs=True))
 
     def _pre(self, layer: int, point: Any):
-        @no_compile
         def pre_hook(module, args, kwargs):
             if not self._failed and self.is_on():
                 self._observe(layer, point.fetch(args, kwargs))
@@ -255,7 +263,6 @@ class ResidHistory:
         return pre_hook
 
     def _post(self, layer: int, point: Any):
-        @no_compile
         def fwd_hook(module, args, kwargs, output):
             if not self._failed and self.is_on():
                 self._observe(layer, point.fetch(args, kwargs, output))
@@ -264,15 +271,23 @@ class ResidHistory:
         return fwd_hook
 
     def _observe(self, layer: int, x: Any) -> None:
-        if not torch.is_tensor(x) or not x.is_floating_point() or not x.numel() or in_backward():
+        if not torch.is_tensor(x) or not x.is_floating_point() or not x.numel():
+            return
+        if compiling():  # traced into the model's graph: the reduction comes back through ``receive``
+            norm, absmax = _norm_absmax(x)
+            torch.ops.lnprobe.deliver(self.key, self._index[layer], "history", [norm, absmax], [x.numel()])
+            return
+        if in_backward():
             return
         try:
-            x = x.detach()
-            norm = torch.linalg.vector_norm(x, dtype=torch.float32)  # () sqrt(Σx²), no temporary of x's size
-            lo, hi = torch.aminmax(x)  # () each, no |x| temporary
-            self._parts.append((self._index[layer], norm, torch.maximum(hi, -lo), x.numel()))
+            self._parts.append((self._index[layer], *_norm_absmax(x), x.numel()))
         except Exception as exc:  # a probe never crashes training
             self._fail(exc)
+
+    def receive(self, index: int, fields: str, tensors: list[torch.Tensor], sizes: list[int]) -> None:
+        """Run time of a compiled graph: file what a traced hook reduced (``lnprobe.traced``)."""
+        if not self._failed:
+            self._parts.append((index, tensors[0], tensors[1], sizes[0]))
 
     def _fail(self, exc: BaseException) -> None:
         self._failed = True
@@ -342,7 +357,8 @@ class ResidHistory:
         return out
 
     def remove(self) -> None:
-        """Remove the history hooks."""
+        """Remove the history hooks and stop receiving from compiled graphs."""
+        traced.unregister(self.key)
         for h in self.handles:
             h.remove()
         self.handles.clear()

@@ -1,5 +1,5 @@
-"""Small adapters to the torch runtime that the probe and its integrations share: torch.compile
-exclusion of hook bodies, the AMP loss scale, the autograd engine's state, FSDP2 shards, and closing
+"""Small adapters to the torch runtime that the probe and its integrations share: whether Dynamo is
+tracing, torch.compile exclusion of hook bodies, the AMP loss scale, the autograd engine's state, FSDP2 shards, and closing
 unclosed probes at interpreter exit."""
 from __future__ import annotations
 
@@ -12,13 +12,10 @@ from torch import nn
 
 
 def no_compile(fn):
-    """Keep ``fn`` (a hook body) out of torch.compile's tracing.
-
-    Why: a hook traced by Dynamo puts the schedule flag into the guards (flipping it recompiles), and
-    its tensor hooks / autograd-engine queries cannot be traced anyway. Disabled, the hook runs eagerly
-    on every call, reads the flag itself, and the compiled code around it never changes. Dynamo breaks
-    the graph at each hooked module call; when the model calls its blocks in a Python loop, Dynamo runs
-    that loop eagerly and compiles each block's forward as its own graph.
+    """Keep ``fn`` (a hook body) out of torch.compile's tracing: it then runs eagerly on every call,
+    with a graph break around it. For hooks whose Python state cannot be traced (the Hugging Face
+    callback's root hook sums micro-batch losses on the host); the probe's own hooks are traced
+    instead (``lnprobe.traced``).
     """
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn

@@ -181,3 +181,40 @@ def test_schedule_flag_stays_out_of_traced_code():
     fn = torch.compile(lambda x: (hook(), x * 2)[1], backend="eager")
     fn(torch.ones(2))
     assert calls == [False, False]  # the hook body ran eagerly, also when called from compiled code
+
+
+def test_compiled_burst_history_and_logit_sites_have_no_graph_break(tmp_path):
+    """The burst history hooks (unrecorded steps) and both logit sites are traced too: a spike at step
+    15 records the same history and bursts as an eager run, with ``fullgraph=True`` and no recompilation
+    after warm-up."""
+    from torch._dynamo.utils import counters
+
+    def train(model, out, backend=None):
+        counts = []
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        with lnprobe.attach(model, out, every=100, logits=True, attn_logits=True,
+                            burst=lnprobe.Burst(steps=3, history=4)) as probe:
+            for step in range(20):
+                loss = model(*batch(step))[1]
+                (loss * 50 if step == 15 else loss).backward()
+                probe.step(loss=loss * 50 if step == 15 else loss)
+                opt.step()
+                opt.zero_grad()
+                counts.append(backend.graphs if backend else 0)
+        return lnprobe.load_run(out), counts
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, inner = make_gpt(), make_gpt()
+    inner.load_state_dict(eager.state_dict())
+    backend = CountingBackend("aot_eager")
+    got, counts = train(torch.compile(inner, backend=backend, fullgraph=True), tmp_path / "compiled", backend)
+    want, _ = train(eager, tmp_path / "eager")
+    assert got.meta["bursts"] == want.meta["bursts"] and want.meta["bursts"][0]["history"] == [12, 13, 14, 15]
+    same = want.records.merge(got.records, on=["step", "site", "layer", "stat"], suffixes=("_e", "_c"),
+                              how="outer", indicator=True)
+    assert (same._merge == "both").all() and {12, 13, 14, 15, 16, 17, 18} <= set(same.step)
+    assert {"logits", "attn_logits", "resid"} <= set(same.site)
+    np.testing.assert_allclose(same.value_c, same.value_e, rtol=1e-5, atol=1e-8)
+    assert _graph_breaks() == 0
+    assert counts[-1] == counts[1], f"graphs compiled after each step: {counts}"
