@@ -1,6 +1,6 @@
 """Small adapters to the torch runtime that the probe and its integrations share: whether Dynamo is
-tracing, torch.compile exclusion of hook bodies, the AMP loss scale, the autograd engine's state, FSDP2 shards, and closing
-unclosed probes at interpreter exit."""
+tracing, torch.compile exclusion of hook bodies, the AMP loss scale, the autograd engine's state,
+FSDP2 shards, and closing unclosed probes at interpreter exit."""
 from __future__ import annotations
 
 import atexit
