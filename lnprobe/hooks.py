@@ -123,7 +123,7 @@ class SiteObserver:
 
         Each point's reduction becomes part of the compiled graph and ``deliver`` hands its tensors
         to ``receive`` at run time. A point whose hidden-state gradient is recorded is passed on
-        through ``_GradientTap``, an identity (a view: no copy) whose backward reduces the gradient
+        through ``_GradientTap``, an identity (a copy) whose backward reduces the gradient
         and delivers it the same way; the hook then returns the call's values with the tapped tensor
         in its place (what a forward hook or pre-hook returns to substitute them), else None.
         Why not ``Tensor.register_hook`` as in eager mode: Dynamo traces a hook on an intermediate
@@ -201,15 +201,19 @@ def _observable(point: Any, x: Any, failed_points: set) -> bool:
 
 
 class _GradientTap(torch.autograd.Function):
-    """Identity in the forward (a view of ``x``, no copy); in the backward it reduces the
-    hidden-state gradient at hook point ``idx`` (``lnprobe.stats.reduce_gradient``), delivers it to
-    receiver ``key`` and passes the gradient on unchanged. Traced hooks use it in place of a tensor
-    hook."""
+    """Identity in the forward; in the backward it reduces the hidden-state gradient at hook point
+    ``idx`` (``lnprobe.stats.reduce_gradient``), delivers it to receiver ``key`` and passes the
+    gradient on unchanged. Traced hooks use it in place of a tensor hook.
+
+    The forward returns a copy, not a view: autograd forbids modifying a custom Function's view
+    output in place, and a model may do that to a block's output (``x.mul_(...)``). Inductor fuses
+    the copy into its consumers where it can; it exists on recorded steps only.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, key: int, idx: int) -> torch.Tensor:
         ctx.key, ctx.idx = key, idx
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):

@@ -218,3 +218,44 @@ def test_compiled_burst_history_and_logit_sites_have_no_graph_break(tmp_path):
     np.testing.assert_allclose(same.value_c, same.value_e, rtol=1e-5, atol=1e-8)
     assert _graph_breaks() == 0
     assert counts[-1] == counts[1], f"graphs compiled after each step: {counts}"
+
+
+class _InPlaceModel(torch.nn.Module):
+    """Pre-LN blocks whose outputs the model scales in place (valid in eager: nothing saved them)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+            self.attn = torch.nn.Linear(d, d)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d))
+
+        def forward(self, x):
+            x = x + self.attn(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+
+    def __init__(self, d=16, layers=2):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, d)
+        self.blocks = torch.nn.ModuleList([self.Block(d) for _ in range(layers)])
+        self.lnf, self.head = torch.nn.LayerNorm(d), torch.nn.Linear(d, VOCAB)
+
+    def forward(self, idx, targets=None):
+        x = self.emb(idx)
+        for block in self.blocks:
+            x = block(x)
+            x.mul_(1.5)  # in place on a block output, whose gradient the probe records
+        logits = self.head(self.lnf(x))
+        if targets is None:
+            return logits, None
+        return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def test_compiled_model_that_modifies_a_probed_output_in_place(tmp_path):
+    """The traced gradient tap must not forbid what eager autograd allows (a view returned by a custom
+    autograd.Function may not be modified in place; the tap returns a copy)."""
+    def make():
+        torch.manual_seed(0)
+        return _InPlaceModel()
+
+    check_no_graph_break(tmp_path, make, lambda m, x, y: m(x, y)[1], "aot_eager")
