@@ -140,6 +140,8 @@ class HookPoint:
             return output
         if isinstance(output, list):
             return output[: self.arg] + [new] + output[self.arg + 1:]
+        if hasattr(output, "_fields"):  # a namedtuple keeps its type
+            return output._replace(**{output._fields[self.arg]: new})
         return output[: self.arg] + (new,) + output[self.arg + 1:]
 
     def __str__(self) -> str:

@@ -767,3 +767,24 @@ def test_cuda_bf16_llama():
     for l in range(mm.n_layers):
         assert close(got[("resid", l)].float() + got[("attn_out", l)].float(),
                      got[("resid_mid", l)].float(), 1e-2)
+
+
+def test_hook_point_replace_keeps_the_call_structure():
+    """What a traced hook returns to substitute a tensor (lnprobe.traced's gradient tap)."""
+    from collections import namedtuple
+
+    from lnprobe.sites import HookPoint
+
+    a, b, new = torch.zeros(1), torch.ones(1), torch.full((1,), 7.0)
+    assert HookPoint("m", "in", 0).replace((a, b), {"k": 1}, None, new) == ((new, b), {"k": 1})
+    args, kwargs = HookPoint("m", "in", "h").replace((a,), {"h": b, "k": 1}, None, new)
+    assert args == (a,) and kwargs["h"] is new and kwargs["k"] == 1
+    assert HookPoint("m", "out", None).replace((), {}, a, new) is new
+    out = HookPoint("m", "out", 1).replace((), {}, (a, b, a), new)
+    assert type(out) is tuple and out[1] is new and out[0] is a and len(out) == 3
+    assert HookPoint("m", "out", 0).replace((), {}, [a, b], new) == [new, b]
+    Pair = namedtuple("Pair", "hidden extra")
+    out = HookPoint("m", "out", 0).replace((), {}, Pair(a, b), new)
+    assert isinstance(out, Pair) and out.hidden is new and out.extra is b
+    d = {"hidden": a}
+    assert HookPoint("m", "out", "hidden").replace((), {}, d, new) is d and d["hidden"] is new
