@@ -35,8 +35,12 @@ _GRADIENT = "gradient"  # the ``fields`` of a delivered hidden-state gradient pa
 class SiteObserver:
     """Makes the hook functions of one probe and files what they reduce in its accumulators."""
 
-    def __init__(self, acc: dict, grad_keys: set, is_on: Callable[[], bool], notes: list[str], failed_points: set):
+    def __init__(self, acc: dict, grad_keys: set, is_on: Callable[[], bool], notes: list[str], failed_points: set,
+                 block_modules: frozenset[str] = frozenset()):
         self.acc = acc  # (site, layer) -> steprows.SiteAccumulator
+        # Module names of the blocks: a block's input is read by that block alone, so substituting it
+        # in the block's pre-hook reaches every use of it (see observe_traced).
+        self.block_modules = block_modules
         self.grad_keys = grad_keys  # (site, layer) whose hidden-state gradient is recorded
         self.is_on = is_on  # the probe records forwards now (schedule, open, training mode)
         self.notes = notes
@@ -122,13 +126,15 @@ class SiteObserver:
         """The traced form of a hook call (Dynamo is tracing it into the model's graph).
 
         Each point's reduction becomes part of the compiled graph and ``deliver`` hands its tensors
-        to ``receive`` at run time. A point whose hidden-state gradient is recorded is passed on
-        through ``_GradientTap``, an identity (a copy) whose backward reduces the gradient
-        and delivers it the same way; the hook then returns the call's values with the tapped tensor
-        in its place (what a forward hook or pre-hook returns to substitute them), else None.
-        Why not ``Tensor.register_hook`` as in eager mode: Dynamo traces a hook on an intermediate
-        tensor speculatively and, in PyTorch 2.13, loses attribute writes that the model's own Python
-        objects make after it (a transformers KV cache then fails and the frame falls back to eager).
+        to ``receive`` at run time. A module output or a block input whose hidden-state gradient is
+        recorded is passed on through ``_GradientTap``, an identity (a copy) whose backward reduces
+        the gradient and delivers it the same way; the hook then returns the call's values with the
+        tapped tensor in its place (what a forward hook or pre-hook returns to substitute them), else
+        None. Why not ``Tensor.register_hook`` as in eager mode: Dynamo traces a hook on an
+        intermediate tensor speculatively and, in PyTorch 2.13, loses attribute writes that the
+        model's own Python objects make after it (a transformers KV cache then fails and the frame
+        falls back to eager). Other inputs (a sublayer's norm input, read by the residual add too)
+        keep the traced tensor hook: a substitute would see only the gradient through that module.
         """
         replaced = None
         for idx, point, _, plan in prepared:
@@ -139,13 +145,30 @@ class SiteObserver:
             fields = [f for f in _PARTIAL_FIELDS if getattr(part, f) is not None]
             torch.ops.lnprobe.deliver(self.key, idx, ",".join(fields), [getattr(part, f) for f in fields],
                                       [part.n_elem, part.n_tok, part.d, part.t])
-            if self.points[idx][2] and not point.flat and x.requires_grad and torch.is_grad_enabled():
-                tapped = _GradientTap.apply(x, self.key, idx)
-                if forward:
-                    output = replaced = point.replace(args, kwargs, output, tapped)
-                else:
-                    args, kwargs = replaced = point.replace(args, kwargs, output, tapped)
+            if not (self.points[idx][2] and x.requires_grad and torch.is_grad_enabled()):
+                continue
+            if point.flat or not (forward or point.module in self.block_modules):
+                # another module may read this tensor too (e.g. a norm's input is also the residual
+                # stream): only a hook on the tensor itself sees its whole gradient
+                x.register_hook(self.traced_grad_hook(idx))
+                continue
+            tapped = _GradientTap.apply(x, self.key, idx)
+            if forward:
+                output = replaced = point.replace(args, kwargs, output, tapped)
+            else:
+                args, kwargs = replaced = point.replace(args, kwargs, output, tapped)
         return replaced
+
+    def traced_grad_hook(self, idx: int):
+        """A tensor hook traced into the backward graph: reduce and deliver the gradient at ``self.points[idx]``."""
+        key = self.key
+
+        def grad_hook(g):
+            part = S.reduce_gradient(g)
+            torch.ops.lnprobe.deliver(key, idx, _GRADIENT, [part.packed], [part.n_elem])
+            return None
+
+        return grad_hook
 
     def receive(self, idx: int, fields: str, tensors: list[torch.Tensor], sizes: list[int]) -> None:
         """Run time of a compiled graph: file what a traced hook reduced at ``self.points[idx]``."""

@@ -168,7 +168,7 @@ class Probe:
         if missing:
             self._notes.append(f"sites not found in this model and not recorded: {missing}")
         self._observer = SiteObserver(self._acc, self._grad_keys, self._records_forward, self._notes,
-                                      self._failed_points)
+                                      self._failed_points, frozenset(b.name for b in self.map.blocks))
         self._register(by_point)
 
         self._params = [(n, p) for n, p in self.model.named_parameters()]

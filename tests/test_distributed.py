@@ -1,7 +1,7 @@
 """Probe under torch.distributed: DDP and FSDP2 on 2 CPU processes (gloo) against one process.
 
 One launch of two worker processes (this file run as a script) trains the same 3 steps with DDP,
-then with FSDP2, then with a layout that differs between ranks, then with a rank that fails inside
+then with a compiled DDP model, then with FSDP2, then with a layout that differs between ranks, then with a rank that fails inside
 the flush. The tests compare their run directories with a single process on the same global batch.
 """
 import json
@@ -87,6 +87,11 @@ def worker(out: Path) -> int:
         with lnprobe.attach(model, out / "ddp", **PROBE_KW) as probe:
             train(model, probe, rank, WORLD, grads)
         np.save(out / f"ddp_grad_norms_rank{rank}.npy", np.array(grads))
+
+        # DDP under torch.compile: the traced hooks (lnprobe.traced) inside DDP's compiled graphs.
+        model = torch.compile(DDP(make_model()), backend="aot_eager")
+        with lnprobe.attach(model, out / "ddp_compiled", **PROBE_KW) as probe:
+            train(model, probe, rank, WORLD)
 
         # FSDP2: every block and the root sharded; the 1-element logit_scale leaves rank 1 an empty shard.
         model = make_model()
@@ -201,6 +206,14 @@ def test_ddp_records_equal_one_process_on_the_global_batch(launched, reference):
     # Parameter norms under DDP: the averaged gradients are the same on both ranks.
     g0, g1 = (np.load(out / f"ddp_grad_norms_rank{r}.npy") for r in range(2))
     np.testing.assert_array_equal(g0, g1)
+
+
+def test_compiled_ddp_records_equal_one_process_on_the_global_batch(launched, reference):
+    out, _, _ = launched
+    run = lnprobe.load_run(out / "ddp_compiled")
+    assert run.meta["distributed"]["world_size"] == 2
+    m = compare(run.records, reference)
+    assert {"grad_rms", "absmax"} <= set(m.stat) and set(m.step) == {0, 1, 2}
 
 
 def test_fsdp2_records_equal_one_process_on_the_global_batch(launched, reference):
