@@ -23,8 +23,8 @@ Two stages:
    the max of maxima.
 2. ``finalize_activations(groups)`` / ``finalize_gradients(groups)`` merge the partials of one
    optimizer step for MANY sites at once: top-k values and locations, medians and ratios for all
-   sites in a number of operations that grows with the number of distinct tensor shapes, not of
-   sites. ``finalize_activation`` / ``finalize_gradient`` are the one-site forms.
+   sites in a fixed number of operations, whatever the number of sites and micro-batches.
+   ``finalize_activation`` / ``finalize_gradient`` are the one-site forms.
 
 Definitions (x flattened to ``(N, D)`` tokens × channels; ``token`` is the sequence position, the
 second-to-last dimension of x, so batch rows are folded together):

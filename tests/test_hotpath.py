@@ -6,8 +6,8 @@ kernel reports its own launch. The accelerator path runs here on CPU tensors (``
 off, as ``LNPROBE_ACCELERATOR_PATH=1`` sets it), the Triton kernel through Triton's interpreter.
 Budgets (design page section 6): per probed tensor in the hooks at most 5 operations at residual
 stream sites (top-k, median, counts), 3 at branch sites, no temporary of the activation's size and no
-float32 copy of a bf16 activation; the per-step finalize a fixed number of operations, whatever the
-number of sites.
+float32 copy of a bf16 activation; probe.step() of a recorded step a fixed number of operations,
+whatever the number of sites, at most ``STEP_BUDGET`` on every reduction path.
 """
 from __future__ import annotations
 
