@@ -486,7 +486,8 @@ def _site_rows(data: list[list[torch.Tensor]], pads: list[list[tuple[float, int]
     constants in the row's dtype). One concatenation when every row has one dtype (a row's dtype is
     that of its first piece; an empty row takes the first dtype seen); otherwise, e.g. under autocast
     with bf16 branches and a float32 residual stream, one per dtype, each converted to the promoted
-    dtype, and one more that puts the rows in site order: 2 operations per extra dtype, never per site."""
+    dtype, and one more that puts the rows in site order: 3 more operations for two dtypes, never
+    more per site."""
     first = next((p.dtype for row in data for p in row), _F64)
     row_dtype = [row[0].dtype if row else first for row in data]
     dtypes = list(dict.fromkeys(row_dtype))
@@ -504,8 +505,8 @@ def _site_rows(data: list[list[torch.Tensor]], pads: list[list[tuple[float, int]
         sites = [g for g in range(len(data)) if row_dtype[g] == dt]
         rows = torch.cat([p for g in sites for p in pieces(g)]).view(len(sites), width).to(common)
         by_dtype[dt] = (sites, rows)
-    where = {g: rows[j] for sites, rows in by_dtype.values() for j, g in enumerate(sites)}
-    return torch.cat([where[g] for g in range(len(data))]).view(len(data), width)
+    site_row = {g: rows[j] for sites, rows in by_dtype.values() for j, g in enumerate(sites)}
+    return torch.cat([site_row[g] for g in range(len(data))]).view(len(data), width)
 
 
 @dataclass
@@ -541,7 +542,7 @@ def _act_layout(groups: Sequence[Sequence[ActivationPartial]], device: torch.dev
 def _build_act_layout(groups: Sequence[Sequence[ActivationPartial]], device: torch.device) -> _ActLayout:
     n_groups = len(groups)
     divisor = torch.ones((n_groups, 6), dtype=_F64)
-    row_len, rows = [], []  # rows[g]: the sequence length of each candidate row of site g
+    row_len, rows = [], []  # rows[g]: (sequence length t, channels D) of each candidate row of site g
     for g, parts in enumerate(groups):
         n_elem, n_tok = float(sum(p.n_elem for p in parts)), float(sum(p.n_tok for p in parts))
         divisor[g, :3] = torch.tensor([n_elem, n_elem, n_tok], dtype=_F64)
@@ -592,8 +593,8 @@ def _sums(groups: Sequence[Sequence[ActivationPartial]], lay: _ActLayout, device
 
 def _top3(groups: Sequence[Sequence[ActivationPartial]], lay: _ActLayout,
           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(G, 3)`` values and ``(2, G, 3)`` tokens and channels (float64) of the 3 largest |x| of each site over all its
-    parts' candidate rows, NaN where the site has fewer than 3 elements or no candidates.
+    """``(G, 3)`` values and ``(2, G, 3)`` tokens and channels (float64) of the 3 largest |x| of each
+    site over all its parts' candidate rows, NaN where the site has fewer than 3 elements or none.
 
     Site g's row of the candidate buffer holds its candidate rows one after the other, ``row_len[g]``
     elements each (narrower rows padded), then pads to ``lay.width``; ``copysign`` with the cached sign
@@ -669,9 +670,9 @@ def finalize_activations_packed(groups: Sequence[Sequence[ActivationPartial]]) -
     """``(3, G, 12)`` float64: ``finalize_activations``' values, tokens and channels in one tensor, so
     that ``lnprobe.steprows`` selects a step's rows with one operation.
 
-    About 20 device operations whatever G (design page §6): sums (a concatenation, a float64 sum, a
-    division, a square root), top 3 (``_top3``), medians (``_medians``) and two concatenations that
-    write the columns.
+    21 device operations whatever G when the partials share a dtype (design page §6): sums and counts
+    (a concatenation, a float64 sum, a division, a square root), top 3 (``_top3``: 12), medians
+    (``_medians``: 3) and two concatenations that write the columns.
     """
     if not groups or any(len(g) == 0 for g in groups):
         raise ValueError("finalize_activations: expected a non-empty list of non-empty groups of partials")

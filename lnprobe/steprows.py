@@ -245,7 +245,7 @@ class StepRowsBuilder:
             add(("train", -1, "loss"), S.stat("train", "loss"), 1.0)
             add(("train", -1, "nonfinite_loss"), S.stat("train", "nonfinite_loss"), 1.0)
         if gn is not None:
-            total = torch.linalg.vector_norm(gn)  # () sqrt(Σ_p ‖∇p‖²)
+            total = gn.square().sum().sqrt()  # () sqrt(Σ_p ‖∇p‖²), summed as the unrecorded steps do
             train.append(total)
             add(("train", -1, "grad_norm"), S.stat("train", "grad_norm"), 1.0)
             if scaler_enabled:
