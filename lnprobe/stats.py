@@ -637,21 +637,28 @@ def _top3(groups: Sequence[Sequence[ActivationPartial]], lay: _ActLayout,
 
 def _medians(groups: Sequence[Sequence[ActivationPartial]], lay: _ActLayout, device: torch.device) -> torch.Tensor:
     """``(G, 1)`` float64: the lower median of each site's pooled samples, NaN where it has none or a
-    sample holds a NaN. Site g's row holds its n samples between -inf and +inf pads, as many of each
-    that the row's lower median (position (W-1)//2) is the samples' lower median (position (n-1)//2):
-    one concatenation and one ``median`` over every site."""
+    sample holds a NaN. The row of each site with samples holds its n samples between -inf and +inf
+    pads, as many of each that the row's lower median (position (W-1)//2) is the samples' lower
+    median (position (n-1)//2): one concatenation and one ``median`` over those sites, one
+    concatenation that puts NaN for the others (a ``median`` over rows of NaN would cost as much)."""
     width = lay.sample_width
     if not width:
         return nan_view((len(groups), 1), device)
-    data, pads = [], []
+    data, pads, has = [], [], []
     for parts in groups:
         samples = [p.sample for p in parts if p.sample is not None]
         n = sum(t.numel() for t in samples)
-        below = (width - 1) // 2 - (n - 1) // 2
-        data.append(samples)
-        pads.append([(-math.inf, below), (math.inf, width - n - below)] if n else [(math.nan, width)])
-    med = _site_rows(data, pads, width, device).median(1, keepdim=True).values  # (G, 1) in the samples' dtype
-    return med.double()
+        has.append(n > 0)
+        if n:
+            below = (width - 1) // 2 - (n - 1) // 2
+            data.append(samples)
+            pads.append([(-math.inf, below), (math.inf, width - n - below)])
+    med = _site_rows(data, pads, width, device).median(1, keepdim=True).values.double()  # (G_s, 1)
+    if all(has):
+        return med
+    rows = iter(range(len(data)))
+    nan = nan_view((1, 1), device)
+    return torch.cat([med[next(rows)].view(1, 1) if h else nan for h in has])  # (G, 1)
 
 
 def nan_view(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -670,9 +677,9 @@ def finalize_activations_packed(groups: Sequence[Sequence[ActivationPartial]]) -
     """``(3, G, 12)`` float64: ``finalize_activations``' values, tokens and channels in one tensor, so
     that ``lnprobe.steprows`` selects a step's rows with one operation.
 
-    21 device operations whatever G when the partials share a dtype (design page §6): sums and counts
+    22 device operations whatever G when the partials share a dtype (design page §6): sums and counts
     (a concatenation, a float64 sum, a division, a square root), top 3 (``_top3``: 12), medians
-    (``_medians``: 3) and two concatenations that write the columns.
+    (``_medians``: 4) and two concatenations that write the columns.
     """
     if not groups or any(len(g) == 0 for g in groups):
         raise ValueError("finalize_activations: expected a non-empty list of non-empty groups of partials")
