@@ -12,8 +12,9 @@ from typing import Sequence
 
 import torch
 
-from .runtime import stack_groups as _stack_groups
-from .runtime import to_device as _to_device
+from .runtime import LayoutCache as _LayoutCache
+from .runtime import fill_view as _fill_view
+from .runtime import host_to_device as _host_to_device
 
 
 @dataclass
@@ -39,20 +40,35 @@ def reduce_gradient(g: torch.Tensor) -> GradientPartial:
     return GradientPartial(torch.stack([norm, hi, lo]), gd.numel())  # (3,) float32 (stack promotes)
 
 
+_LAYOUTS = _LayoutCache()
+
+
 def finalize_gradients(groups: Sequence[Sequence[GradientPartial]],
                        loss_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``(G, 2)`` float64: grad_rms and grad_absmax of G sites over all micro-batches, divided by the
-    AMP loss scale."""
+    AMP loss scale.
+
+    A fixed number of device operations whatever G: one stack of every partial (sites padded to the
+    same number of micro-batches with zeros, which add nothing: ‖0‖ = 0 and |0| ≤ any |g|), one
+    conversion, then per column one reduction over the micro-batches. grad_rms = sqrt(Σ‖g‖² / n).
+    """
     if not groups or any(len(g) == 0 for g in groups):
         raise ValueError("finalize_gradients: expected a non-empty list of non-empty groups of partials")
-    pad = groups[0][0].packed.new_zeros(3)  # contributes nothing: ‖g‖ 0, max 0, min 0 (|0| ≤ any |g|)
-    pk = _stack_groups(groups, lambda p: p.packed, pad).double()  # (G, M, 3)
-    n = _to_device([float(sum(p.n_elem for p in g)) for g in groups], pk.device)  # (G,)
+    first = groups[0][0].packed
+    m = max(len(g) for g in groups)
+    pad = _fill_view(0.0, 3, first.dtype, first.device)
+    items = [p.packed for g in groups for p in g] if all(len(g) == m for g in groups) else \
+        [t for g in groups for t in [p.packed for p in g] + [pad] * (m - len(g))]
+    pk = torch.stack(items).view(len(groups), m, 3).double()  # (G, M, 3): ‖g‖, max g, min g
+    n = _LAYOUTS.get(("n", first.device, tuple(sum(p.n_elem for p in g) for g in groups)),
+                     lambda: _host_to_device(torch.tensor([float(sum(p.n_elem for p in g)) for g in groups],
+                                                          dtype=torch.float64), first.device))  # (G,)
+    out = torch.empty((len(groups), 2), dtype=torch.float64, device=first.device)
     sumsq = pk[..., 0].square().sum(1)  # (G,)
-    absmax = torch.maximum(pk[..., 1].amax(1), pk[..., 2].amin(1).neg())  # (G,)
-    out = torch.stack([(sumsq / n).sqrt(), absmax], 1)  # (G, 2)
+    torch.sqrt(sumsq.div_(n), out=out[:, 0])
+    torch.amax(pk[..., 1:].abs(), dim=(1, 2), out=out[:, 1])  # max(max g, −min g) = max |g|
     if loss_scale is not None:
-        out = out / loss_scale.double()
+        out = out.div_(loss_scale)  # the 0-d scale is read in float64, no conversion operation
     return out
 
 

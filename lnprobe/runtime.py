@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import atexit
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -87,22 +87,45 @@ def version() -> str:
 
 def to_device(values: list[float], device: torch.device) -> torch.Tensor:
     """A small float64 tensor from host numbers without a host sync (pinned, non-blocking on CUDA)."""
-    host = torch.tensor(values, dtype=torch.float64)
+    return host_to_device(torch.tensor(values, dtype=torch.float64), device)
+
+
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` (a CPU tensor) on ``device`` without a host sync: pinned and non-blocking on CUDA."""
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
 
 
-def stack_groups(groups: Sequence[Sequence[Any]], get: Callable[[Any], torch.Tensor | None],
-                  pad: torch.Tensor | None) -> torch.Tensor:
-    """``(G, M, ...)``: ``get(part)`` of every part (``pad`` for None), groups padded to M parts with ``pad``.
+_FILLS: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
-    ``pad`` may be None only when every group has M parts and no ``get`` returns None."""
-    m = max(len(g) for g in groups)
-    items = []
-    for g in groups:
-        for p in g:
-            v = get(p)
-            items.append(pad if v is None else v)
-        items.extend(pad for _ in range(m - len(g)))
-    return torch.stack(items).reshape(len(groups), m, *items[0].shape)
+
+def fill_view(value: float, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(n,)`` filled with ``value``: a view of a constant kept per value, dtype and device (grown when a
+    longer one is asked for), so a pad or a missing entry costs no device operation after the first.
+    Read-only: never write into it."""
+    key = (repr(float(value)), dtype, device)  # repr: NaN is a usable key
+    t = _FILLS.get(key)
+    if t is None or t.numel() < n:
+        t = _FILLS[key] = torch.full((max(n, 2 * t.numel() if t is not None else 64),), value, dtype=dtype,
+                                     device=device)
+    return t[:n]
+
+
+class LayoutCache:
+    """What finalize code derives from the shapes of a step's partials only (index tables, divisors,
+    pads), built once per distinct key and kept on the device; at most ``limit`` keys (a model whose
+    shapes change every step, e.g. varying sequence lengths, rebuilds them: correct, just slower)."""
+
+    def __init__(self, limit: int = 16):
+        self._limit = limit
+        self._items: dict[Any, Any] = {}
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        """The item of ``key``, built by ``build()`` the first time."""
+        item = self._items.get(key)
+        if item is None:
+            if len(self._items) >= self._limit:
+                self._items.clear()
+            item = self._items[key] = build()
+        return item

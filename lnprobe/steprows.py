@@ -154,6 +154,11 @@ class Rows:
             host[:k], host[k: 2 * k], host[2 * k:])
 
 
+def _nonfinite(t: torch.Tensor) -> torch.Tensor:
+    """1.0 where the float64 ``t`` is NaN or ±Inf, else 0.0: t − t is NaN exactly there (two operations)."""
+    return (t - t).nan_to_num_(1.0)
+
+
 def _weight(row: S.Stat, elements: float, tokens: float, numel: float = 1.0) -> float:
     """A row's weight in a cross-rank mean, by its registry ``weight``."""
     w = row.weight
@@ -188,8 +193,7 @@ class StepRowsBuilder:
         (used instead of ``.grad``); ``gain_entries``: (norm, weight name, bias name, gain offset);
         ``loss_scale``: divides the hidden-state gradients (AMP); ``scaler_enabled`` adds ``skipped``.
         """
-        values: list[torch.Tensor] = []
-        locs: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []  # 1-D float64 pieces, in row order
         keys: list[RowKey] = []
         weights: list[float] = []
         kinds: list[int] = []
@@ -200,24 +204,25 @@ class StepRowsBuilder:
             kinds.append(row.merge_code)
             weights.append(weight)
 
-        # All sites in one batched finalize (a fixed handful of kernels instead of dozens per site:
+        # All sites in one batched finalize (a fixed number of operations whatever the number of sites:
         # tiny kernel launches dominate the step cost on a GPU). Activation rows first, then gradients.
+        act_loc = None
         act = [(key, acc) for key, acc in sites if acc.parts]
         if act:
-            full, full_loc = S.finalize_activations([acc.parts for _, acc in act])  # (G, 12), (2, G, 12)
-            sel = self._act_select(tuple(acc.stats for _, acc in act), full.device)  # (K_act,)
-            values.append(full.reshape(-1).index_select(0, sel))
-            locs.append(full_loc.reshape(2, -1).index_select(1, sel))
+            packed = S.finalize_activations_packed([acc.parts for _, acc in act])  # (3, G, 12)
+            sel = self._act_select(tuple(acc.stats for _, acc in act), packed.device)  # (K_act,)
+            rows = packed.view(3, -1).index_select(1, sel)  # (3, K_act): values, token, channel
+            values.append(rows[0])
+            act_loc = rows[1:]
             for (site, layer), acc in act:
                 for s in acc.stats:
                     row = S.stat("activation", s)
                     add((site, layer, s), row, _weight(row, acc.n_elem, acc.n_tok))
-            device = full.device
+            device = packed.device
         grads = [(key, acc) for key, acc in sites if acc.grads]
         if grads:
             g = S.finalize_gradients([acc.grads for _, acc in grads], loss_scale)  # (G2, 2)
-            values.append(g.reshape(-1))
-            locs.append(torch.full((2, g.numel()), float("nan"), dtype=torch.float64, device=g.device))
+            values.append(g.view(-1))
             for (site, layer), acc in grads:
                 for s in S.GRADIENT_STATS:
                     row = S.stat("gradient", s)
@@ -229,36 +234,34 @@ class StepRowsBuilder:
             device = device or gn.device
         device = self._gain_rows(dict(params), gain_entries, values, add) or device
 
-        train_vals, train_keys = [], []
         if device is None:
             device = loss.device if torch.is_tensor(loss) else torch.device("cpu")
+        train: list[torch.Tensor] = []  # 0-d float64
         if loss is not None:
             # a host float becomes a device tensor by a fill, not by a host-to-device copy (a sync)
-            lt = loss.detach().double().reshape(()) if torch.is_tensor(loss) else \
+            lt = loss.detach().reshape(()).double() if torch.is_tensor(loss) else \
                 torch.full((), float(loss), dtype=torch.float64, device=device)
-            train_vals += [lt, (~torch.isfinite(lt)).double()]
-            train_keys += ["loss", "nonfinite_loss"]
+            train += [lt, _nonfinite(lt)]
+            add(("train", -1, "loss"), S.stat("train", "loss"), 1.0)
+            add(("train", -1, "nonfinite_loss"), S.stat("train", "nonfinite_loss"), 1.0)
         if gn is not None:
-            total = gn.square().sum().sqrt()
-            train_vals.append(total)
-            train_keys.append("grad_norm")
+            total = gn.square().sum().sqrt()  # () sqrt(Σ_p ‖∇p‖²), summed as the unrecorded steps do
+            train.append(total)
+            add(("train", -1, "grad_norm"), S.stat("train", "grad_norm"), 1.0)
             if scaler_enabled:
-                train_vals.append((~torch.isfinite(total)).double())
-                train_keys.append("skipped")
+                train.append(_nonfinite(total))
+                add(("train", -1, "skipped"), S.stat("train", "skipped"), 1.0)
         if lr is not None:
-            train_vals.append(torch.full((), float(lr), dtype=torch.float64, device=device))
-            train_keys.append("lr")
-        if train_vals:
-            values.append(torch.stack([t.to(device) for t in train_vals]))
-            for s in train_keys:
-                add(("train", -1, s), S.stat("train", s), 1.0)
+            train.append(torch.full((), float(lr), dtype=torch.float64, device=device))
+            add(("train", -1, "lr"), S.stat("train", "lr"), 1.0)
+        values += [t.to(device).reshape(1) for t in train]
         if not values:
             return None
+        # One concatenation of values and one of locations (activation rows first, NaN for the rest).
         flat = torch.cat([v.to(device) for v in values])  # (K,)
-        loc = torch.full((2, flat.numel()), float("nan"), dtype=torch.float64, device=device)
-        if locs:
-            a = torch.cat([l.to(device) for l in locs], 1)  # (2, K_act), activation rows come first
-            loc[:, : a.shape[1]] = a
+        rest = flat.numel() - (act_loc.shape[1] if act_loc is not None else 0)
+        loc = torch.cat(([act_loc.to(device)] if act_loc is not None else [])
+                        + [S.nan_view((2, rest), device)], 1)  # (2, K)
         return StepRows(step, flat, loc, self.layout(tuple(keys)),
                         np.asarray(weights, dtype=np.float64), np.asarray(kinds, dtype=np.int8))
 
@@ -268,23 +271,26 @@ class StepRowsBuilder:
             names, gn = captured
             named = dict(params)
             with_grad = [(n, named[n]) for n in names]
-            pn = S.norms_of([local_shard(p) for _, p in with_grad]) if with_grad else None
+            if not with_grad:
+                return None
+            pn = S.norms_of([local_shard(p) for _, p in with_grad])
+            both = torch.stack([gn, pn.to(gn.device)], 1).reshape(-1)  # (2P,) interleaved
         else:
             with_grad = [(n, p) for n, p in params if p.grad is not None]
-            gn = pn = None
-            if with_grad:  # gradients and values in one fused multi-tensor reduction
-                both = S.norms_of([local_shard(p.grad) for _, p in with_grad] + [local_shard(p) for _, p in with_grad])
-                gn, pn = both[: len(with_grad)], both[len(with_grad):]
-        if not with_grad:
-            return None
-        values.append(torch.stack([gn, pn.to(gn.device)], 1).reshape(-1))  # (2P,) interleaved
+            if not with_grad:
+                return None
+            # gradients and values in one fused multi-tensor reduction, stacked interleaved
+            n = len(with_grad)
+            both = S.norms_of([local_shard(p.grad) for _, p in with_grad] + [local_shard(p) for _, p in with_grad],
+                              order=[j for i in range(n) for j in (i, n + i)])  # (2P,) grad, value per parameter
+        values.append(both)
         keys.extend(self._param_row_keys(tuple(n for n, _ in with_grad)))
         for _, p in with_grad:
             # registry merge "sqsum" for a sharded parameter; a replicated one holds equal values (mean)
             kind, w = D.param_norm_reduction(p)
             kinds += [kind, kind]
             weights += [w, w]
-        return gn
+        return both[0::2]  # (P,) gradient norms, a view
 
     def _gain_rows(self, named, gain_entries, values, add) -> torch.device | None:
         entries = [(w, b, off, local_shard(named[w]) if w else None, local_shard(named[b]) if b else None)

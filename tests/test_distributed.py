@@ -2,7 +2,8 @@
 
 One launch of two worker processes (this file run as a script) trains the same 3 steps with DDP,
 then with a compiled DDP model, then with FSDP2, then with a layout that differs between ranks,
-then with a rank that fails inside the flush. The tests compare their run directories with a single process on the same global batch.
+then with a rank that fails inside the flush. The tests compare their run directories with a single
+process on the same global batch.
 """
 import json
 import os

@@ -6,8 +6,8 @@ kernel reports its own launch. The accelerator path runs here on CPU tensors (``
 off, as ``LNPROBE_ACCELERATOR_PATH=1`` sets it), the Triton kernel through Triton's interpreter.
 Budgets (design page section 6): per probed tensor in the hooks at most 5 operations at residual
 stream sites (top-k, median, counts), 3 at branch sites, no temporary of the activation's size and no
-float32 copy of a bf16 activation; the per-step finalize a fixed number of operations, whatever the
-number of sites.
+float32 copy of a bf16 activation; probe.step() of a recorded step a fixed number of operations,
+whatever the number of sites, at most ``STEP_BUDGET`` on every reduction path.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from lnprobe.opcount import OpCounter
 pytest.importorskip("triton")
 
 STREAM_BUDGET, BRANCH_BUDGET = 5, 3  # device operations per probed tensor in a hook
-STEP_BUDGET = 120  # device operations of probe.step() on a recorded step (finalize, norms, rows)
+STEP_BUDGET = 49  # device operations of probe.step() on a recorded step (finalize, norms, rows), every path
 
 
 @pytest.fixture
@@ -104,9 +104,9 @@ def _gpt(layers: int) -> GPT:
     return GPT(GPTConfig(vocab_size=64, seq_len=32, d_model=64, n_layers=layers, n_heads=4, placement="pre"))
 
 
-def _step_ops(layers: int, tmp_path) -> tuple[float, int, int]:
+def _step_ops(layers: int, tmp_path, stats=None) -> tuple[float, int, int]:
     """(hook operations per probed tensor, operations of probe.step(), probed tensors) of one recorded
-    training step of the reference GPT with the default probe."""
+    training step of the reference GPT with the default probe (``stats``: attach's, default if None)."""
     model = _gpt(layers)
     x = torch.randint(0, 64, (4, 32))
     y = torch.roll(x, -1, 1)
@@ -121,7 +121,8 @@ def _step_ops(layers: int, tmp_path) -> tuple[float, int, int]:
     with OpCounter() as bare:
         forward_backward()
     model.zero_grad()
-    probe = lnprobe.attach(model, tmp_path / f"run{layers}", every=1, flush_every=10**6)
+    kw = {} if stats is None else {"stats": stats}
+    probe = lnprobe.attach(model, tmp_path / f"run{layers}{stats or ''}", every=1, flush_every=10**6, **kw)
     forward_backward()
     probe.step()
     model.zero_grad()
@@ -142,6 +143,111 @@ def test_training_step_budget_and_finalize_independent_of_sites(accelerator_path
     assert per_tensor2 <= 4 and per_tensor4 <= 4, (per_tensor2, per_tensor4)
     assert step2 == step4, f"probe.step() grows with the number of sites: {step2} -> {step4} operations"
     assert step4 <= STEP_BUDGET, step4
+
+
+PATHS = {"fused": (False, True), "torch": (False, False), "cpu": (True, True)}  # CPU_ROW_SKIPPING, FUSED_KERNEL
+
+
+@pytest.mark.parametrize("path, stats", [("fused", "all"), ("torch", None), ("cpu", None), ("cpu", "all")])
+def test_step_budget_on_every_reduction_path(monkeypatch, tmp_path, path, stats):
+    monkeypatch.setattr(S, "CPU_ROW_SKIPPING", PATHS[path][0])
+    monkeypatch.setattr(S, "FUSED_KERNEL", PATHS[path][1])
+    _, step2, _ = _step_ops(2, tmp_path, stats)
+    _, step4, _ = _step_ops(4, tmp_path, stats)
+    assert step2 == step4, f"probe.step() grows with the number of sites on the {path} path: {step2} -> {step4}"
+    assert step4 <= STEP_BUDGET, step4
+
+
+def test_the_step_budget_check_fails_on_a_per_site_operation(accelerator_path, monkeypatch, tmp_path):
+    """Counter-example: one more operation per site in the finalize (the old per-site conversion of the
+    medians) makes probe.step() grow with the layers and exceed the budget; the checks see it."""
+    packed = S.finalize_activations_packed
+
+    def per_site(groups):
+        for g in groups:
+            for p in g:
+                if p.sample is not None:
+                    p.sample.double()  # one small kernel per site
+        return packed(groups)
+
+    monkeypatch.setattr(S, "finalize_activations_packed", per_site)
+    _, step2, _ = _step_ops(2, tmp_path)
+    _, step4, _ = _step_ops(4, tmp_path)
+    assert step4 > step2 and step4 > STEP_BUDGET
+
+
+def _site_parts(x: torch.Tensor, stats, micro_batches: int = 1) -> list:
+    plan = S.StatPlan(tuple(stats))
+    return [S.reduce_activation(c, plan) for c in x.chunk(micro_batches, 0)]
+
+
+def _unique(shape, dtype, seed: int) -> torch.Tensor:
+    """Values k/8 (k a permutation, shifted): exact in bf16 and fp16, no ties among the largest |x|."""
+    n = int(np.prod(shape))
+    k = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).float() - n // 3
+    return (k / 8).reshape(shape).to(dtype)
+
+
+def _finalize_ops(groups) -> int:
+    S.finalize_activations_packed(groups)  # the first call of a layout builds its tables
+    with OpCounter() as c:
+        S.finalize_activations_packed(groups)
+    return c.kernels
+
+
+def test_finalize_operations_do_not_grow_with_sites_micro_batches_or_dtypes(accelerator_path):
+    def groups(n_sites, micro_batches, dtypes):
+        return [_site_parts(_unique((2, 8, 16 * (1 + i % 2)), dtypes[i % len(dtypes)], i),
+                            S.ACTIVATION_STATS if i % 3 == 0 else S.DEFAULT_ACTIVATION_STATS, micro_batches)
+                for i in range(n_sites)]
+
+    one = _finalize_ops(groups(3, 1, [torch.float32]))
+    assert _finalize_ops(groups(9, 2, [torch.float32])) == one
+    two = _finalize_ops(groups(4, 1, [torch.bfloat16, torch.float32]))  # autocast: bf16 branches, fp32 stream
+    assert _finalize_ops(groups(10, 2, [torch.bfloat16, torch.float32])) == two
+    # candidates and median samples: per extra dtype one more concatenation and one conversion, and one
+    # concatenation that puts the sites' rows in order
+    assert two == one + 2 * 3, (one, two)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_batched_finalize_of_mixed_dtypes_equals_one_site_at_a_time(monkeypatch, fused):
+    monkeypatch.setattr(S, "CPU_ROW_SKIPPING", not fused)  # fused: candidates and samples in x's dtype
+    dtypes = [torch.bfloat16, torch.float32, torch.float16, torch.bfloat16]
+    shapes = [(2, 8, 16), (3, 4, 32), (1, 1, 2), (2, 5, 24)]
+    groups = [_site_parts(_unique(shape, dt, i), S.ACTIVATION_STATS, 2 if i == 1 else 1)
+              for i, (dt, shape) in enumerate(zip(dtypes, shapes))]
+    values, loc = S.finalize_activations(groups)
+    for i, parts in enumerate(groups):
+        v, l = S.finalize_activation(parts, S.ACTIVATION_STATS)
+        np.testing.assert_array_equal(values[i].numpy(), v.numpy())
+        np.testing.assert_array_equal(loc[:, i].numpy(), l.numpy())
+    assert np.isnan(values[2, S.ACTIVATION_STATS.index("top3")].item())  # 2 elements: no third
+
+
+def test_a_site_with_parts_of_two_widths_and_two_reduction_paths(monkeypatch):
+    """Parts of one site that differ in channels (narrow candidate rows padded within the site's row)
+    and in reduction path (float32 block rows and float64 sums in one concatenation)."""
+    wide = _unique((2, 4, 16), torch.float32, 1)  # |x| ≤ 10.5
+    narrow = _unique((1, 3, 8), torch.float32, 2)
+    narrow[0, 2, 5] = -40.0  # the largest |x| of the site: token 2, channel 5 of the narrow part
+    monkeypatch.setattr(S, "CPU_ROW_SKIPPING", False)
+    parts = _site_parts(wide, S.ACTIVATION_STATS)
+    assert parts[0].blocks is not None  # the fused path
+    monkeypatch.setattr(S, "CPU_ROW_SKIPPING", True)
+    parts += _site_parts(narrow, S.ACTIVATION_STATS)
+    assert parts[1].sums is not None
+    v, l = S.finalize_activation(parts, S.ACTIVATION_STATS)
+    named = dict(zip(S.ACTIVATION_STATS, v.tolist()))
+    pooled = np.concatenate([wide.numpy().ravel(), narrow.numpy().ravel()]).astype(np.float64)
+    assert named["m2"] == pytest.approx((pooled ** 2).mean(), rel=1e-6)  # float32 per-token sums
+    assert named["median_abs"] == np.sort(np.abs(pooled))[(pooled.size - 1) // 2]  # exact: small tensors
+    top = np.sort(np.abs(wide.numpy().ravel()))[::-1]
+    assert [named["top1"], named["top2"], named["top3"]] == [40.0, top[0], top[1]]
+    a = np.abs(wide.numpy())
+    second = np.unravel_index(np.argmax(a), a.shape)
+    assert l[:, S.ACTIVATION_STATS.index("top1")].tolist() == [2.0, 5.0]
+    assert l[:, S.ACTIVATION_STATS.index("top2")].tolist() == [float(second[1]), float(second[2])]
 
 
 def test_environment_switch_runs_the_accelerator_path_on_cpu():
