@@ -149,6 +149,20 @@ def fused_check() -> list[str]:
     return [] if ok else [f"fused check: fused {fused.tolist()} != fallback {ref.tolist()}"]
 
 
+def _train_probed(model, out: Path, steps: int, device: str, after_step=None) -> None:
+    """Train ``model`` (the vocabulary-64 GPT of compiled_check) for ``steps`` with a probe recording
+    steps 0 and 2 into ``out``; ``after_step()`` runs after each step."""
+    probe = lnprobe.attach(model, out, every=[0, 2])
+    for _ in range(steps):
+        x = torch.randint(0, 64, (4, 32), device=device)
+        _, loss = model(x, torch.roll(x, -1, 1))
+        loss.backward()
+        probe.step(loss=loss)
+        if after_step is not None:
+            after_step()
+    probe.close()
+
+
 def compiled_check(device: str, backend: str, steps: int = 4) -> list[str]:
     """A compiled reference GPT (``fullgraph=True``) with a probe recording steps 0 and 2: graphs, graph
     breaks, recompiles. Expected: no graph break, two graphs (recorded and unrecorded steps), none after."""
@@ -172,14 +186,8 @@ def compiled_check(device: str, backend: str, steps: int = 4) -> list[str]:
     compiled = torch.compile(model, backend=counting, fullgraph=True)
     per_step = []
     with tempfile.TemporaryDirectory() as tmp:
-        probe = lnprobe.attach(compiled, Path(tmp) / "run", every=[0, 2])
-        for step in range(steps):
-            x = torch.randint(0, 64, (4, 32), device=device)
-            _, loss = compiled(x, torch.roll(x, -1, 1))
-            loss.backward()
-            probe.step(loss=loss)
-            per_step.append((graphs[0], sum(counters["graph_break"].values())))
-        probe.close()
+        _train_probed(compiled, Path(tmp) / "run", steps, device,
+                      after_step=lambda: per_step.append((graphs[0], sum(counters["graph_break"].values()))))
     print(f"compiled ({backend}, {device}): (graphs, graph breaks) after each step: {per_step}")
     if per_step[-1][0] != per_step[1][0]:
         failures.append(f"compiled check: recompiled after warm-up: {per_step}")
@@ -190,13 +198,7 @@ def compiled_check(device: str, backend: str, steps: int = 4) -> list[str]:
         try:
             cg = torch.compile(model, mode="reduce-overhead")
             with tempfile.TemporaryDirectory() as tmp:
-                probe = lnprobe.attach(cg, Path(tmp) / "run", every=[0, 2])
-                for _ in range(steps):
-                    x = torch.randint(0, 64, (4, 32), device=device)
-                    _, loss = cg(x, torch.roll(x, -1, 1))
-                    loss.backward()
-                    probe.step(loss=loss)
-                probe.close()
+                _train_probed(cg, Path(tmp) / "run", steps, device)
                 rows = len(lnprobe.load_run(Path(tmp) / "run").records)
             print(f"CUDA graphs (reduce-overhead) with a probe: trained {steps} steps, {rows} rows")
         except Exception as exc:
