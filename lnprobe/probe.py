@@ -22,7 +22,9 @@ Hot-path rules (design page section 6):
   reductions through a custom operator (``lnprobe.traced``): no graph break, two compiled variants
   (recorded and unrecorded steps), no recompilation after them.
 
-A probe observes only: every hook returns ``None`` and never touches the tensors it reads. If a hook
+A probe observes only: every eager hook returns ``None`` and never touches the tensors it reads (a
+traced hook may return the call's values with an identical copy of one tensor, the gradient tap of
+``lnprobe.hooks``: same values, same gradients). If a hook
 raises, the probe warns once, stops using that hook point and training goes on.
 """
 from __future__ import annotations
